@@ -1,0 +1,29 @@
+"""bigtransfer: Big Transfer (BiT) models, checkpoints and the BiT-HyperRule."""
+
+from .config import VARIANTS, BitConfig
+from .errors import CheckpointError, UnsafeCheckpointError
+from .modeling import (
+    BackboneOutput,
+    BaseModelOutputWithPoolingAndNoAttention,
+    BitBackbone,
+    BitForImageClassification,
+    BitModel,
+    BitPreTrainedModel,
+    ImageClassifierOutputWithNoAttention,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VARIANTS",
+    "BackboneOutput",
+    "BaseModelOutputWithPoolingAndNoAttention",
+    "BitBackbone",
+    "BitConfig",
+    "BitForImageClassification",
+    "BitModel",
+    "BitPreTrainedModel",
+    "CheckpointError",
+    "ImageClassifierOutputWithNoAttention",
+    "UnsafeCheckpointError",
+]

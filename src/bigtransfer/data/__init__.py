@@ -1,0 +1,62 @@
+"""Data: image sources, seeded splits and few-shot subsets, BiT transforms, a reproducible Dataset."""
+
+from .dataset import Batch, EpochSampler, SkippedSample, TransformedDataset, collate_skip_bad, sample_seed
+from .readers import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    load_cifar,
+    load_digits,
+    load_fashion_mnist,
+    read_idx,
+)
+from .safe_pickle import safe_load
+from .sampling import few_shot_indices, stratified_split
+from .sources import (
+    IMAGE_EXTENSIONS,
+    ArraySource,
+    BadImageError,
+    ClassSubset,
+    CsvSource,
+    FileSource,
+    ImageFolderSource,
+    ImageSource,
+    load_image,
+    select_classes,
+)
+from .spec import ACCEPTED_SPECS, open_source
+from .transforms import BIT_MEAN, BIT_STD, EvalTransform, TrainTransform, to_normalized_tensor
+
+__all__ = [
+    "ACCEPTED_SPECS",
+    "BIT_MEAN",
+    "BIT_STD",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "IMAGE_EXTENSIONS",
+    "ArraySource",
+    "BadImageError",
+    "Batch",
+    "ClassSubset",
+    "CsvSource",
+    "EpochSampler",
+    "EvalTransform",
+    "FileSource",
+    "ImageFolderSource",
+    "ImageSource",
+    "SkippedSample",
+    "TrainTransform",
+    "TransformedDataset",
+    "collate_skip_bad",
+    "few_shot_indices",
+    "load_cifar",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_image",
+    "open_source",
+    "read_idx",
+    "safe_load",
+    "sample_seed",
+    "select_classes",
+    "stratified_split",
+    "to_normalized_tensor",
+]

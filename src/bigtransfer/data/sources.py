@@ -1,0 +1,376 @@
+"""Image sources: indexable collections of ``(PIL RGB image, int label)`` whose labels are known up front.
+
+Every source exposes ``labels`` (int64 numpy array), ``classes`` (names, index = label), ``len()``,
+``source[i] -> (PIL.Image.Image in RGB, int)``, ``path(i)`` (a file path or a description used in error
+messages) and ``image_size()`` (a typical ``(height, width)`` for the BiT-HyperRule). Labels never require
+decoding an image, so few-shot sampling and splitting are cheap.
+
+File-backed sources raise :class:`BadImageError` (naming the file) for images that cannot be read.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .sampling import stratified_split
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# Header names recognised in the first row of a CSV file (first column).
+_CSV_HEADER_NAMES = {"path", "file", "filename", "file_name", "image", "image_path", "filepath"}
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be opened or decoded; ``path`` names it."""
+
+    def __init__(self, path: str, reason: str = ""):
+        super().__init__(f"cannot read image {path}: {reason}" if reason else str(path))
+        self.path = str(path)
+        self.reason = reason
+
+    def __reduce__(self):  # keep path and reason across process boundaries
+        return (type(self), (self.path, self.reason))
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file as RGB; raises :class:`BadImageError` naming the file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() forces the full decode, so truncation is caught here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise BadImageError(str(path), f"{type(error).__name__}: {error}") from error
+
+
+class ImageSource:
+    """Base class: subclasses set ``labels`` and ``classes`` and implement ``__getitem__`` and ``path``."""
+
+    labels: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        raise NotImplementedError
+
+    def path(self, index: int) -> str:
+        raise NotImplementedError
+
+    def image_size(self) -> tuple[int, int]:
+        """A typical ``(height, width)`` of the images (the median over a few, read from headers only)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes)"
+
+
+class ArraySource(ImageSource):
+    """Images held in a uint8 array of shape (N, H, W) (gray) or (N, H, W, 3)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: Sequence[str], name: str):
+        images = np.asarray(images)
+        if (
+            images.dtype != np.uint8
+            or images.ndim not in (3, 4)
+            or (images.ndim == 4 and images.shape[3] != 3)
+        ):
+            raise ValueError(
+                f"{name}: images must be uint8 (N, H, W) or (N, H, W, 3), got {images.dtype} {images.shape}"
+            )
+        if len(images) != len(labels):
+            raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = list(classes)
+        self.name = name
+        _check_label_range(self.labels, len(self.classes), name)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        image = Image.fromarray(self.images[index])
+        return image.convert("RGB"), int(self.labels[index])
+
+    def path(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+
+class FileSource(ImageSource):
+    """Images stored as files: a list of paths and their labels."""
+
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, classes: Sequence[str], description: str):
+        self.paths = [str(p) for p in paths]
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = list(classes)
+        self.description = description
+        if len(self.paths) != len(self.labels):
+            raise ValueError(f"{description}: {len(self.paths)} paths but {len(self.labels)} labels")
+        _check_label_range(self.labels, len(self.classes), description)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return load_image(self.paths[index]), int(self.labels[index])
+
+    def path(self, index: int) -> str:
+        return self.paths[index]
+
+    def image_size(self, samples: int = 16) -> tuple[int, int]:
+        if not self.paths:
+            raise ValueError(f"{self.description}: no images")
+        picks = np.unique(np.linspace(0, len(self.paths) - 1, min(samples, len(self.paths))).astype(int))
+        sizes = []
+        for index in picks:
+            try:
+                with Image.open(self.paths[index]) as image:  # reads the header only
+                    sizes.append((image.height, image.width))
+            except (OSError, ValueError, SyntaxError) as error:
+                raise BadImageError(self.paths[index], f"{type(error).__name__}: {error}") from error
+        heights, widths = zip(*sizes, strict=True)
+        return int(np.median(heights)), int(np.median(widths))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description!r}, {len(self)} images, {self.num_classes} classes)"
+
+
+def _check_label_range(labels: np.ndarray, num_classes: int, name: str) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"{name}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
+        )
+
+
+def _split_indices(labels: np.ndarray, split: str, val_fraction: float, seed: int, name: str) -> np.ndarray:
+    """Indices of ``split`` ("train" or "test"/"val") in a seeded stratified split of one labelled set."""
+    if split == "train" and val_fraction == 0:
+        return np.arange(len(labels))
+    if val_fraction <= 0 or val_fraction >= 1:
+        raise ValueError(f"{name}: split {split!r} needs 0 < val_fraction < 1 or a separate validation set")
+    train, held_out = stratified_split(labels, val_fraction, seed)
+    return train if split == "train" else held_out
+
+
+def _check_split(split: str) -> str:
+    if split not in ("train", "test", "val"):
+        raise ValueError(f"split must be 'train', 'test' or 'val', got {split!r}")
+    return split
+
+
+# ------------------------------------------------------------------ image folder
+
+
+def _list_class_folder(folder: Path) -> list[str]:
+    files = []
+    for directory, subdirectories, names in os.walk(folder, followlinks=True):
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(os.path.join(directory, name))
+    return files
+
+
+def _scan_image_folder(root: Path) -> dict[str, list[str]]:
+    """``{class name: [file paths]}`` for a folder with one sub-folder per class."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    class_folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_folders:
+        raise ValueError(f"image folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
+    found = {}
+    for folder in class_folders:
+        files = _list_class_folder(folder)
+        if not files:
+            raise ValueError(
+                f"class folder {folder} contains no images (extensions {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        found[folder.name] = files
+    return found
+
+
+class ImageFolderSource(FileSource):
+    """A folder with one sub-folder per class (sorted names give the labels), searched recursively.
+
+    Args:
+        root: the folder.
+        split: "train" or "test" ("val" is an alias of "test").
+        val_root: an optional separate folder of the same layout for the "test" split; class names are the
+            union of both folders so labels agree between splits.
+        val_fraction: without ``val_root``, the fraction of each class held out for "test" by a seeded
+            stratified split; 0 puts every image in "train".
+        seed: seed of that split.
+
+    Example: ``ImageFolderSource("pets/", "train", val_fraction=0.2, seed=0)``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        *,
+        val_root: str | os.PathLike | None = None,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+    ):
+        split = _check_split(split)
+        root = Path(root)
+        train_files = _scan_image_folder(root)
+        val_files = _scan_image_folder(Path(val_root)) if val_root is not None else {}
+        classes = sorted(set(train_files) | set(val_files))
+        index_of = {name: i for i, name in enumerate(classes)}
+        chosen = train_files if (val_root is None or split == "train") else val_files
+        paths = [p for name in sorted(chosen) for p in chosen[name]]
+        labels = np.array([index_of[name] for name in sorted(chosen) for _ in chosen[name]], dtype=np.int64)
+        description = str(root if chosen is train_files else val_root)
+        if val_root is None:
+            keep = _split_indices(labels, split, val_fraction, seed, description)
+            paths, labels = [paths[i] for i in keep], labels[keep]
+        super().__init__(paths, labels, classes, description)
+        self.root = root
+
+
+# ------------------------------------------------------------------ CSV
+
+
+def _read_csv_rows(csv_path: Path) -> list[tuple[int, str, str]]:
+    """``(line number, path, label)`` rows; a first row naming the columns is skipped."""
+    rows = []
+    with open(csv_path, newline="", encoding="utf-8") as file:
+        for line_number, row in enumerate(csv.reader(file), start=1):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != 2:
+                raise ValueError(f"{csv_path} row {line_number}: expected 'path,label', got {row!r}")
+            path, label = row[0].strip(), row[1].strip()
+            if not rows and line_number == 1 and path.lower() in _CSV_HEADER_NAMES:
+                continue
+            rows.append((line_number, path, label))
+    if not rows:
+        raise ValueError(f"{csv_path} lists no images")
+    return rows
+
+
+def _parse_int(text: str) -> int | None:
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+class CsvSource(FileSource):
+    """A CSV file of ``path,label`` rows (a header row ``path,label`` is optional).
+
+    Relative paths are relative to the CSV file. Labels are either all non-negative integers (used as is;
+    classes are named "0".."max") or class names (sorted names give the labels). Rows pointing at missing
+    files raise ValueError naming the row and the path.
+
+    Args:
+        csv_path: the file.
+        split: "train" or "test" ("val" is an alias of "test").
+        val_path: an optional CSV for the "test" split; classes are taken from both files.
+        val_fraction, seed: without ``val_path``, a seeded stratified held-out split as for image folders.
+    """
+
+    def __init__(
+        self,
+        csv_path: str | os.PathLike,
+        split: str = "train",
+        *,
+        val_path: str | os.PathLike | None = None,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+    ):
+        split = _check_split(split)
+        csv_path = Path(csv_path)
+        tables = {"train": self._read(csv_path)}
+        if val_path is not None:
+            tables["test"] = self._read(Path(val_path))
+        all_labels = [label for table in tables.values() for _, label in table]
+        integer_labels = [_parse_int(label) for label in all_labels]
+        if all(value is not None for value in integer_labels):
+            classes = [str(i) for i in range(max(integer_labels) + 1)]
+        else:
+            classes = sorted(set(all_labels))
+        index_of = {name: i for i, name in enumerate(classes)}
+        table = tables["train" if (val_path is None or split == "train") else "test"]
+        paths = [path for path, _ in table]
+        labels = np.array([index_of[label] for _, label in table], dtype=np.int64)
+        description = str(csv_path if len(tables) == 1 or split == "train" else val_path)
+        if val_path is None:
+            keep = _split_indices(labels, split, val_fraction, seed, description)
+            paths, labels = [paths[i] for i in keep], labels[keep]
+        super().__init__(paths, labels, classes, description)
+
+    @staticmethod
+    def _read(csv_path: Path) -> list[tuple[str, str]]:
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"CSV file not found: {csv_path}")
+        table = []
+        for line_number, path, label in _read_csv_rows(csv_path):
+            full = Path(path) if os.path.isabs(path) else csv_path.parent / path
+            if not full.is_file():
+                raise ValueError(f"{csv_path} row {line_number}: image file not found: {full}")
+            if not label:
+                raise ValueError(f"{csv_path} row {line_number}: empty label for {path}")
+            table.append((str(full), label))
+        return table
+
+
+# ------------------------------------------------------------------ class selection
+
+
+class ClassSubset(ImageSource):
+    """The images of some classes of a source, relabelled 0..k-1 in the order the classes are given."""
+
+    def __init__(self, source: ImageSource, classes: Sequence[int | str]):
+        if not classes:
+            raise ValueError("select at least one class")
+        original = [_class_index(source, c) for c in classes]
+        if len(set(original)) != len(original):
+            raise ValueError(f"classes selected more than once: {list(classes)}")
+        relabel = np.full(source.num_classes, -1, dtype=np.int64)
+        relabel[original] = np.arange(len(original))
+        self.source = source
+        self.original_classes = original
+        self.indices = np.flatnonzero(relabel[source.labels] >= 0)
+        self.labels = relabel[source.labels[self.indices]]
+        self.classes = [source.classes[c] for c in original]
+        self._relabel = relabel
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        image, label = self.source[int(self.indices[index])]
+        return image, int(self._relabel[label])
+
+    def path(self, index: int) -> str:
+        return self.source.path(int(self.indices[index]))
+
+    def image_size(self) -> tuple[int, int]:
+        return self.source.image_size()
+
+
+def _class_index(source: ImageSource, wanted: int | str) -> int:
+    if isinstance(wanted, str):
+        if wanted in source.classes:
+            return source.classes.index(wanted)
+        raise ValueError(f"unknown class {wanted!r}; classes are {source.classes}")
+    index = int(wanted)
+    if not 0 <= index < source.num_classes:
+        raise ValueError(f"class index {index} out of range [0, {source.num_classes})")
+    return index
+
+
+def select_classes(source: ImageSource, classes: Sequence[int | str]) -> ClassSubset:
+    """Keep only ``classes`` (indices or names) of ``source`` and relabel them 0..k-1 in that order.
+
+    Example: ``select_classes(load_fashion_mnist(), range(5, 10))`` keeps Sandal..Ankle boot as labels 0..4.
+    """
+    return ClassSubset(source, list(classes))

@@ -1,0 +1,77 @@
+"""``open_source``: one string names a data set (what the CLI's ``--data`` takes)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from .readers import FASHION_MNIST_DIR, load_cifar, load_digits, load_fashion_mnist
+from .sources import CsvSource, ImageFolderSource, ImageSource, select_classes
+
+ACCEPTED_SPECS = (
+    "a folder with one sub-folder of images per class",
+    "a .csv file of path,label rows",
+    "'digits' (scikit-learn 8x8 digits)",
+    f"'fashion-mnist' (idx files in {FASHION_MNIST_DIR})",
+    "'fashion-mnist:DIR'",
+    "'cifar10:DIR'",
+    "'cifar100:DIR'",
+)
+
+_NAMED = re.compile(
+    r"^(?P<name>fashion-mnist|fashion_mnist|cifar10|cifar-10|cifar100|cifar-100)(?::(?P<dir>.+))?$"
+)
+
+
+def open_source(
+    spec: str | os.PathLike,
+    split: str = "train",
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    val_path: str | os.PathLike | None = None,
+    classes: Sequence[int | str] | None = None,
+) -> ImageSource:
+    """Open the data set named by ``spec`` for ``split`` ("train" or "test"; "val" means "test").
+
+    ``spec`` is one of: a folder with one sub-folder per class; a ``.csv`` file of ``path,label`` rows;
+    ``digits``; ``fashion-mnist`` or ``fashion-mnist:DIR``; ``cifar10:DIR``; ``cifar100:DIR``.
+
+    Args:
+        val_fraction: for folders, CSV files and digits without a separate test set, the fraction of each
+            class held out as "test" by a split seeded with ``seed``.
+        val_path: a separate folder / CSV file for the "test" split of a folder / CSV ``spec``.
+        classes: keep only these classes (indices or names), relabelled 0..k-1 in the given order.
+
+    Raises:
+        ValueError: for a spec of none of these forms (the message lists them).
+
+    Example: ``open_source("fashion-mnist", "train", classes=range(5))``.
+    """
+    if split not in ("train", "test", "val"):
+        raise ValueError(f"split must be 'train', 'test' or 'val', got {split!r}")
+    source = _open(str(spec), split, val_fraction, seed, val_path)
+    return select_classes(source, classes) if classes is not None else source
+
+
+def _open(spec: str, split: str, val_fraction: float, seed: int, val_path) -> ImageSource:
+    array_split = "test" if split == "val" else split
+    named = _NAMED.match(spec.strip())
+    if spec.strip().lower() == "digits":
+        return load_digits(array_split, test_fraction=val_fraction, seed=seed)
+    if named:
+        name, directory = named["name"].replace("_", "-"), named["dir"]
+        if name == "fashion-mnist":
+            return load_fashion_mnist(directory or FASHION_MNIST_DIR, array_split)
+        if directory is None:
+            raise ValueError(f"{spec!r}: give the folder of the python pickles, e.g. '{name}:/data/cifar'")
+        return load_cifar(directory, array_split, num_classes=100 if name.endswith("100") else 10)
+    path = Path(spec)
+    if path.is_dir():
+        return ImageFolderSource(path, split, val_root=val_path, val_fraction=val_fraction, seed=seed)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        return CsvSource(path, split, val_path=val_path, val_fraction=val_fraction, seed=seed)
+    problem = "does not exist" if not path.exists() else "is not a folder or a .csv file"
+    raise ValueError(f"data spec {spec!r} {problem}; accepted: " + "; ".join(ACCEPTED_SPECS))

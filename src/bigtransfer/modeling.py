@@ -1,0 +1,522 @@
+"""BiT models: stem -> bottleneck layers -> stages -> encoder -> BitModel / BitForImageClassification / BitBackbone.
+
+Module and parameter names follow transformers exactly, so its checkpoints load here and ours load there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import BitConfig, make_divisible
+from .layers import DropPath, GroupNormAct, MaxPool2dSame, StdConv2d, activation
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs: named fields, with the tuple and dict access of transformers' ModelOutput.
+
+
+class ModelOutput:
+    """Dataclass base whose non-None fields can also be read by position (`out[0]`) or key (`out["logits"]`)."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(value for value in (getattr(self, f.name) for f in dataclasses.fields(self)) if value is not None)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def values(self) -> list[Any]:
+        return [getattr(self, key) for key in self.keys()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(key, getattr(self, key)) for key in self.keys()]
+
+    def __getitem__(self, item):
+        if isinstance(item, str):
+            if item not in self.keys():
+                raise KeyError(item)
+            return getattr(self, item)
+        return self.to_tuple()[item]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+
+@dataclasses.dataclass
+class BaseModelOutputWithPoolingAndNoAttention(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclasses.dataclass
+class ImageClassifierOutputWithNoAttention(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclasses.dataclass
+class BackboneOutput(ModelOutput):
+    feature_maps: tuple[torch.Tensor, ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+class BitEmbeddings(nn.Module):
+    """Stem: 7x7 stride-2 conv -> zero pad 1 (unless SAME) -> [GN+act for bottleneck] -> 3x3 stride-2 max pool.
+
+    The explicit zero padding before the pool matters: stem outputs can be negative, so it differs from
+    MaxPool's own -inf padding (timm and the original code do the same).
+    """
+
+    def __init__(self, config: BitConfig):
+        super().__init__()
+        self.convolution = StdConv2d(
+            config.num_channels, config.embedding_size, 7, stride=2, padding=config.global_padding, eps=config.ws_eps
+        )
+        self.pooler = MaxPool2dSame(3, 2, dynamic_padding=config.embedding_dynamic_padding)
+        self.pad = nn.Identity() if config.global_padding == "SAME" else nn.ConstantPad2d(1, 0.0)
+        self.norm = (
+            nn.Identity()
+            if config.layer_type == "preactivation"
+            else GroupNormAct(config.num_groups, config.embedding_size, config.gn_eps, config.hidden_act)
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.pooler(self.norm(self.pad(self.convolution(pixel_values))))
+
+
+class BitDownsampleConv(nn.Module):
+    """1x1 strided projection of the shortcut (GroupNorm after it only in the non-pre-activation block)."""
+
+    def __init__(self, config: BitConfig, in_channels: int, out_channels: int, stride: int, preact: bool):
+        super().__init__()
+        self.conv = StdConv2d(in_channels, out_channels, 1, stride=stride, padding=config.global_padding, eps=config.ws_eps)
+        self.norm = nn.Identity() if preact else GroupNormAct(config.num_groups, out_channels, config.gn_eps, act=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class BitPreActivationBottleneckLayer(nn.Module):
+    """ResNet-v2 bottleneck: relu(gn1(x)) feeds both the projection shortcut and conv1 -> conv2 (3x3) -> conv3."""
+
+    def __init__(
+        self, config: BitConfig, in_channels: int, out_channels: int, stride: int, dilation: int,
+        drop_path_rate: float, is_first_layer: bool,
+    ):
+        super().__init__()
+        mid_channels = _mid_channels(out_channels)
+        conv = dict(padding=config.global_padding, eps=config.ws_eps)
+        norm = dict(eps=config.gn_eps, act=config.hidden_act)
+        self.downsample = (
+            BitDownsampleConv(config, in_channels, out_channels, stride, preact=True) if is_first_layer else None
+        )
+        self.norm1 = GroupNormAct(config.num_groups, in_channels, **norm)
+        self.conv1 = StdConv2d(in_channels, mid_channels, 1, **conv)
+        self.norm2 = GroupNormAct(config.num_groups, mid_channels, **norm)
+        # Unlike transformers, the dilation is applied (output_stride < 32), as in timm.
+        self.conv2 = StdConv2d(mid_channels, mid_channels, 3, stride=stride, dilation=dilation, **conv)
+        self.norm3 = GroupNormAct(config.num_groups, mid_channels, **norm)
+        self.conv3 = StdConv2d(mid_channels, out_channels, 1, **conv)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        preact = self.norm1(x)
+        shortcut = self.downsample(preact) if self.downsample is not None else x
+        x = self.conv1(preact)
+        x = self.conv2(self.norm2(x))
+        x = self.conv3(self.norm3(x))
+        return self.drop_path(x) + shortcut
+
+
+class BitBottleneckLayer(nn.Module):
+    """Non-pre-activation bottleneck (ViT/DPT hybrids): conv+gn+act twice, conv+gn, act(branch + shortcut)."""
+
+    def __init__(
+        self, config: BitConfig, in_channels: int, out_channels: int, stride: int, dilation: int,
+        drop_path_rate: float, is_first_layer: bool,
+    ):
+        super().__init__()
+        mid_channels = _mid_channels(out_channels)
+        conv = dict(padding=config.global_padding, eps=config.ws_eps)
+        norm = dict(eps=config.gn_eps, act=config.hidden_act)
+        self.downsample = (
+            BitDownsampleConv(config, in_channels, out_channels, stride, preact=False) if is_first_layer else None
+        )
+        self.conv1 = StdConv2d(in_channels, mid_channels, 1, **conv)
+        self.norm1 = GroupNormAct(config.num_groups, mid_channels, **norm)
+        self.conv2 = StdConv2d(mid_channels, mid_channels, 3, stride=stride, dilation=dilation, **conv)
+        self.norm2 = GroupNormAct(config.num_groups, mid_channels, **norm)
+        self.conv3 = StdConv2d(mid_channels, out_channels, 1, **conv)
+        self.norm3 = GroupNormAct(config.num_groups, out_channels, eps=config.gn_eps, act=None)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.activation = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.downsample(x) if self.downsample is not None else x
+        x = self.norm1(self.conv1(x))
+        x = self.norm2(self.conv2(x))
+        x = self.norm3(self.conv3(x))
+        return self.activation(self.drop_path(x) + shortcut)
+
+
+class BitStage(nn.Module):
+    """`depth` bottleneck layers; the first one carries the stride and the projection shortcut."""
+
+    def __init__(
+        self, config: BitConfig, in_channels: int, out_channels: int, stride: int, dilation: int,
+        drop_path_rates: list[float],
+    ):
+        super().__init__()
+        layer_class = BitBottleneckLayer if config.layer_type == "bottleneck" else BitPreActivationBottleneckLayer
+        # The first layer of a dilated stage keeps the previous stage's dilation (timm's rule).
+        first_dilation = 1 if dilation in (1, 2) else 2
+        self.layers = nn.Sequential()
+        for index, rate in enumerate(drop_path_rates):
+            self.layers.add_module(
+                str(index),
+                layer_class(
+                    config, in_channels if index == 0 else out_channels, out_channels,
+                    stride=stride if index == 0 else 1, dilation=first_dilation if index == 0 else dilation,
+                    drop_path_rate=rate, is_first_layer=index == 0,
+                ),
+            )
+
+    def forward(self, x: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
+        for layer in self.layers:
+            if gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        return x
+
+
+class BitEncoder(nn.Module):
+    """The stages; strides 1, 2, 2, 2 after the stride-4 stem, turned into dilation past `output_stride`."""
+
+    def __init__(self, config: BitConfig):
+        super().__init__()
+        total = sum(config.depths)
+        rates = [config.drop_path_rate * index / max(total - 1, 1) for index in range(total)]
+        self.stages = nn.ModuleList()
+        in_channels, current_stride, dilation, start = config.embedding_size, 4, 1, 0
+        for stage_index, (depth, out_channels) in enumerate(zip(config.depths, config.stage_widths)):
+            stride = 1 if stage_index == 0 else 2
+            if current_stride >= config.output_stride:
+                dilation, stride = dilation * stride, 1
+            self.stages.append(
+                BitStage(config, in_channels, out_channels, stride, dilation, rates[start : start + depth])
+            )
+            in_channels, current_stride, start = out_channels, current_stride * stride, start + depth
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, output_hidden_states: bool = False):
+        hidden_states = (x,) if output_hidden_states else None
+        for stage in self.stages:
+            x = stage(x, self.gradient_checkpointing and self.training)
+            if output_hidden_states:
+                hidden_states += (x,)
+        return x, hidden_states
+
+
+def _mid_channels(out_channels: int) -> int:
+    return make_divisible(out_channels * 0.25)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models.
+
+
+class BitPreTrainedModel(nn.Module):
+    """Shared behaviour: weight init, input checks, gradient checkpointing, save / load in transformers' layout."""
+
+    config_class = BitConfig
+    base_model_prefix = "bit"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: BitConfig):
+        super().__init__()
+        if not isinstance(config, BitConfig):
+            raise TypeError(f"config must be a bigtransfer.BitConfig, got {type(config).__name__}")
+        if config.global_padding == "VALID":
+            # transformers builds this and then fails on the first residual sum: every unpadded 3x3 conv
+            # shrinks the branch by two pixels while the shortcut keeps its size.
+            raise ValueError(
+                "global_padding='VALID' cannot build a residual network: unpadded 3x3 convolutions shrink the "
+                "residual branch so it no longer matches the shortcut; use None (symmetric) or 'SAME' padding"
+            )
+        self.config = config
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            module.reset_parameters()
+
+    def post_init(self) -> None:
+        self.apply(self._init_weights)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer's activations in the backward pass: less memory, about a third more compute."""
+        self._base().encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._base().encoder.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._base().encoder.gradient_checkpointing
+
+    def _base(self) -> BitModel:
+        return self if isinstance(self, BitModel) else self.bit
+
+    def _check_pixel_values(self, pixel_values: Any) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must be 4-D (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}; use the image processor "
+                "to turn images into normalised floats"
+            )
+        batch, channels, height, width = pixel_values.shape
+        if channels != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values has {channels} channels (shape {tuple(pixel_values.shape)}), but the model expects "
+                f"{self.config.num_channels} (config.num_channels)"
+            )
+        if batch == 0 or height == 0 or width == 0:
+            raise ValueError(f"pixel_values is empty: shape {tuple(pixel_values.shape)}")
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()):
+            if not torch.isfinite(pixel_values).all():
+                raise ValueError("pixel_values contains NaN or infinite values")
+
+    # -- persistence (file handling lives in bigtransfer.pretrained) --------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | os.PathLike, **kwargs: Any):
+        """Load a model from a transformers-layout directory (config.json + model.safetensors or pytorch_model.bin).
+
+        Keyword arguments override config fields (`num_labels=10`, `out_features=[...]`); with
+        `ignore_mismatched_sizes=True` a head whose shape no longer matches is re-initialised (zeros, as the
+        BiT recipe does) and a warning says so; without it a mismatch raises ValueError naming key and shapes.
+
+        Example:
+            >>> model = BitForImageClassification.from_pretrained("runs/pets/model", num_labels=37,
+            ...                                                   ignore_mismatched_sizes=True)
+        """
+        from .pretrained import load_pretrained
+
+        return load_pretrained(cls, path_or_name, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True) -> None:
+        """Write config.json and model.safetensors (or pytorch_model.bin) atomically, loadable by transformers."""
+        from .pretrained import save_pretrained
+
+        save_pretrained(self, save_directory, safe_serialization=safe_serialization)
+
+
+class BitModel(BitPreTrainedModel):
+    """The BiT backbone with the final GroupNorm + activation (pre-activation nets) and global average pooling.
+
+    Example:
+        >>> model = BitModel(BitConfig.from_variant("tiny")).eval()
+        >>> model(torch.randn(1, 3, 64, 64)).pooler_output.shape
+        torch.Size([1, 512, 1, 1])
+    """
+
+    def __init__(self, config: BitConfig):
+        super().__init__(config)
+        self.embedder = BitEmbeddings(config)
+        self.encoder = BitEncoder(config)
+        # Sized from the widened stage (transformers uses hidden_sizes[-1] and so cannot build wide BiTs).
+        self.norm = (
+            GroupNormAct(config.num_groups, config.num_features, config.gn_eps, config.hidden_act)
+            if config.layer_type == "preactivation"
+            else nn.Identity()
+        )
+        self.pooler = nn.AdaptiveAvgPool2d((1, 1))
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+        """Returns last_hidden_state (after the final norm), pooler_output (B, C, 1, 1) and, when asked,
+        hidden_states: the stem output and the output of every stage (the last one before the final norm)."""
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        self._check_pixel_values(pixel_values)
+        x, hidden_states = self.encoder(self.embedder(pixel_values), output_hidden_states=output_hidden_states)
+        last_hidden_state = self.norm(x)
+        pooled = self.pooler(last_hidden_state)
+        if not return_dict:
+            return (last_hidden_state, pooled) + ((hidden_states,) if hidden_states is not None else ())
+        return BaseModelOutputWithPoolingAndNoAttention(last_hidden_state, pooled, hidden_states)
+
+
+class BitForImageClassification(BitPreTrainedModel):
+    """BitModel with a linear classifier on the pooled features (`num_labels=0`: identity head, features out).
+
+    Example:
+        >>> model = BitForImageClassification(BitConfig.from_variant("tiny", num_labels=5)).eval()
+        >>> model(torch.randn(2, 3, 64, 64)).logits.shape
+        torch.Size([2, 5])
+    """
+
+    def __init__(self, config: BitConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bit = BitModel(config)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(config.num_features, config.num_labels) if config.num_labels > 0 else nn.Identity(),
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> ImageClassifierOutputWithNoAttention | tuple:
+        """Returns logits, the loss when `labels` are given (by `config.problem_type`, inferred as transformers
+        does: one label -> regression, integer labels -> cross-entropy, else multi-label BCE), hidden_states."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.bit(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(outputs.pooler_output)
+        loss = self.loss(logits, labels) if labels is not None else None
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutputWithNoAttention(loss, logits, outputs.hidden_states)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss for `labels`, following `config.problem_type` (set on first use, as in transformers)."""
+        num_labels = self.config.num_labels
+        if num_labels == 0:
+            raise ValueError("cannot compute a loss with num_labels=0 (the model has no classification head)")
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        labels = labels.to(logits.device)
+        if self.config.problem_type is None:
+            if num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        problem = self.config.problem_type
+        if problem == "regression":
+            if num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+            return F.mse_loss(logits, labels.to(logits.dtype))
+        if problem == "single_label_classification":
+            labels = labels.reshape(-1)
+            if labels.numel() != logits.shape[0]:
+                raise ValueError(f"expected {logits.shape[0]} labels for {logits.shape[0]} images, got {labels.numel()}")
+            if labels.is_floating_point():
+                raise TypeError(f"single-label classification needs integer labels, got {labels.dtype}")
+            valid = labels[labels != -100]
+            if valid.numel() and (valid.min() < 0 or valid.max() >= num_labels):
+                raise ValueError(
+                    f"labels must be in [0, {num_labels - 1}] (num_labels={num_labels}), got values from "
+                    f"{int(valid.min())} to {int(valid.max())}"
+                )
+            return F.cross_entropy(logits.reshape(-1, num_labels), labels)
+        if labels.shape != logits.shape:
+            raise ValueError(f"multi-label targets must have the logits' shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+class BitBackbone(BitPreTrainedModel):
+    """Feature maps of the stages named in `config.out_features`, for detection and segmentation heads.
+
+    Only the requested maps are kept, and stages after the last requested one are not run.
+    """
+
+    def __init__(self, config: BitConfig):
+        super().__init__(config)
+        self.bit = BitModel(config)
+        self.stage_names = config.stage_names
+        self.num_features = [config.embedding_size] + config.stage_widths
+        self.post_init()
+
+    @property
+    def out_features(self) -> list[str]:
+        return self.config.out_features
+
+    @property
+    def out_indices(self) -> list[int]:
+        return self.config.out_indices
+
+    @property
+    def channels(self) -> list[int]:
+        """Channels of each returned feature map, with `width_factor` applied."""
+        return [self.num_features[index] for index in self.config.out_indices]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BackboneOutput | tuple:
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        self._check_pixel_values(pixel_values)
+        wanted = {index % len(self.stage_names) for index in self.config.out_indices}
+        x = self.bit.embedder(pixel_values)
+        feature_maps = (x,) if 0 in wanted else ()
+        hidden_states = (x,) if output_hidden_states else None
+        encoder = self.bit.encoder
+        last_stage = len(encoder.stages) if output_hidden_states else max(wanted)
+        for stage_number, stage in enumerate(encoder.stages[:last_stage], start=1):
+            x = stage(x, encoder.gradient_checkpointing and self.training)
+            if stage_number in wanted:
+                feature_maps += (x,)
+            if output_hidden_states:
+                hidden_states += (x,)
+        if not return_dict:
+            return (feature_maps,) + ((hidden_states,) if output_hidden_states else ())
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)

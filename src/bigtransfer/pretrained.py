@@ -1,0 +1,159 @@
+"""from_pretrained / save_pretrained in the transformers directory layout, with strict, explained loading."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoints.readers import read_safetensors, read_torch_pickle
+from .config import CONFIG_NAME, BitConfig
+from .errors import CheckpointError
+from .files import atomic_path, read_json
+
+logger = logging.getLogger("bigtransfer")
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "pytorch_model.bin"
+HEAD_PREFIX = "classifier."
+
+
+def resolve_pretrained(path_or_name: str | os.PathLike) -> Path:
+    """A local directory holding config.json and weights; hub names are downloaded (huggingface_hub extra)."""
+    path = Path(path_or_name)
+    if path.exists():
+        if not path.is_dir():
+            raise OSError(f"{path} is a file; from_pretrained expects a directory with {CONFIG_NAME} and weights")
+        return path
+    name = str(path_or_name)
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1:
+        raise OSError(f"no such directory: {name}")
+    try:
+        from .checkpoints import hub
+    except ImportError:  # the hub module is optional
+        raise OSError(f"no such directory: {name} (and hub downloads are not available)") from None
+    return hub.snapshot(name)
+
+
+def read_directory_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The state dict stored in a transformers-layout directory (safetensors preferred, sharded or not)."""
+    if (directory / SAFE_WEIGHTS_NAME).is_file():
+        return read_safetensors(directory / SAFE_WEIGHTS_NAME)
+    if (directory / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        index = read_json(directory / SAFE_WEIGHTS_INDEX_NAME)
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            if Path(shard).name != shard:
+                raise CheckpointError(f"{directory / SAFE_WEIGHTS_INDEX_NAME} names a shard outside the directory: {shard}")
+            state.update(read_safetensors(directory / shard))
+        return state
+    if (directory / WEIGHTS_NAME).is_file():
+        return read_torch_pickle(directory / WEIGHTS_NAME)
+    raise CheckpointError(
+        f"no weights in {directory}: expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {WEIGHTS_NAME}"
+    )
+
+
+def load_pretrained(
+    model_class: type, path_or_name: str | os.PathLike, ignore_mismatched_sizes: bool = False,
+    config: BitConfig | None = None, **config_overrides: Any,
+):
+    """Build `model_class` from a directory or hub name; see `BitPreTrainedModel.from_pretrained`."""
+    directory = resolve_pretrained(path_or_name)
+    if config is None:
+        config = BitConfig.from_pretrained(directory, **config_overrides)
+    elif config_overrides:
+        raise ValueError(f"pass either config or config overrides, not both (got {sorted(config_overrides)})")
+    model = model_class(config)
+    load_state(model, read_directory_weights(directory), ignore_mismatched_sizes=ignore_mismatched_sizes, source=directory)
+    return model.eval()
+
+
+def load_state(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], ignore_mismatched_sizes: bool = False, source: Any = "checkpoint"
+) -> None:
+    """Strictly load `state` into `model`.
+
+    The `bit.` prefix is added or removed to fit the model (BitModel vs. models that wrap it). Only the head
+    (`classifier.*`) may differ: a head missing from the checkpoint, or one whose shape no longer fits when
+    `ignore_mismatched_sizes=True`, is zero-initialised with a warning; a checkpoint head is ignored by models
+    without one. Any other missing, unexpected or misshapen key raises CheckpointError that lists them.
+    """
+    expected = model.state_dict()
+    state = _match_prefix(state, expected)
+    head_only = [key for key in state if key.startswith(HEAD_PREFIX) and key not in expected]
+    for key in head_only:  # a classification checkpoint loaded into BitModel or BitBackbone
+        state.pop(key)
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if unexpected or any(not key.startswith(HEAD_PREFIX) for key in missing):
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__}: "
+            + "; ".join(
+                part
+                for part in (
+                    f"missing keys {[key for key in missing if not key.startswith(HEAD_PREFIX)]}" if missing else "",
+                    f"unexpected keys {unexpected}" if unexpected else "",
+                )
+                if part
+            )
+        )
+    mismatched = [key for key in state if tuple(state[key].shape) != tuple(expected[key].shape)]
+    reinitialised = list(missing)
+    for key in mismatched:
+        if ignore_mismatched_sizes and key.startswith(HEAD_PREFIX):
+            state.pop(key)
+            reinitialised.append(key)
+            continue
+        hint = " (pass ignore_mismatched_sizes=True to start a new head)" if key.startswith(HEAD_PREFIX) else ""
+        raise CheckpointError(
+            f"{source}: {key} has shape {tuple(state[key].shape)} in the checkpoint but {tuple(expected[key].shape)} "
+            f"in the model{hint}"
+        )
+    for key in reinitialised:
+        state[key] = torch.zeros_like(expected[key])
+    if reinitialised:
+        logger.warning(
+            "%s: newly initialised (zeros, the BiT recipe's head) because they were %s: %s", type(model).__name__,
+            "missing or resized" if mismatched else "missing", sorted(reinitialised)
+        )
+    for key, value in state.items():
+        if value.dtype != expected[key].dtype and value.is_floating_point():
+            state[key] = value.to(expected[key].dtype)
+    model.load_state_dict(state, strict=True)
+
+
+def _match_prefix(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = "bit."
+    model_wrapped = any(key.startswith(prefix) for key in expected)
+    checkpoint_wrapped = any(key.startswith(prefix) for key in state)
+    if model_wrapped and not checkpoint_wrapped:
+        return {(key if key.startswith(HEAD_PREFIX) else prefix + key): value for key, value in state.items()}
+    if checkpoint_wrapped and not model_wrapped:
+        return {key.removeprefix(prefix): value for key, value in state.items()}
+    return dict(state)
+
+
+def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, safe_serialization: bool = True) -> None:
+    """config.json + model.safetensors (or pytorch_model.bin), each written atomically."""
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"cannot save model: {directory} is a file, not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    config.extra["architectures"] = [type(model).__name__]
+    config.save_pretrained(directory)
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    if safe_serialization:
+        with atomic_path(directory / SAFE_WEIGHTS_NAME) as temporary:
+            save_file(state, str(temporary), metadata={"format": "pt"})
+        (directory / WEIGHTS_NAME).unlink(missing_ok=True)
+    else:
+        with atomic_path(directory / WEIGHTS_NAME) as temporary:
+            torch.save(state, temporary)
+        (directory / SAFE_WEIGHTS_NAME).unlink(missing_ok=True)
