@@ -32,7 +32,7 @@ def to_normalized_tensor(
     image: Image.Image | np.ndarray, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
     """(H, W, 3) uint8 image -> (3, H, W) float32 tensor ``(x / 255 - mean) / std``."""
-    array = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+    array = np.array(image, dtype=np.uint8, order="C")  # a writable, positively strided copy
     tensor = torch.from_numpy(array).permute(2, 0, 1).to(torch.float32).div_(255.0)
     mean_tensor = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     std_tensor = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
