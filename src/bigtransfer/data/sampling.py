@@ -63,6 +63,8 @@ def few_shot_indices(
             raise ValueError(
                 f"{shots}-shot sampling needs {shots} examples per class, but class {name} has {counts[label]}"
             )
+    if len(wanted) == 0:
+        raise ValueError("few-shot sampling needs at least one labelled example")
     rng = np.random.default_rng(seed)
     chosen = [rng.choice(np.flatnonzero(labels == label), size=shots, replace=False) for label in wanted]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
