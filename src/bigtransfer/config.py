@@ -350,7 +350,8 @@ def _verify_out_features_out_indices(out_features, out_indices, stage_names) -> 
         if any(index not in range(count) for index in positive) or any(index < -count for index in out_indices):
             raise ValueError(f"out_indices must be valid indices for stage_names {stage_names}, got {out_indices}")
         if len(positive) != len(set(positive)):
-            raise ValueError(f"out_indices must not contain any duplicates, got {out_indices}")
+            # Same wording as transformers, so code matching on it keeps working.
+            raise ValueError(f"out_indices must not contain any duplicates, got {out_indices}(equivalent to {positive}))")
         if positive != tuple(sorted(positive)):
             expected = [index for _, index in sorted(zip(positive, out_indices))]
             raise ValueError(
