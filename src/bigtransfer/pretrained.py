@@ -103,18 +103,22 @@ def load_state(
                 if part
             )
         )
-    mismatched = [key for key in state if tuple(state[key].shape) != tuple(expected[key].shape)]
+    mismatched = [key for key in expected if key in state and state[key].shape != expected[key].shape]
     reinitialised = list(missing)
+    fatal = []
     for key in mismatched:
         if ignore_mismatched_sizes and key.startswith(HEAD_PREFIX):
             state.pop(key)
             reinitialised.append(key)
-            continue
-        hint = " (pass ignore_mismatched_sizes=True to start a new head)" if key.startswith(HEAD_PREFIX) else ""
-        raise CheckpointError(
-            f"{source}: {key} has shape {tuple(state[key].shape)} in the checkpoint but {tuple(expected[key].shape)} "
-            f"in the model{hint}"
-        )
+        else:
+            fatal.append(
+                f"{key} has shape {tuple(state[key].shape)} in the checkpoint but {tuple(expected[key].shape)} in the model"
+            )
+    if fatal:
+        hint = " (pass ignore_mismatched_sizes=True to start a new head)" if all(
+            key.startswith(HEAD_PREFIX) for key in mismatched
+        ) else ""
+        raise CheckpointError(f"{source}: " + "; ".join(fatal) + hint)
     for key in reinitialised:
         state[key] = torch.zeros_like(expected[key])
     if reinitialised:
