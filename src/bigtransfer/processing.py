@@ -1,0 +1,733 @@
+"""BitImageProcessor: resize, center crop, rescale and normalize images for BiT models.
+
+A drop-in replacement for `transformers.BitImageProcessor` (same arguments, defaults and
+`preprocessor_config.json` schema) that imports no model code and no `transformers`.
+
+Pipeline per image: convert to RGB (transparency composited onto white) -> resize so the shortest
+edge is `size["shortest_edge"]` (long edge `int(S * long / short)`, truncated) or squash to
+`size["height"], size["width"]` -> center crop to `crop_size` (zero padding when the image is
+smaller) -> `(x * rescale_factor - mean) / std`, channels first, float32.
+
+Speed: the image is read into a uint8 array once and resized with torch's antialiased uint8
+kernels (the same ones torchvision, and so transformers' `BitImageProcessor`, uses), working
+in place on the channels-last layout PIL hands out; grayscale is resized as one channel and
+broadcast to RGB afterwards; rescale and normalize are fused into one multiply-add written
+straight into the output batch. No float64 anywhere.
+
+Deliberate differences from transformers (all documented on `BitImageProcessor.preprocess`):
+16-bit images are scaled to the 8-bit range instead of clipped to white, integer arrays outside
+0..255 raise instead of saturating, and NaN/Inf inputs raise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "IMAGE_PROCESSOR_CONFIG_NAME",
+    "BatchFeature",
+    "BitImageProcessor",
+]
+
+# The normalization `google/bit-50` and transformers' BitImageProcessor default to.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+# transformers >= 5 may nest the image processor config in processor_config.json["image_processor"].
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+
+Resampling = PIL.Image.Resampling
+# PIL filter -> torch.nn.functional.interpolate mode; this is torchvision's mapping, which is what
+# transformers' BitImageProcessor resizes with. BOX and HAMMING have no torch kernel: PIL resizes those.
+_TORCH_MODES = {
+    Resampling.NEAREST: "nearest-exact",
+    Resampling.BILINEAR: "bilinear",
+    Resampling.BICUBIC: "bicubic",
+    Resampling.LANCZOS: "lanczos",
+}
+_RESAMPLE_NAMES = {
+    "nearest": Resampling.NEAREST,
+    "nearest-exact": Resampling.NEAREST,
+    "nearest_exact": Resampling.NEAREST,
+    "box": Resampling.BOX,
+    "bilinear": Resampling.BILINEAR,
+    "linear": Resampling.BILINEAR,
+    "hamming": Resampling.HAMMING,
+    "bicubic": Resampling.BICUBIC,
+    "cubic": Resampling.BICUBIC,
+    "lanczos": Resampling.LANCZOS,
+}
+_SIZE_KEY_SETS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
+_CHANNELS_FIRST = {"channels_first", "first", "chw", "nchw"}
+_CHANNELS_LAST = {"channels_last", "last", "hwc", "nhwc"}
+_CONFIG_KEYS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
+# Keys transformers writes or reads that carry no setting of ours; not echoed back on save.
+_DROPPED_KEYS = {"image_processor_type", "feature_extractor_type"}
+
+
+class BatchFeature(dict):
+    """Dict of model inputs (`{"pixel_values": ...}`) with attribute access and `.to()`.
+
+    Mirrors the parts of `transformers.BatchFeature` that callers use: `out["pixel_values"]`,
+    `out.pixel_values`, `model(**out)` and `out.to("cuda")` / `out.to(torch.float16)`.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"BatchFeature has no field {name!r}; fields: {list(self)}") from None
+
+    def to(self, *args: Any, **kwargs: Any) -> BatchFeature:
+        """Move/cast every torch tensor (e.g. `.to("cuda")`, `.to(torch.bfloat16)`); returns self."""
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor):
+                self[key] = value.to(*args, **kwargs)
+        return self
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def _as_resample(value: Any) -> Resampling:
+    """PIL filter from an int, a PIL enum, a name ("bicubic") or a torchvision InterpolationMode."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        try:
+            return Resampling(int(value))
+        except ValueError:
+            pass
+    else:
+        name = getattr(value, "value", value)  # torchvision InterpolationMode has a str value
+        if isinstance(name, str) and name.lower() in _RESAMPLE_NAMES:
+            return _RESAMPLE_NAMES[name.lower()]
+    raise ValueError(
+        f"resample must be a PIL.Image.Resampling filter or its int (0 NEAREST, 1 LANCZOS, 2 BILINEAR, "
+        f"3 BICUBIC, 4 BOX, 5 HAMMING) or name, got {value!r}"
+    )
+
+
+def _as_size_dict(size: Any, name: str, default_to_square: bool, allowed: tuple[set[str], ...]) -> dict:
+    """transformers' `get_size_dict` rules: int -> square or shortest edge, (h, w) -> height/width."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        size = {"height": int(size), "width": int(size)} if default_to_square else {"shortest_edge": int(size)}
+    elif isinstance(size, (list, tuple)):
+        if len(size) != 2:
+            raise ValueError(f"{name} as a sequence must be (height, width), got {size!r}")
+        size = {"height": size[0], "width": size[1]}
+    elif not isinstance(size, Mapping):
+        try:  # e.g. transformers' SizeDict, which iterates as (key, value) pairs
+            size = dict(size)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be an int, a (height, width) pair or a dict, got {size!r}") from None
+    size = {key: value for key, value in size.items() if value is not None}
+    if set(size) not in allowed:
+        forms = " or ".join(str(sorted(keys)) for keys in allowed)
+        raise ValueError(f"{name} must have the keys {forms}, got {sorted(size)} in {size!r}")
+    for key, value in size.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name}[{key!r}] must be a positive int, got {value!r}")
+    return {key: int(value) for key, value in size.items()}
+
+
+def _as_floats(value: Any, name: str) -> list[float]:
+    values = [value] if isinstance(value, (int, float, np.number)) else value
+    try:
+        floats = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float or a sequence of floats, got {value!r}") from None
+    if not floats or not all(np.isfinite(floats)):
+        raise ValueError(f"{name} must be finite and non-empty, got {value!r}")
+    return floats
+
+
+def _as_layout(value: Any) -> str | None:
+    """'first' / 'last' from "channels_first", "channels_last", ChannelDimension, "CHW", "HWC"."""
+    if value is None:
+        return None
+    name = getattr(value, "value", value)
+    if isinstance(name, str):
+        if name.lower() in _CHANNELS_FIRST:
+            return "first"
+        if name.lower() in _CHANNELS_LAST:
+            return "last"
+    raise ValueError(f"input_data_format/data_format must be 'channels_first' or 'channels_last', got {value!r}")
+
+
+def _as_return_tensors(value: Any) -> str | None:
+    name = getattr(value, "value", value)  # transformers' TensorType
+    if name is None or name in ("pt", "np"):
+        return name
+    raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {value!r}")
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _resized_hw(height: int, width: int, size: dict) -> tuple[int, int]:
+    """Output (height, width) exactly as transformers computes it."""
+    if "height" in size:
+        return size["height"], size["width"]
+    shortest = size["shortest_edge"]
+    short, long = (width, height) if width <= height else (height, width)
+    if "longest_edge" not in size:  # transformers' get_resize_output_image_size
+        new_short, new_long = shortest, int(shortest * long / short)
+    else:  # transformers' get_size_with_aspect_ratio
+        raw = None
+        if long / short * shortest > size["longest_edge"]:
+            raw = size["longest_edge"] * short / long
+            shortest = int(round(raw))
+        if short == shortest:
+            return height, width
+        new_short, new_long = shortest, int((raw if raw is not None else shortest) * long / short)
+    new_short, new_long = max(new_short, 1), max(new_long, 1)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def _crop_span(length: int, target: int) -> tuple[int, int, int]:
+    """(source start, destination start, count) along one axis of a center crop.
+
+    Larger images are cropped at (length - target) // 2; smaller ones are zero padded with
+    (target - length) // 2 before them, as torchvision's center_crop and so transformers'
+    BitImageProcessor do (its PIL twin puts the odd pixel of padding on the other side).
+    """
+    if length >= target:
+        return (length - target) // 2, 0, target
+    return 0, (target - length) // 2, length
+
+
+def _center_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Center crop (C, H, W) to (C, height, width), zero padding where the image is smaller."""
+    src_top, dst_top, rows = _crop_span(image.shape[-2], height)
+    src_left, dst_left, cols = _crop_span(image.shape[-1], width)
+    window = image[..., src_top : src_top + rows, src_left : src_left + cols]
+    if rows == height and cols == width:
+        return window
+    padded = image.new_zeros(image.shape[:-2] + (height, width))
+    padded[..., dst_top : dst_top + rows, dst_left : dst_left + cols] = window
+    return padded
+
+
+def _resize(image: torch.Tensor, height: int, width: int, resample: Resampling) -> torch.Tensor:
+    """Resize (C, H, W) uint8 or float32 with antialiasing, like torchvision's resize."""
+    if image.shape[-2:] == (height, width):
+        return image
+    mode = _TORCH_MODES.get(resample)
+    if mode is None:  # BOX / HAMMING: PIL, one band at a time (L for uint8, F for float)
+        bands = []
+        for band in image.numpy():
+            resized = PIL.Image.fromarray(band).resize((width, height), resample)
+            bands.append(torch.from_numpy(np.array(resized)))
+        return torch.stack(bands)
+    if mode == "nearest-exact":
+        return F.interpolate(image[None], size=(height, width), mode=mode)[0]
+    return F.interpolate(image[None], size=(height, width), mode=mode, antialias=True, align_corners=False)[0]
+
+
+# --------------------------------------------------------------------------- decoding inputs
+
+
+def _flatten(images: Any) -> list:
+    """Flat list of single images from an image, a 4-D batch, or (nested) lists of them."""
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("images is an empty list; pass at least one image")
+        flat = []
+        for item in images:
+            if isinstance(item, (list, tuple)):
+                flat.extend(_flatten(item))
+            else:
+                flat.extend(_flatten_one(item))
+        return flat
+    return _flatten_one(images)
+
+
+def _flatten_one(image: Any) -> list:
+    if isinstance(image, (str, os.PathLike)):
+        return [_open(image)]
+    if isinstance(image, PIL.Image.Image):
+        return [image]
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        if image.ndim == 4:
+            if image.shape[0] == 0:
+                raise ValueError(f"images is an empty batch of shape {tuple(image.shape)}")
+            return list(image)
+        if image.ndim in (2, 3):
+            return [image]
+        raise ValueError(
+            f"an image array must have 2 (H, W), 3 (C, H, W or H, W, C) or 4 (a batch) dimensions, "
+            f"got shape {tuple(image.shape)}"
+        )
+    raise TypeError(
+        "images must be PIL images, numpy arrays, torch tensors, file paths, or lists of them; "
+        f"got {type(image).__module__}.{type(image).__qualname__}"
+    )
+
+
+def _open(path: str | os.PathLike) -> PIL.Image.Image:
+    if isinstance(path, str) and "://" in path:
+        raise ValueError(f"only local image files are read, got the URL {path!r}; download it first")
+    try:
+        return PIL.Image.open(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {os.fspath(path)!r}") from None
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"{os.fspath(path)!r} is not an image file PIL can read") from None
+
+
+def _pil_to_array(image: PIL.Image.Image, do_convert_rgb: bool) -> np.ndarray:
+    """HWC (or HW) array of a PIL image, RGB-converted the way transformers does it."""
+    mode = image.mode
+    if mode.startswith("I;16"):
+        return np.asarray(image).astype(np.uint16)  # native byte order, so it is seen as 16-bit
+    if mode == "I":  # 32-bit ints; PIL also decodes some 16-bit files to this mode
+        array = np.asarray(image)
+        is_16_bit = array.size and array.max() > 255 and array.min() >= 0 and array.max() <= 65535
+        return array.astype(np.uint16) if is_16_bit else array
+    if mode == "F" or not do_convert_rgb:
+        return np.array(image)  # values kept; _array_to_tensor scales or rejects them
+    if mode in ("RGB", "L"):  # no conversion needed; L stays one channel and is broadcast later
+        return np.array(image)
+    bands = image.getbands()
+    if "A" in bands or "a" in bands or image.info.get("transparency") is not None:
+        rgba = image if mode == "RGBA" else image.convert("RGBA")
+        return _composite_on_white(rgba)
+    try:
+        return np.array(image.convert("RGB"))
+    except ValueError as err:
+        raise ValueError(f"cannot convert a PIL image of mode {mode!r} to RGB: {err}") from None
+
+
+def _composite_on_white(rgba: PIL.Image.Image) -> np.ndarray:
+    """RGBA over an opaque white background; equals transformers' PIL.Image.alpha_composite."""
+    canvas = PIL.Image.new("RGB", rgba.size, (255, 255, 255))
+    canvas.paste(rgba, (0, 0), rgba)
+    return np.array(canvas)
+
+
+def _array_to_tensor(
+    array: np.ndarray, layout: str | None, do_convert_rgb: bool, do_rescale: bool
+) -> torch.Tensor:
+    """(C, H, W) uint8 or float32 tensor (values on the 0..255 scale) from any supported array.
+
+    Shares memory with `array` where it can. With do_convert_rgb, C is 1 (grayscale, broadcast to
+    RGB at normalization time) or 3; 4-channel arrays are composited onto white.
+    """
+    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise TypeError(
+            f"unsupported image dtype {array.dtype}; expected uint8, uint16, another integer type with "
+            "values in 0..255, or a float type (convert booleans with `.astype(np.uint8) * 255`)"
+        )
+    if array.size == 0:
+        raise ValueError(f"image is empty: shape {array.shape}")
+    if array.ndim == 2:
+        array, layout = array[:, :, None], "last"
+    elif layout is None:
+        # transformers' infer_channel_dimension_format: channels first wins when both could be channels.
+        if array.shape[0] in (1, 3, 4):
+            layout = "first"
+        elif array.shape[-1] in (1, 3, 4):
+            layout = "last"
+        else:
+            raise ValueError(
+                f"cannot tell the channel axis of an image of shape {array.shape}: expected 1, 3 or 4 "
+                "channels on the first or last axis; pass input_data_format='channels_first' or "
+                "'channels_last' if the layout is unusual"
+            )
+    if layout == "first":
+        array = array.transpose(1, 2, 0)  # work channels-last: the layout interpolate is fastest on
+    channels = array.shape[-1]
+    if do_convert_rgb and channels not in (1, 3, 4):
+        raise ValueError(
+            f"image has {channels} channels (shape {array.shape} read as "
+            f"{'channels_first' if layout == 'first' else 'channels_last'}); expected 1 (grayscale), "
+            "3 (RGB) or 4 (RGBA)"
+        )
+
+    if array.dtype != np.uint8:
+        array = _to_8bit_scale(array, do_rescale)
+    if do_convert_rgb and channels == 4:
+        array = _composite_array_on_white(array)
+    if any(stride < 0 for stride in array.strides) or not array.flags.writeable:
+        array = np.array(array)  # torch.from_numpy refuses negative strides and warns on read-only
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _to_8bit_scale(array: np.ndarray, do_rescale: bool) -> np.ndarray:
+    """uint8 or float32 array on the 0..255 scale from any integer or float array."""
+    if np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32, copy=False)
+        if not np.isfinite(array).all():
+            raise ValueError("image contains NaN or Inf values")
+        if do_rescale and array.max(initial=0.0) <= 1.0:
+            warnings.warn(
+                "a float image with all values in [0, 1] is rescaled by rescale_factor (1/255 by default), "
+                "as transformers does; pass do_rescale=False if it is already scaled",
+                UserWarning,
+                stacklevel=5,
+            )
+        return array
+    low, high = int(array.min()), int(array.max())
+    if array.dtype == np.uint16:
+        # 16-bit data: 0..65535 -> 0..255 (65535 / 257 = 255) in float, rather than clipping to white.
+        return array.astype(np.float32) * np.float32(1 / 257)
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"integer image values must lie in 0..255 (8-bit) or be uint16 (16-bit), got {array.dtype} "
+            f"values in [{low}, {high}]; scale them or pass a float array"
+        )
+    return array.astype(np.uint8)
+
+
+def _composite_array_on_white(array: np.ndarray) -> np.ndarray:
+    """(H, W, 4) -> (H, W, 3) over white. uint8: PIL's exact blend; float: alpha in [0, 1] or 0..255."""
+    if array.dtype == np.uint8:
+        return _composite_on_white(PIL.Image.fromarray(np.ascontiguousarray(array), "RGBA"))
+    white = np.float32(1.0 if array.max() <= 1.0 else 255.0)  # transformers composites [0, 1] floats onto 1
+    alpha = array[..., 3:] / white
+    return array[..., :3] * alpha + white * (1 - alpha)
+
+
+def _to_tensor(image: Any, layout: str | None, do_convert_rgb: bool, do_rescale: bool) -> torch.Tensor:
+    if isinstance(image, PIL.Image.Image):
+        array, layout = _pil_to_array(image, do_convert_rgb), "last"
+    elif isinstance(image, torch.Tensor):
+        if image.is_complex() or image.dtype == torch.bool:
+            raise TypeError(f"unsupported image dtype {image.dtype}; expected uint8, an integer or a float dtype")
+        image = image.detach().cpu()
+        if image.dtype in (torch.float16, torch.bfloat16):
+            image = image.float()
+        array = image.numpy()
+    else:
+        array = image
+    return _array_to_tensor(array, layout, do_convert_rgb, do_rescale)
+
+
+# --------------------------------------------------------------------------- the processor
+
+
+class BitImageProcessor:
+    """Image processor for BiT models, compatible with `transformers.BitImageProcessor`.
+
+    Arguments (and their defaults) are transformers': resize the shortest edge to 224 with
+    bicubic resampling, center crop 224x224, rescale by 1/255, normalize with the OpenAI CLIP
+    mean/std, convert to RGB. `size` may also be `{"height": h, "width": w}` (squash resize, as
+    the original BiT evaluation and timm configs do) or `{"shortest_edge": s, "longest_edge": l}`;
+    `size=42` means `{"shortest_edge": 42}` (or a square with `default_to_square=True`) and
+    `crop_size=84` means `{"height": 84, "width": 84}`, as in transformers.
+
+    Unknown keyword arguments (e.g. keys of a config written by another processor) are kept in
+    `extra_config` and written back by `save_pretrained`.
+
+    Example:
+        >>> processor = BitImageProcessor()
+        >>> batch = processor(PIL.Image.open("cat.jpg"), return_tensors="pt")
+        >>> batch["pixel_values"].shape
+        torch.Size([1, 3, 224, 224])
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: int | Sequence[int] | Mapping[str, int] | None = None,
+        resample: Resampling | int | str = Resampling.BICUBIC,
+        do_center_crop: bool = True,
+        crop_size: int | Sequence[int] | Mapping[str, int] | None = None,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        do_convert_rgb: bool = True,
+        *,
+        default_to_square: bool = False,
+        **extra_config: Any,
+    ) -> None:
+        # None means "the default", as in transformers (configs may hold explicit nulls).
+        self.do_resize = _as_bool(True if do_resize is None else do_resize, "do_resize")
+        self.size = _as_size_dict(
+            {"shortest_edge": 224} if size is None else size, "size", default_to_square, _SIZE_KEY_SETS
+        )
+        self.resample = _as_resample(Resampling.BICUBIC if resample is None else resample)
+        self.do_center_crop = _as_bool(True if do_center_crop is None else do_center_crop, "do_center_crop")
+        self.crop_size = _as_size_dict(
+            {"height": 224, "width": 224} if crop_size is None else crop_size, "crop_size", True, _SIZE_KEY_SETS[:1]
+        )
+        self.do_rescale = _as_bool(True if do_rescale is None else do_rescale, "do_rescale")
+        self.rescale_factor = _as_floats(1 / 255 if rescale_factor is None else rescale_factor, "rescale_factor")[0]
+        self.do_normalize = _as_bool(True if do_normalize is None else do_normalize, "do_normalize")
+        self.image_mean = _as_floats(OPENAI_CLIP_MEAN if image_mean is None else image_mean, "image_mean")
+        self.image_std = _as_floats(OPENAI_CLIP_STD if image_std is None else image_std, "image_std")
+        if 0.0 in self.image_std:
+            raise ValueError(f"image_std must not contain 0, got {self.image_std}")
+        self.do_convert_rgb = _as_bool(True if do_convert_rgb is None else do_convert_rgb, "do_convert_rgb")
+        self.extra_config = {k: v for k, v in extra_config.items() if k not in _DROPPED_KEYS}
+
+    # ------------------------------------------------------------------ processing
+
+    def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
+        """Same as `preprocess`."""
+        return self.preprocess(images, **kwargs)
+
+    def preprocess(
+        self,
+        images: Any,
+        do_resize: bool | None = None,
+        size: int | Sequence[int] | Mapping[str, int] | None = None,
+        resample: Resampling | int | str | None = None,
+        do_center_crop: bool | None = None,
+        crop_size: int | Sequence[int] | Mapping[str, int] | None = None,
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
+        do_normalize: bool | None = None,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        do_convert_rgb: bool | None = None,
+        return_tensors: str | None = None,
+        data_format: str = "channels_first",
+        input_data_format: str | None = None,
+        device: str | torch.device | None = None,
+        default_to_square: bool = False,
+    ) -> BatchFeature:
+        """Turn images into `pixel_values`; any argument left None takes the processor's setting.
+
+        Args:
+            images: a PIL image (any mode: RGB, L, LA, RGBA, P with or without transparency, CMYK,
+                1, I;16, I, F, ...), a numpy array or torch tensor of shape (H, W), (C, H, W) or
+                (H, W, C) with C in 1, 3, 4, a 4-D batch (N, C, H, W) / (N, H, W, C), a path to a
+                local image file, or a (nested) list of these.
+            return_tensors: "pt" -> float32 torch tensor (N, C, H, W); "np" -> numpy array;
+                None -> a list of (C, H, W) float32 numpy arrays (images may then differ in size).
+            data_format: "channels_first" (default) or "channels_last" for the output.
+            input_data_format: channel layout of array inputs; inferred like transformers when
+                None (channels first when both the first and last axes could be channels).
+            device: move the output tensor there (with return_tensors="pt").
+            The other arguments override the processor's settings for this call only.
+
+        Input conventions (transformers' where it has one):
+            - uint8 and integer inputs with values in 0..255 are 8-bit pixels.
+            - Floats are taken on the same 0..255 scale and rescaled by `rescale_factor`, as
+              transformers does; a warning is issued when they all lie in [0, 1] (pass
+              `do_rescale=False` for such data). NaN/Inf raise ValueError.
+            - 16-bit images (uint16 arrays, PIL I;16, PIL mode I with values above 255) are
+              mapped to the 8-bit scale by dividing by 257 (65535 -> 255), kept in float.
+              transformers clips them to white (or raises); this is the deliberate difference.
+            - Transparency (alpha channel, LA, RGBA, P with a transparency key) is composited onto
+              white, as transformers does; 4-channel float arrays hold alpha in [0, 1] when all
+              values are <= 1, else in 0..255.
+            - Zero padding of a too-small image during center crop puts (crop - size) // 2 pixels
+              before it, as transformers' (torchvision-based) BitImageProcessor does.
+
+        Returns:
+            BatchFeature with "pixel_values".
+
+        Raises:
+            ValueError / TypeError naming the problem for empty input, unsupported types or
+            dtypes, wrong channel counts, NaN/Inf values, invalid sizes or unknown options.
+        """
+        do_resize = self.do_resize if do_resize is None else _as_bool(do_resize, "do_resize")
+        do_center_crop = self.do_center_crop if do_center_crop is None else _as_bool(do_center_crop, "do_center_crop")
+        do_rescale = self.do_rescale if do_rescale is None else _as_bool(do_rescale, "do_rescale")
+        do_normalize = self.do_normalize if do_normalize is None else _as_bool(do_normalize, "do_normalize")
+        do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else _as_bool(do_convert_rgb, "do_convert_rgb")
+        size = _as_size_dict(self.size if size is None else size, "size", default_to_square, _SIZE_KEY_SETS)
+        crop = _as_size_dict(self.crop_size if crop_size is None else crop_size, "crop_size", True, _SIZE_KEY_SETS[:1])
+        resample = _as_resample(self.resample if resample is None else resample)
+        rescale_factor = _as_floats(self.rescale_factor if rescale_factor is None else rescale_factor, "rescale_factor")[0]
+        mean = _as_floats(self.image_mean if image_mean is None else image_mean, "image_mean")
+        std = _as_floats(self.image_std if image_std is None else image_std, "image_std")
+        if do_normalize and 0.0 in std:
+            raise ValueError(f"image_std must not contain 0, got {std}")
+        return_tensors = _as_return_tensors(return_tensors)
+        out_layout = _as_layout(data_format)
+        in_layout = _as_layout(input_data_format)
+
+        processed = []
+        for image in _flatten(images):
+            pixels = _to_tensor(image, in_layout, do_convert_rgb, do_rescale)
+            if do_resize:
+                pixels = _resize(pixels, *_resized_hw(pixels.shape[-2], pixels.shape[-1], size), resample)
+            if do_center_crop:
+                pixels = _center_crop(pixels, crop["height"], crop["width"])
+            processed.append(pixels)
+
+        channels = 3 if do_convert_rgb else processed[0].shape[0]
+        if any(p.shape[0] not in (1, channels) or (not do_convert_rgb and p.shape[0] != channels) for p in processed):
+            raise ValueError(
+                f"images have different channel counts {sorted({p.shape[0] for p in processed})}; "
+                "with do_convert_rgb=False every image must have the same number of channels"
+            )
+        scale, offset = _affine(channels, do_rescale, rescale_factor, do_normalize, mean, std)
+
+        shapes = {tuple(p.shape[-2:]) for p in processed}
+        if return_tensors is not None and len(shapes) > 1:
+            raise ValueError(
+                f"images end up with different sizes {sorted(shapes)} (no center crop); stacking them into one "
+                "tensor is impossible: use do_center_crop=True, size={'height': h, 'width': w}, or return_tensors=None"
+            )
+        if len(shapes) == 1:
+            height, width = shapes.pop()
+            batch = _normalize_batch(processed, channels, height, width, scale, offset, out_layout)
+            if return_tensors == "pt":
+                pixel_values = batch if device is None else batch.to(device)
+            elif return_tensors == "np":
+                pixel_values = batch.numpy()
+            else:
+                pixel_values = list(batch.numpy())
+        else:
+            pixel_values = [
+                _normalize_batch([p], channels, *p.shape[-2:], scale, offset, out_layout)[0].numpy() for p in processed
+            ]
+        return BatchFeature(pixel_values=pixel_values)
+
+    # ------------------------------------------------------------------ configuration
+
+    def to_dict(self) -> dict[str, Any]:
+        """The transformers `preprocessor_config.json` contents (plus kept unknown keys)."""
+        config = dict(self.extra_config)
+        config.update(
+            do_resize=self.do_resize,
+            size=dict(self.size),
+            resample=int(self.resample),
+            do_center_crop=self.do_center_crop,
+            crop_size=dict(self.crop_size),
+            do_rescale=self.do_rescale,
+            rescale_factor=self.rescale_factor,
+            do_normalize=self.do_normalize,
+            image_mean=list(self.image_mean),
+            image_std=list(self.image_std),
+            do_convert_rgb=self.do_convert_rgb,
+            image_processor_type="BitImageProcessor",
+        )
+        return config
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], **overrides: Any) -> BitImageProcessor:
+        """Build from a config dict (transformers' schema); `overrides` replace its keys."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"an image processor config must be a dict, got {type(config).__name__}")
+        return cls(**{**config, **overrides})
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> BitImageProcessor:
+        """Load `preprocessor_config.json` from a directory, or a config JSON file given directly.
+
+        Reads transformers-written files (including a `processor_config.json` whose
+        "image_processor" entry holds the settings). `overrides` replace loaded keys.
+
+        Raises:
+            OSError: the path does not exist or the directory holds no config.
+            ValueError: the file is not valid JSON or not a JSON object.
+        """
+        path = Path(os.fspath(path))
+        if path.is_dir():
+            nested = path / PROCESSOR_CONFIG_NAME
+            if nested.is_file():
+                processor_config = _read_json(nested)
+                if isinstance(processor_config.get("image_processor"), Mapping):
+                    return cls.from_dict(processor_config["image_processor"], **overrides)
+            file = path / IMAGE_PROCESSOR_CONFIG_NAME
+            if not file.is_file():
+                raise OSError(f"no {IMAGE_PROCESSOR_CONFIG_NAME} in the directory {str(path)!r}")
+        elif path.is_file():
+            file = path
+        else:
+            raise OSError(
+                f"{str(path)!r} is neither a directory holding {IMAGE_PROCESSOR_CONFIG_NAME} nor a config file"
+            )
+        return cls.from_dict(_read_json(file), **overrides)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
+        """Write `directory/preprocessor_config.json` (created if needed); returns the written paths."""
+        directory = Path(os.fspath(directory))
+        if directory.is_file():
+            raise NotADirectoryError(f"save_pretrained needs a directory, {str(directory)!r} is a file")
+        directory.mkdir(parents=True, exist_ok=True)
+        file = directory / IMAGE_PROCESSOR_CONFIG_NAME
+        file.write_text(self.to_json_string(), encoding="utf-8")
+        return [str(file)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(file)!r} is not a valid JSON file: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(file)!r} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _affine(
+    channels: int, do_rescale: bool, rescale_factor: float, do_normalize: bool, mean: list[float], std: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, offset) with `x * scale + offset == ((x * rescale) - mean) / std`."""
+    scale = np.full(channels, rescale_factor if do_rescale else 1.0)
+    offset = np.zeros(channels)
+    if do_normalize:
+        for name, values in (("image_mean", mean), ("image_std", std)):
+            if len(values) not in (1, channels):
+                raise ValueError(f"{name} has {len(values)} values but the images have {channels} channels")
+        scale = scale / np.asarray(std)
+        offset = -np.asarray(mean) / np.asarray(std)
+    as_tensor = lambda values: torch.tensor(np.broadcast_to(values, channels), dtype=torch.float32).view(-1, 1, 1)  # noqa: E731
+    return as_tensor(scale), as_tensor(offset)
+
+
+def _normalize_batch(
+    images: list[torch.Tensor],
+    channels: int,
+    height: int,
+    width: int,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    layout: str,
+) -> torch.Tensor:
+    """Stack (C, H, W) uint8/float images into one float32 batch, applying `x * scale + offset`."""
+    if layout == "first":
+        batch = torch.empty((len(images), channels, height, width), dtype=torch.float32)
+        targets = batch
+    else:
+        batch = torch.empty((len(images), height, width, channels), dtype=torch.float32)
+        targets = batch.permute(0, 3, 1, 2)
+    for image, target in zip(images, targets):
+        torch.mul(image, scale, out=target)  # uint8 * float32 -> float32; 1 channel broadcasts to 3
+        target.add_(offset)
+    return batch
