@@ -135,3 +135,69 @@ def test_r50x1_matches_transformers_at_full_size():
     pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert relative_error(ours(pixels).logits, theirs(pixels).logits) < TOLERANCE
+
+
+# -- timm: the wide and dilated BiTs transformers cannot run -------------------------------------------------------
+
+
+def timm_pair(depths=(1, 1, 2, 1), width_factor=1, output_stride=32, num_labels=7):
+    """A real timm ResNetV2 built as timm builds its `resnetv2_*_bit` models, and ours with its weights."""
+    from functools import partial
+
+    from timm.layers import StdConv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    from bigtransfer.checkpoints.keymaps import to_transformers
+
+    torch.manual_seed(0)
+    theirs = ResNetV2(
+        layers=list(depths), width_factor=width_factor, output_stride=output_stride, num_classes=num_labels,
+        stem_type="fixed", conv_layer=partial(StdConv2d, eps=1e-8),
+    ).eval()
+    with torch.no_grad():  # timm zero-initialises its head; make it count
+        theirs.head.fc.weight.normal_()
+        theirs.head.fc.bias.normal_()
+    config = BitConfig(
+        depths=list(depths), width_factor=width_factor, embedding_size=64 * width_factor,
+        output_stride=output_stride, num_labels=num_labels,
+    )
+    ours = BitForImageClassification(config).eval()
+    ours.load_state_dict(to_transformers(theirs.state_dict(), "timm"), strict=True)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("width_factor", [2, 3])
+def test_wide_bit_matches_timm(width_factor):
+    theirs, ours = timm_pair(width_factor=width_factor)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert relative_error(ours(pixels).logits, theirs(pixels)) < TOLERANCE
+        assert relative_error(ours.bit(pixels).last_hidden_state, theirs.forward_features(pixels)) < TOLERANCE
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_dilated_bit_matches_timm(output_stride):
+    theirs, ours = timm_pair(depths=(1, 2, 2, 2), output_stride=output_stride)
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = theirs.forward_features(pixels)
+        actual = ours.bit(pixels).last_hidden_state
+    assert actual.shape == expected.shape and actual.shape[-1] == 64 // output_stride
+    assert relative_error(actual, expected) < TOLERANCE
+
+
+@pytest.mark.slow
+def test_r50x3_matches_timm_resnetv2_50x3_bit():
+    import timm
+
+    from bigtransfer.checkpoints.keymaps import to_transformers
+
+    torch.manual_seed(0)
+    theirs = timm.create_model("resnetv2_50x3_bit", pretrained=False, num_classes=10).eval()
+    with torch.no_grad():
+        theirs.head.fc.weight.normal_(std=0.01)
+    ours = BitForImageClassification(BitConfig.from_variant("BiT-M-R50x3", num_labels=10)).eval()
+    ours.load_state_dict(to_transformers(theirs.state_dict(), "timm"), strict=True)
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert relative_error(ours(pixels).logits, theirs(pixels)) < TOLERANCE
