@@ -59,17 +59,18 @@ def contenders() -> dict[str, Callable]:
         import transformers
     except ImportError:
         return found
-    for label, name in (
-        ("transformers", "BitImageProcessor"),
-        ("transformers-fast", "BitImageProcessorFast"),  # transformers 4.x
-        ("transformers-pil", "BitImageProcessorPil"),  # transformers 5.x
-    ):
-        cls = getattr(transformers, name, None)
-        if cls is not None and not any(type(p) is cls for p in found.values()):
-            try:
-                found[label] = cls()
-            except Exception:  # e.g. the fast one without torchvision
-                continue
+    # transformers 5: BitImageProcessor (torchvision) + BitImageProcessorPil; 4: BitImageProcessor (PIL)
+    # + BitImageProcessorFast (torchvision). In 5, BitImageProcessorFast is only a deprecated alias.
+    names = [("transformers", "BitImageProcessor")]
+    if hasattr(transformers, "BitImageProcessorPil"):
+        names.append(("transformers-pil", "BitImageProcessorPil"))
+    else:
+        names.append(("transformers-fast", "BitImageProcessorFast"))
+    for label, name in names:
+        try:
+            found[label] = getattr(transformers, name)()
+        except Exception:  # e.g. the fast one without torchvision
+            continue
     return found
 
 
@@ -122,7 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
             "images_per_s": rates,
             "speedup_vs": {name: ours / rate for name, rate in rates.items() if name != "bigtransfer"},
         }
-        print(f"{mode} ({len(images)} photos, median of {args.rounds} rounds, {torch.get_num_threads()} threads):")
+        print(
+            f"{mode} ({len(images)} photos, median of {args.rounds} rounds, {torch.get_num_threads()} threads):"
+        )
         for name, rate in rates.items():
             ratio = "" if name == "bigtransfer" else f"   bigtransfer is {ours / rate:.2f}x faster"
             print(f"  {name:18s} {rate:8.1f} images/s{ratio}")

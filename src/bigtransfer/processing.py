@@ -72,6 +72,8 @@ _RESAMPLE_NAMES = {
 _SIZE_KEY_SETS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
 _CHANNELS_FIRST = {"channels_first", "first", "chw", "nchw"}
 _CHANNELS_LAST = {"channels_last", "last", "hwc", "nhwc"}
+# Resized images larger than this (pixels) are only computed where the center crop keeps them.
+_FULL_RESIZE_LIMIT = 1 << 24
 _CONFIG_KEYS = (
     "do_resize",
     "size",
@@ -139,7 +141,9 @@ def _as_resample(value: Any) -> Resampling:
 def _as_size_dict(size: Any, name: str, default_to_square: bool, allowed: tuple[set[str], ...]) -> dict:
     """transformers' `get_size_dict` rules: int -> square or shortest edge, (h, w) -> height/width."""
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        size = {"height": int(size), "width": int(size)} if default_to_square else {"shortest_edge": int(size)}
+        size = (
+            {"height": int(size), "width": int(size)} if default_to_square else {"shortest_edge": int(size)}
+        )
     elif isinstance(size, (list, tuple)):
         if len(size) != 2:
             raise ValueError(f"{name} as a sequence must be (height, width), got {size!r}")
@@ -148,7 +152,9 @@ def _as_size_dict(size: Any, name: str, default_to_square: bool, allowed: tuple[
         try:  # e.g. transformers' SizeDict, which iterates as (key, value) pairs
             size = dict(size)
         except (TypeError, ValueError):
-            raise TypeError(f"{name} must be an int, a (height, width) pair or a dict, got {size!r}") from None
+            raise TypeError(
+                f"{name} must be an int, a (height, width) pair or a dict, got {size!r}"
+            ) from None
     size = {key: value for key, value in size.items() if value is not None}
     if set(size) not in allowed:
         forms = " or ".join(str(sorted(keys)) for keys in allowed)
@@ -180,7 +186,9 @@ def _as_layout(value: Any) -> str | None:
             return "first"
         if name.lower() in _CHANNELS_LAST:
             return "last"
-    raise ValueError(f"input_data_format/data_format must be 'channels_first' or 'channels_last', got {value!r}")
+    raise ValueError(
+        f"input_data_format/data_format must be 'channels_first' or 'channels_last', got {value!r}"
+    )
 
 
 def _as_return_tensors(value: Any) -> str | None:
@@ -251,6 +259,30 @@ def _resize(image: torch.Tensor, height: int, width: int, resample: Resampling) 
     if mode == "nearest-exact":
         return F.interpolate(image[None], size=(height, width), mode=mode)[0]
     return F.interpolate(image[None], size=(height, width), mode=mode, antialias=True, align_corners=False)[0]
+
+
+def _resize_and_crop(
+    image: torch.Tensor, height: int, width: int, crop_height: int, crop_width: int, resample: Resampling
+) -> torch.Tensor:
+    """Resize (C, H, W) to (height, width), then center crop to (crop_height, crop_width).
+
+    When the resized image would exceed `_FULL_RESIZE_LIMIT` pixels (an extreme aspect ratio such as
+    1x20000 resized to a 224 shortest edge: 224x4480000), only the part the crop keeps is computed, by
+    PIL's resize of that box of the source; the result then differs from a full resize by rounding only.
+    """
+    if height * width <= _FULL_RESIZE_LIMIT:
+        return _center_crop(_resize(image, height, width, resample), crop_height, crop_width)
+    src_top, dst_top, rows = _crop_span(height, crop_height)
+    src_left, dst_left, cols = _crop_span(width, crop_width)
+    row_scale, col_scale = image.shape[-2] / height, image.shape[-1] / width
+    box = (src_left * col_scale, src_top * row_scale, (src_left + cols) * col_scale, (src_top + rows) * row_scale)
+    bands = [
+        torch.from_numpy(np.array(PIL.Image.fromarray(band).resize((cols, rows), resample, box=box)))
+        for band in image.numpy()
+    ]
+    padded = image.new_zeros(image.shape[:-2] + (crop_height, crop_width))
+    padded[..., dst_top : dst_top + rows, dst_left : dst_left + cols] = torch.stack(bands)
+    return padded
 
 
 # --------------------------------------------------------------------------- decoding inputs
@@ -342,7 +374,9 @@ def _array_to_tensor(
     Shares memory with `array` where it can. With do_convert_rgb, C is 1 (grayscale, broadcast to
     RGB at normalization time) or 3; 4-channel arrays are composited onto white.
     """
-    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+    if array.dtype == np.bool_ or not (
+        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    ):
         raise TypeError(
             f"unsupported image dtype {array.dtype}; expected uint8, uint16, another integer type with "
             "values in 0..255, or a float type (convert booleans with `.astype(np.uint8) * 255`)"
@@ -397,7 +431,7 @@ def _to_8bit_scale(array: np.ndarray, do_rescale: bool) -> np.ndarray:
             )
         return array
     low, high = int(array.min()), int(array.max())
-    if array.dtype == np.uint16:
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16 in either byte order
         # 16-bit data: 0..65535 -> 0..255 (65535 / 257 = 255) in float, rather than clipping to white.
         return array.astype(np.float32) * np.float32(1 / 257)
     if low < 0 or high > 255:
@@ -422,7 +456,9 @@ def _to_tensor(image: Any, layout: str | None, do_convert_rgb: bool, do_rescale:
         array, layout = _pil_to_array(image, do_convert_rgb), "last"
     elif isinstance(image, torch.Tensor):
         if image.is_complex() or image.dtype == torch.bool:
-            raise TypeError(f"unsupported image dtype {image.dtype}; expected uint8, an integer or a float dtype")
+            raise TypeError(
+                f"unsupported image dtype {image.dtype}; expected uint8, an integer or a float dtype"
+            )
         image = image.detach().cpu()
         if image.dtype in (torch.float16, torch.bfloat16):
             image = image.float()
@@ -471,21 +507,26 @@ class BitImageProcessor:
         image_std: float | Sequence[float] | None = None,
         do_convert_rgb: bool = True,
         *,
-        default_to_square: bool = False,
+        default_to_square: bool | None = None,
         **extra_config: Any,
     ) -> None:
         # None means "the default", as in transformers (configs may hold explicit nulls).
         self.do_resize = _as_bool(True if do_resize is None else do_resize, "do_resize")
         self.size = _as_size_dict(
-            {"shortest_edge": 224} if size is None else size, "size", default_to_square, _SIZE_KEY_SETS
+            {"shortest_edge": 224} if size is None else size, "size", bool(default_to_square), _SIZE_KEY_SETS
         )
         self.resample = _as_resample(Resampling.BICUBIC if resample is None else resample)
         self.do_center_crop = _as_bool(True if do_center_crop is None else do_center_crop, "do_center_crop")
         self.crop_size = _as_size_dict(
-            {"height": 224, "width": 224} if crop_size is None else crop_size, "crop_size", True, _SIZE_KEY_SETS[:1]
+            {"height": 224, "width": 224} if crop_size is None else crop_size,
+            "crop_size",
+            True,
+            _SIZE_KEY_SETS[:1],
         )
         self.do_rescale = _as_bool(True if do_rescale is None else do_rescale, "do_rescale")
-        self.rescale_factor = _as_floats(1 / 255 if rescale_factor is None else rescale_factor, "rescale_factor")[0]
+        self.rescale_factor = _as_floats(
+            1 / 255 if rescale_factor is None else rescale_factor, "rescale_factor"
+        )[0]
         self.do_normalize = _as_bool(True if do_normalize is None else do_normalize, "do_normalize")
         self.image_mean = _as_floats(OPENAI_CLIP_MEAN if image_mean is None else image_mean, "image_mean")
         self.image_std = _as_floats(OPENAI_CLIP_STD if image_std is None else image_std, "image_std")
@@ -493,6 +534,8 @@ class BitImageProcessor:
             raise ValueError(f"image_std must not contain 0, got {self.image_std}")
         self.do_convert_rgb = _as_bool(True if do_convert_rgb is None else do_convert_rgb, "do_convert_rgb")
         self.extra_config = {k: v for k, v in extra_config.items() if k not in _DROPPED_KEYS}
+        if default_to_square is not None:  # transformers writes it back when it was given explicitly
+            self.extra_config["default_to_square"] = _as_bool(default_to_square, "default_to_square")
 
     # ------------------------------------------------------------------ processing
 
@@ -515,10 +558,10 @@ class BitImageProcessor:
         image_std: float | Sequence[float] | None = None,
         do_convert_rgb: bool | None = None,
         return_tensors: str | None = None,
-        data_format: str = "channels_first",
+        data_format: str | None = None,
         input_data_format: str | None = None,
         device: str | torch.device | None = None,
-        default_to_square: bool = False,
+        default_to_square: bool | None = None,
     ) -> BatchFeature:
         """Turn images into `pixel_values`; any argument left None takes the processor's setting.
 
@@ -533,7 +576,10 @@ class BitImageProcessor:
             input_data_format: channel layout of array inputs; inferred like transformers when
                 None (channels first when both the first and last axes could be channels).
             device: move the output tensor there (with return_tensors="pt").
-            The other arguments override the processor's settings for this call only.
+            default_to_square: read an int `size` as a square instead of the shortest edge.
+            The other arguments override the processor's settings for this call only. As in
+            transformers, the five call options above may also be given to the constructor
+            (or be in the config file) to become this processor's defaults.
 
         Input conventions (transformers' where it has one):
             - uint8 and integer inputs with values in 0..255 are 8-bit pixels.
@@ -556,34 +602,58 @@ class BitImageProcessor:
             ValueError / TypeError naming the problem for empty input, unsupported types or
             dtypes, wrong channel counts, NaN/Inf values, invalid sizes or unknown options.
         """
+        call_defaults = self.extra_config  # transformers lets the config set these too
+        if default_to_square is None:
+            default_to_square = call_defaults.get("default_to_square", False)
+        return_tensors = _as_return_tensors(
+            call_defaults.get("return_tensors") if return_tensors is None else return_tensors
+        )
+        out_layout = _as_layout(data_format or call_defaults.get("data_format") or "channels_first")
+        in_layout = _as_layout(
+            call_defaults.get("input_data_format") if input_data_format is None else input_data_format
+        )
+        device = call_defaults.get("device") if device is None else device
         do_resize = self.do_resize if do_resize is None else _as_bool(do_resize, "do_resize")
-        do_center_crop = self.do_center_crop if do_center_crop is None else _as_bool(do_center_crop, "do_center_crop")
+        do_center_crop = (
+            self.do_center_crop if do_center_crop is None else _as_bool(do_center_crop, "do_center_crop")
+        )
         do_rescale = self.do_rescale if do_rescale is None else _as_bool(do_rescale, "do_rescale")
         do_normalize = self.do_normalize if do_normalize is None else _as_bool(do_normalize, "do_normalize")
-        do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else _as_bool(do_convert_rgb, "do_convert_rgb")
-        size = _as_size_dict(self.size if size is None else size, "size", default_to_square, _SIZE_KEY_SETS)
-        crop = _as_size_dict(self.crop_size if crop_size is None else crop_size, "crop_size", True, _SIZE_KEY_SETS[:1])
+        do_convert_rgb = (
+            self.do_convert_rgb if do_convert_rgb is None else _as_bool(do_convert_rgb, "do_convert_rgb")
+        )
+        size = _as_size_dict(
+            self.size if size is None else size, "size", bool(default_to_square), _SIZE_KEY_SETS
+        )
+        crop = _as_size_dict(
+            self.crop_size if crop_size is None else crop_size, "crop_size", True, _SIZE_KEY_SETS[:1]
+        )
         resample = _as_resample(self.resample if resample is None else resample)
-        rescale_factor = _as_floats(self.rescale_factor if rescale_factor is None else rescale_factor, "rescale_factor")[0]
+        rescale_factor = _as_floats(
+            self.rescale_factor if rescale_factor is None else rescale_factor, "rescale_factor"
+        )[0]
         mean = _as_floats(self.image_mean if image_mean is None else image_mean, "image_mean")
         std = _as_floats(self.image_std if image_std is None else image_std, "image_std")
         if do_normalize and 0.0 in std:
             raise ValueError(f"image_std must not contain 0, got {std}")
-        return_tensors = _as_return_tensors(return_tensors)
-        out_layout = _as_layout(data_format)
-        in_layout = _as_layout(input_data_format)
 
         processed = []
         for image in _flatten(images):
             pixels = _to_tensor(image, in_layout, do_convert_rgb, do_rescale)
-            if do_resize:
+            if do_resize and do_center_crop:
+                height, width = _resized_hw(pixels.shape[-2], pixels.shape[-1], size)
+                pixels = _resize_and_crop(pixels, height, width, crop["height"], crop["width"], resample)
+            elif do_resize:
                 pixels = _resize(pixels, *_resized_hw(pixels.shape[-2], pixels.shape[-1], size), resample)
-            if do_center_crop:
+            elif do_center_crop:
                 pixels = _center_crop(pixels, crop["height"], crop["width"])
             processed.append(pixels)
 
         channels = 3 if do_convert_rgb else processed[0].shape[0]
-        if any(p.shape[0] not in (1, channels) or (not do_convert_rgb and p.shape[0] != channels) for p in processed):
+        if any(
+            p.shape[0] not in (1, channels) or (not do_convert_rgb and p.shape[0] != channels)
+            for p in processed
+        ):
             raise ValueError(
                 f"images have different channel counts {sorted({p.shape[0] for p in processed})}; "
                 "with do_convert_rgb=False every image must have the same number of channels"
@@ -607,7 +677,8 @@ class BitImageProcessor:
                 pixel_values = list(batch.numpy())
         else:
             pixel_values = [
-                _normalize_batch([p], channels, *p.shape[-2:], scale, offset, out_layout)[0].numpy() for p in processed
+                _normalize_batch([p], channels, *p.shape[-2:], scale, offset, out_layout)[0].numpy()
+                for p in processed
             ]
         return BatchFeature(pixel_values=pixel_values)
 
@@ -696,7 +767,12 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 
 def _affine(
-    channels: int, do_rescale: bool, rescale_factor: float, do_normalize: bool, mean: list[float], std: list[float]
+    channels: int,
+    do_rescale: bool,
+    rescale_factor: float,
+    do_normalize: bool,
+    mean: list[float],
+    std: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, offset) with `x * scale + offset == ((x * rescale) - mean) / std`."""
     scale = np.full(channels, rescale_factor if do_rescale else 1.0)
@@ -707,8 +783,9 @@ def _affine(
                 raise ValueError(f"{name} has {len(values)} values but the images have {channels} channels")
         scale = scale / np.asarray(std)
         offset = -np.asarray(mean) / np.asarray(std)
-    as_tensor = lambda values: torch.tensor(np.broadcast_to(values, channels), dtype=torch.float32).view(-1, 1, 1)  # noqa: E731
-    return as_tensor(scale), as_tensor(offset)
+    scale = torch.tensor(np.broadcast_to(scale, channels), dtype=torch.float32)
+    offset = torch.tensor(np.broadcast_to(offset, channels), dtype=torch.float32)
+    return scale.view(-1, 1, 1), offset.view(-1, 1, 1)
 
 
 def _normalize_batch(
@@ -727,7 +804,7 @@ def _normalize_batch(
     else:
         batch = torch.empty((len(images), height, width, channels), dtype=torch.float32)
         targets = batch.permute(0, 3, 1, 2)
-    for image, target in zip(images, targets):
+    for image, target in zip(images, targets, strict=True):
         torch.mul(image, scale, out=target)  # uint8 * float32 -> float32; 1 channel broadcasts to 3
         target.add_(offset)
     return batch
