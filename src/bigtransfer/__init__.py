@@ -1,5 +1,6 @@
 """bigtransfer: Big Transfer (BiT) models, checkpoints and the BiT-HyperRule."""
 
+from .checkpoints import convert_checkpoint, load_checkpoint
 from .config import VARIANTS, BitConfig
 from .errors import CheckpointError, UnsafeCheckpointError
 from .modeling import (
@@ -26,4 +27,6 @@ __all__ = [
     "CheckpointError",
     "ImageClassifierOutputWithNoAttention",
     "UnsafeCheckpointError",
+    "convert_checkpoint",
+    "load_checkpoint",
 ]

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Command modules, in the order `bigtransfer --help` lists them.
-COMMANDS = ["demo"]
+COMMANDS = ["convert", "demo", "pretrain", "finetune", "evaluate", "predict", "features"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,12 +33,16 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from .errors import BadImageError
+
 __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "IMAGE_PROCESSOR_CONFIG_NAME",
     "BatchFeature",
     "BitImageProcessor",
+    "open_image",
+    "rgb_array",
 ]
 
 # The normalization `google/bit-50` and transformers' BitImageProcessor default to.
@@ -268,7 +272,8 @@ def _resize_and_crop(
 
     When the resized image would exceed `_FULL_RESIZE_LIMIT` pixels (an extreme aspect ratio such as
     1x20000 resized to a 224 shortest edge: 224x4480000), only the part the crop keeps is computed, by
-    PIL's resize of that box of the source; the result then differs from a full resize by rounding only.
+    PIL's resize of that box of the source. Float images come out identical to a full resize; uint8 ones
+    within one level on natural images (PIL and torch clip uint8 ringing at different points).
     """
     if height * width <= _FULL_RESIZE_LIMIT:
         return _center_crop(_resize(image, height, width, resample), crop_height, crop_width)
@@ -305,7 +310,8 @@ def _flatten(images: Any) -> list:
 
 def _flatten_one(image: Any) -> list:
     if isinstance(image, (str, os.PathLike)):
-        return [_open(image)]
+        _check_local(image)
+        return [image]  # decoded one at a time in `_to_tensor`, so a long list holds no open files
     if isinstance(image, PIL.Image.Image):
         return [image]
     if isinstance(image, (np.ndarray, torch.Tensor)):
@@ -325,15 +331,58 @@ def _flatten_one(image: Any) -> list:
     )
 
 
-def _open(path: str | os.PathLike) -> PIL.Image.Image:
+def _check_local(path: str | os.PathLike) -> None:
     if isinstance(path, str) and "://" in path:
         raise ValueError(f"only local image files are read, got the URL {path!r}; download it first")
+
+
+def open_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """Open and fully decode a local image file (the first frame of an animation); the file is closed.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        BadImageError (a ValueError) naming the file: it is not an image PIL can read, it is truncated
+            or corrupt, or it has more pixels than `PIL.Image.MAX_IMAGE_PIXELS` (Pillow's guard against
+            decompression bombs; raise that limit, or set it to None, to read such images).
+    """
+    _check_local(path)
     try:
-        return PIL.Image.open(path)
+        with PIL.Image.open(path) as image:
+            limit = PIL.Image.MAX_IMAGE_PIXELS  # Pillow only warns between 1x and 2x this: refuse it all
+            if limit is not None and image.width * image.height > limit:
+                raise PIL.Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
+            image.load()  # decodes now, so truncation and corruption are reported here, with the path
+            return image
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {os.fspath(path)!r}") from None
     except PIL.UnidentifiedImageError:
-        raise ValueError(f"{os.fspath(path)!r} is not an image file PIL can read") from None
+        raise BadImageError(os.fspath(path), "not an image file PIL can read") from None
+    except PIL.Image.DecompressionBombError as error:
+        raise BadImageError(
+            os.fspath(path),
+            f"more pixels than PIL.Image.MAX_IMAGE_PIXELS = {PIL.Image.MAX_IMAGE_PIXELS}, refused as a possible "
+            f"decompression bomb ({error}); raise that limit to read it",
+        ) from None
+    except (SyntaxError, EOFError, ValueError) as error:
+        raise BadImageError(os.fspath(path), f"{type(error).__name__}: {error}") from None
+    except OSError as error:
+        if error.filename is not None:  # the file system's own error (permission, a directory, ...)
+            raise
+        raise BadImageError(os.fspath(path), f"{type(error).__name__}: {error}") from None
+
+
+def rgb_array(image: PIL.Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a PIL image in any mode, converted as the processor converts it.
+
+    16-bit images are scaled to 8 bits (65535 -> 255) rather than clipped; transparency is composited
+    onto white; CMYK, palette, 1-bit and float images go through PIL's conversion.
+    """
+    if image.mode == "RGB":
+        return np.array(image)
+    pixels = _to_tensor(image, None, do_convert_rgb=True, do_rescale=False)
+    if pixels.dtype != torch.uint8:
+        pixels = pixels.round().clamp_(0, 255).to(torch.uint8)
+    return np.ascontiguousarray(pixels.expand(3, -1, -1).permute(1, 2, 0).numpy())
 
 
 def _pil_to_array(image: PIL.Image.Image, do_convert_rgb: bool) -> np.ndarray:
@@ -452,6 +501,9 @@ def _composite_array_on_white(array: np.ndarray) -> np.ndarray:
 
 
 def _to_tensor(image: Any, layout: str | None, do_convert_rgb: bool, do_rescale: bool) -> torch.Tensor:
+    if isinstance(image, (str, os.PathLike)):
+        with open_image(image) as decoded:
+            return _array_to_tensor(_pil_to_array(decoded, do_convert_rgb), "last", do_convert_rgb, do_rescale)
     if isinstance(image, PIL.Image.Image):
         array, layout = _pil_to_array(image, do_convert_rgb), "last"
     elif isinstance(image, torch.Tensor):
@@ -593,7 +645,13 @@ class BitImageProcessor:
               white, as transformers does; 4-channel float arrays hold alpha in [0, 1] when all
               values are <= 1, else in 0..255.
             - Zero padding of a too-small image during center crop puts (crop - size) // 2 pixels
-              before it, as transformers' (torchvision-based) BitImageProcessor does.
+              before it, as transformers' (torchvision-based) BitImageProcessor does (its
+              BitImageProcessorPil puts the odd pixel before the image instead).
+            - Also unlike transformers: 2-D (H, W) arrays are accepted as grayscale; integer
+              arrays of wider types are cast to uint8 before resizing (so bicubic ringing is
+              clipped, as for uint8, where transformers' torchvision path keeps it); PIL mode F
+              images are read as float arrays rather than quantized to 8 bits; BOX and HAMMING
+              resampling work (through PIL, as in transformers' PIL backend).
 
         Returns:
             BatchFeature with "pixel_values".

@@ -1,5 +1,27 @@
 """Checkpoint files: readers (file -> dict of tensors), key maps (pure renames), writers and hub resolution."""
 
-from .readers import read_safetensors, read_torch_pickle, read_weights_file
+from .convert import ConversionResult, convert_checkpoint, imagenet_labels, load_checkpoint, read_labels
+from .formats import Checkpoint, Preprocessing, read_checkpoint
+from .readers import read_npz, read_safetensors, read_torch_pickle, read_weights_file
+from .writers import save_big_transfer, save_npz, save_timm, to_big_transfer, to_google, to_timm
 
-__all__ = ["read_safetensors", "read_torch_pickle", "read_weights_file"]
+__all__ = [
+    "Checkpoint",
+    "ConversionResult",
+    "Preprocessing",
+    "convert_checkpoint",
+    "imagenet_labels",
+    "load_checkpoint",
+    "read_checkpoint",
+    "read_labels",
+    "read_npz",
+    "read_safetensors",
+    "read_torch_pickle",
+    "read_weights_file",
+    "save_big_transfer",
+    "save_npz",
+    "save_timm",
+    "to_big_transfer",
+    "to_google",
+    "to_timm",
+]

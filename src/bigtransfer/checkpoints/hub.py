@@ -1,0 +1,326 @@
+"""Hub resolution: the only module that touches the network.
+
+Two kinds of names:
+
+- Hugging Face Hub repositories (`google/bit-50`, `timm/resnetv2_50x1_bit.goog_in21k_ft_in1k`), fetched with
+  `huggingface_hub` (the optional `hub` extra) into its cache; `HF_HUB_OFFLINE=1` uses the cache only.
+- Google's original files (`BiT-M-R50x1`, `BiT-S-R101x3-ILSVRC2012`, `distill/R50x1_224`), downloaded from
+  storage.googleapis.com/bit_models with a progress bar into `<hub cache>/bit_models/`. Each download is
+  checked against its Content-Length and the MD5 Google sends, and its size and SHA-256 are recorded beside
+  it; every later use re-checks them, so a truncated or corrupted cached file is detected, not loaded.
+
+Without a network, every path fails with one sentence that says what was missing and where it was looked for.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ..config import ARCHITECTURES, CONFIG_NAME
+from ..errors import CheckpointError
+from ..files import atomic_path, read_json, write_text_atomic
+
+logger = logging.getLogger("bigtransfer")
+
+GOOGLE_BASE_URL = "https://storage.googleapis.com/bit_models/"
+# Every file Google published with the paper and the distillation follow-up, by name -> path under the bucket.
+GOOGLE_FILES: dict[str, str] = {
+    f"BiT-{upstream}-{architecture}{suffix}": f"BiT-{upstream}-{architecture}{suffix}.npz"
+    for upstream in ("S", "M")
+    for architecture in ARCHITECTURES
+    for suffix in ("", "-ILSVRC2012")
+}
+GOOGLE_FILES.update(
+    {f"distill/{name}": f"distill/{name}.npz" for name in ("R50x1_224", "R50x1_160", "R152x2_T_224", "R152x2_T_384")}
+)
+_CHUNK = 1 << 20
+_TIMEOUT_S = 30
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared: where the cache is, and whether we may go online.
+
+
+def cache_dir() -> Path:
+    """The Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), read now."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return base / "huggingface" / "hub"
+
+
+def offline() -> bool:
+    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set to a true value, as huggingface_hub reads it."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Google's original .npz files.
+
+
+def google_file(name: str) -> str | None:
+    """The bucket path of a Google BiT name or URL (any case, `.npz` optional), or None if it is not one."""
+    text = str(name).strip()
+    for prefix in (GOOGLE_BASE_URL, "gs://bit_models/"):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    text = text.removesuffix(".npz").lower()
+    for known, path in GOOGLE_FILES.items():
+        if known.lower() == text:
+            return path
+    return None
+
+
+def is_google_name(name: str) -> bool:
+    return google_file(name) is not None
+
+
+def download_google(name: str, progress: bool = True) -> Path:
+    """Return the cached path of a Google BiT .npz, downloading it (with a progress bar) when needed.
+
+    A cached file whose size or SHA-256 no longer matches the record written at download time is
+    downloaded again (or refused when offline).
+
+    Example:
+        >>> path = download_google("BiT-M-R50x1")  # ~/.cache/huggingface/hub/bit_models/BiT-M-R50x1.npz
+    """
+    relative = google_file(name)
+    if relative is None:
+        raise ValueError(f"unknown Google BiT checkpoint {name!r}; known: {', '.join(GOOGLE_FILES)}")
+    url = GOOGLE_BASE_URL + relative
+    target = cache_dir() / "bit_models" / relative
+    record_path = target.with_name(target.name + ".json")
+    if target.is_file() and record_path.is_file():
+        problem = _check_against_record(target, record_path)
+        if problem is None:
+            return target
+        if offline():
+            raise CheckpointError(
+                f"the cached {target} is corrupted ({problem}) and HF_HUB_OFFLINE is set, so it cannot be "
+                "downloaded again; delete it and retry with a network connection."
+            )
+        logger.warning("%s is corrupted (%s); downloading it again", target, problem)
+    elif offline():
+        raise OSError(f"{name} is not in the cache ({target}) and HF_HUB_OFFLINE is set, so it cannot be downloaded.")
+    _fetch(url, target, record_path, progress)
+    return target
+
+
+def _open_url(url: str, timeout: float = _TIMEOUT_S):
+    """The HTTP transport (a file-like response with `.headers`); tests replace it with a local stream."""
+    request = urllib.request.Request(url, headers={"User-Agent": "bigtransfer"})
+    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - fixed https URL
+
+
+def _fetch(url: str, target: Path, record_path: Path, progress: bool) -> None:
+    try:
+        response = _open_url(url)
+    except urllib.error.HTTPError as error:
+        raise OSError(f"cannot download {url}: the server answered {error.code} {error.reason}.") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConnectionError(f"cannot download {url}: no network connection ({reason}).") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with response:
+        headers = response.headers
+        expected_size = int(headers.get("Content-Length") or 0) or None
+        expected_md5 = _google_md5(headers.get("x-goog-hash", ""))
+        sha256, md5, size = hashlib.sha256(), hashlib.md5(), 0
+        bar = _progress_bar(expected_size, target.name) if progress else None
+        try:
+            with atomic_path(target) as temporary:
+                with open(temporary, "wb") as handle:
+                    while chunk := response.read(_CHUNK):
+                        handle.write(chunk)
+                        sha256.update(chunk)
+                        md5.update(chunk)
+                        size += len(chunk)
+                        if bar is not None:
+                            bar.update(len(chunk))
+                if expected_size is not None and size != expected_size:
+                    raise CheckpointError(f"download of {url} stopped after {size} of {expected_size} bytes; retry.")
+                if expected_md5 is not None and md5.digest() != expected_md5:
+                    raise CheckpointError(f"download of {url} is corrupted (its MD5 differs from the server's); retry.")
+                if not zipfile.is_zipfile(temporary):
+                    raise CheckpointError(f"{url} did not return a .npz archive.")
+        finally:
+            if bar is not None:
+                bar.close()
+    record = {"url": url, "size": size, "sha256": sha256.hexdigest()}
+    write_text_atomic(record_path, json.dumps(record, indent=2) + "\n")
+
+
+def _google_md5(header: str) -> bytes | None:
+    """The MD5 in Google Cloud Storage's `x-goog-hash: crc32c=...,md5=<base64>` header, if present."""
+    match = re.search(r"md5=([A-Za-z0-9+/=]+)", header)
+    return base64.b64decode(match[1]) if match else None
+
+
+def _check_against_record(path: Path, record_path: Path) -> str | None:
+    """None when the file still has the recorded size and SHA-256, else what differs."""
+    try:
+        record = read_json(record_path)
+    except (OSError, ValueError):
+        return "its download record is unreadable"
+    size = path.stat().st_size
+    if size != record.get("size"):
+        return f"{size} bytes instead of {record.get('size')}"
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != record.get("sha256"):
+        return "its SHA-256 differs from the one recorded at download"
+    return None
+
+
+def _progress_bar(total: int | None, description: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with the hub extra; without it, download silently
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face Hub repositories.
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_name(name: str) -> bool:
+    """Whether `name` looks like a Hub repository id (`owner/name`)."""
+    return bool(_REPO_ID.fullmatch(str(name))) and not str(name).startswith((".", "/"))
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """The cached snapshot directory of a transformers or timm repository: config.json plus its weights.
+
+    Only the files a BiT model needs are fetched (model.safetensors, else pytorch_model.bin, and the
+    preprocessor config); with HF_HUB_OFFLINE set, only the cache is used.
+    """
+    hub, errors = _import_hub()
+    local_only = offline()
+
+    def fetch(filename: str) -> Path | None:
+        try:
+            return Path(hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=local_only))
+        except errors.LocalEntryNotFoundError:
+            raise _Unreachable from None
+        except errors.EntryNotFoundError:  # the repository has no such file
+            return None
+        except errors.RepositoryNotFoundError:
+            raise OSError(
+                f"{repo_id} is not a model repository on the Hugging Face Hub (or it is private or gated; log in "
+                "with `hf auth login`)."
+            ) from None
+        except errors.RevisionNotFoundError:
+            raise OSError(f"{repo_id} has no revision {revision!r} on the Hugging Face Hub.") from None
+
+    try:
+        config = fetch(CONFIG_NAME)
+    except _Unreachable:
+        raise _unreachable_error(repo_id) from None
+    if config is None:
+        raise CheckpointError(f"{repo_id} has no {CONFIG_NAME}, so it is neither a transformers nor a timm model repository.")
+    unreachable = False
+    for filenames in (["model.safetensors"], ["model.safetensors.index.json"], ["pytorch_model.bin"]):
+        try:
+            weights = fetch(filenames[0])
+        except _Unreachable:
+            unreachable = True
+            continue
+        if weights is None:
+            continue
+        if weights.name.endswith(".index.json"):
+            for shard in sorted(set(read_json(weights).get("weight_map", {}).values())):
+                try:
+                    if fetch(shard) is None:
+                        raise CheckpointError(f"{repo_id} lists the shard {shard} but does not have it.")
+                except _Unreachable:
+                    raise _unreachable_error(repo_id) from None
+        break
+    else:
+        if unreachable:
+            raise _unreachable_error(repo_id)
+        raise CheckpointError(f"{repo_id} has no model.safetensors or pytorch_model.bin.")
+    try:
+        fetch("preprocessor_config.json")
+    except _Unreachable:
+        pass  # optional: a default preprocessor config is used without it
+    return config.parent
+
+
+def snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """A transformers-layout directory for a Hub name, as `from_pretrained` needs it.
+
+    transformers repositories are returned as cached; timm repositories are converted once (weights renamed,
+    architecture inferred, timm's preprocessing) into `<hub cache>/bigtransfer/converted/`.
+    """
+    directory = download(repo_id, revision)
+    config = read_json(directory / CONFIG_NAME)
+    if not ("architecture" in config and "model_type" not in config):
+        return directory
+    target = cache_dir() / "bigtransfer" / "converted" / repo_id.replace("/", "--") / directory.name
+    marker = target / "converted_from.json"
+    if marker.is_file() and _same_source(marker, directory):
+        return target
+    from .convert import convert_checkpoint
+
+    convert_checkpoint(directory, target, name=repo_id)
+    write_text_atomic(marker, json.dumps(_source_stamp(directory), indent=2) + "\n")
+    return target
+
+
+def _source_stamp(directory: Path) -> dict[str, Any]:
+    return {
+        path.name: [path.stat().st_size, int(path.stat().st_mtime)]
+        for path in sorted(directory.iterdir())
+        if path.is_file()
+    }
+
+
+def _same_source(marker: Path, directory: Path) -> bool:
+    try:
+        return read_json(marker) == _source_stamp(directory)
+    except (OSError, ValueError):
+        return False
+
+
+class _Unreachable(Exception):
+    """A file that is neither cached nor downloadable right now (offline, or no network)."""
+
+
+def _unreachable_error(repo_id: str) -> OSError:
+    if offline():
+        return OSError(
+            f"{repo_id} is not in the Hugging Face cache ({cache_dir()}) and HF_HUB_OFFLINE is set, so it cannot be downloaded."
+        )
+    return ConnectionError(
+        f"cannot download {repo_id}: the Hugging Face Hub cannot be reached (no network connection?) and no copy "
+        f"is cached in {cache_dir()}."
+    )
+
+
+def _import_hub():
+    try:
+        import huggingface_hub
+        from huggingface_hub import utils as hub_errors
+    except ImportError:
+        raise ImportError(
+            "loading models by Hub name needs huggingface_hub: pip install 'bigtransfer[hub]'."
+        ) from None
+    return huggingface_hub, hub_errors
