@@ -7,3 +7,15 @@ class CheckpointError(ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint that would import or call code when loaded; it was refused and nothing was run."""
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be opened or decoded, or is too large to decode safely; `path` names it."""
+
+    def __init__(self, path: str, reason: str = ""):
+        super().__init__(f"cannot read image {path}: {reason}" if reason else f"cannot read image {path}")
+        self.path = str(path)
+        self.reason = reason
+
+    def __reduce__(self):  # keep path and reason across process boundaries (DataLoader workers)
+        return (type(self), (self.path, self.reason))

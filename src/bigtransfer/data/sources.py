@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import BadImageError
+from ..processing import open_image, rgb_array
 from .sampling import stratified_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -26,24 +28,19 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 _CSV_HEADER_NAMES = {"path", "file", "filename", "file_name", "image", "image_path", "filepath"}
 
 
-class BadImageError(ValueError):
-    """An image file that cannot be opened or decoded; ``path`` names it."""
-
-    def __init__(self, path: str, reason: str = ""):
-        super().__init__(f"cannot read image {path}: {reason}" if reason else str(path))
-        self.path = str(path)
-        self.reason = reason
-
-    def __reduce__(self):  # keep path and reason across process boundaries
-        return (type(self), (self.path, self.reason))
-
-
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image file as RGB; raises :class:`BadImageError` naming the file."""
+    """Open and fully decode an image file as 8-bit RGB; raises :class:`BadImageError` naming the file.
+
+    Conversion is the image processor's (:func:`bigtransfer.processing.rgb_array`): 16-bit images are
+    scaled rather than clipped, transparency is composited onto white. Files over Pillow's
+    ``MAX_IMAGE_PIXELS`` (decompression bombs) are refused without being decoded.
+    """
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")  # convert() forces the full decode, so truncation is caught here
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        with open_image(path) as image:
+            return image if image.mode == "RGB" else Image.fromarray(rgb_array(image))
+    except BadImageError:
+        raise
+    except (OSError, ValueError) as error:
         raise BadImageError(str(path), f"{type(error).__name__}: {error}") from error
 
 
