@@ -16,7 +16,8 @@ straight into the output batch. No float64 anywhere.
 
 Deliberate differences from transformers (all documented on `BitImageProcessor.preprocess`):
 16-bit images are scaled to the 8-bit range instead of clipped to white, integer arrays outside
-0..255 raise instead of saturating, and NaN/Inf inputs raise.
+0..255 raise instead of saturating, NaN/Inf inputs raise, and a float image already in [0, 1]
+draws a warning (it is still rescaled by 1/255, as transformers does).
 """
 
 from __future__ import annotations
@@ -280,7 +281,12 @@ def _resize_and_crop(
     src_top, dst_top, rows = _crop_span(height, crop_height)
     src_left, dst_left, cols = _crop_span(width, crop_width)
     row_scale, col_scale = image.shape[-2] / height, image.shape[-1] / width
-    box = (src_left * col_scale, src_top * row_scale, (src_left + cols) * col_scale, (src_top + rows) * row_scale)
+    box = (
+        src_left * col_scale,
+        src_top * row_scale,
+        (src_left + cols) * col_scale,
+        (src_top + rows) * row_scale,
+    )
     bands = [
         torch.from_numpy(np.array(PIL.Image.fromarray(band).resize((cols, rows), resample, box=box)))
         for band in image.numpy()
@@ -503,7 +509,9 @@ def _composite_array_on_white(array: np.ndarray) -> np.ndarray:
 def _to_tensor(image: Any, layout: str | None, do_convert_rgb: bool, do_rescale: bool) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         with open_image(image) as decoded:
-            return _array_to_tensor(_pil_to_array(decoded, do_convert_rgb), "last", do_convert_rgb, do_rescale)
+            return _array_to_tensor(
+                _pil_to_array(decoded, do_convert_rgb), "last", do_convert_rgb, do_rescale
+            )
     if isinstance(image, PIL.Image.Image):
         array, layout = _pil_to_array(image, do_convert_rgb), "last"
     elif isinstance(image, torch.Tensor):
