@@ -1,0 +1,43 @@
+"""`bigtransfer evaluate`: top-1, top-5, loss, per-class accuracy and confusion matrix (`bigtransfer.train.evaluate`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .finetune import DATA_HELP, parse_classes
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="evaluate a classifier on a data set")
+    parser.add_argument("--model", required=True, metavar="DIR", help="model directory (or hub id)")
+    parser.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP)
+    parser.add_argument("--split", choices=("train", "test"), default="test")
+    parser.add_argument("--classes", type=parse_classes, metavar="LIST", help="keep only these classes, e.g. 5-9")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device")
+    parser.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail")
+    parser.add_argument("--output", metavar="DIR", help="write report.json, accuracy.png and confusion_matrix.png here")
+    parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..report import REPORT_NAME, plot_accuracy, plot_confusion_matrix, write_report
+    from ..train import evaluate
+
+    report = evaluate(
+        args.model, args.data, split=args.split, classes=args.classes, batch_size=args.batch_size,
+        device=args.device, on_bad_image=args.on_bad_image,
+    )
+    if args.output:
+        output = Path(args.output)
+        write_report(report, output / REPORT_NAME)
+        plot_accuracy(report, [], output / "accuracy.png")
+        plot_confusion_matrix(report, output / "confusion_matrix.png")
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(report.summary())
+    return 0

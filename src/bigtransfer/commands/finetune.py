@@ -1,0 +1,114 @@
+"""`bigtransfer finetune`: transfer a BiT model to a data set with the BiT-HyperRule (`bigtransfer.train.finetune`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .. import hyperrule
+
+DATA_HELP = (
+    "an image folder (one sub-folder per class), a CSV file of path,label rows, digits, fashion-mnist, "
+    "fashion-mnist:DIR, cifar10:DIR or cifar100:DIR"
+)
+
+
+def parse_classes(text: str | None) -> list[int | str] | None:
+    """`5,6,7` -> [5, 6, 7]; `5-9` -> [5, 6, 7, 8, 9]; names (`Sandal,Shirt`) are kept as strings."""
+    if text is None:
+        return None
+    classes: list[int | str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        low, dash, high = item.partition("-")
+        if item.isdigit():
+            classes.append(int(item))
+        elif dash and low.isdigit() and high.isdigit():
+            classes.extend(range(int(low), int(high) + 1))
+        else:
+            classes.append(item)
+    if not classes:
+        raise argparse.ArgumentTypeError(f"no classes in {text!r}")
+    return classes
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """Options shared by finetune and pretrain."""
+    parser.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP)
+    parser.add_argument("--output", required=True, metavar="RUN_DIR", help="run directory (metrics, model, report, plots, checkpoint)")
+    parser.add_argument("--classes", type=parse_classes, metavar="LIST", help="keep only these classes, e.g. 5-9 or 0,1,2 or Sandal,Shirt")
+    parser.add_argument("--eval-data", metavar="SPEC", help="evaluation data (default: the test split of --data)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"global batch size (default {batch_size})")
+    parser.add_argument("--batch-split", type=int, default=1, metavar="N",
+                        help="compute each batch in N micro-batches (same result, less memory)")
+    parser.add_argument("--max-steps", type=int, metavar="N", help="train for N optimizer steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resize", type=int, metavar="PX", help="training squash-resize before the random crop")
+    parser.add_argument("--crop", type=int, metavar="PX", help="training crop and evaluation size")
+    parser.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (always at the end)")
+    parser.add_argument("--eval-every", type=int, default=0, metavar="N", help="evaluate every N steps")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    parser.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
+                        help="unreadable images: stop with an error naming the file, or skip and list them in the report")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="auto: bf16 (or fp16) mixed precision on GPUs, fp32 on CPUs")
+    parser.add_argument("--workers", type=int, default=0, help="data loading processes")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNG plots")
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    return dict(
+        data=args.data, output=args.output, classes=args.classes, eval_data=args.eval_data,
+        batch_size=args.batch_size, batch_split=args.batch_split, max_steps=args.max_steps, seed=args.seed,
+        resize=args.resize, crop=args.crop, save_every=args.save_every, eval_every=args.eval_every,
+        resume=args.resume, on_bad_image=args.on_bad_image, device=args.device, precision=args.precision,
+        workers=args.workers, gradient_checkpointing=args.gradient_checkpointing, progress=args.progress,
+        plots=args.plots,
+    )
+
+
+def finish(result) -> int:
+    """Print the outcome of a run; exit status 128 + signal for an interrupted one."""
+    if result.interrupted:
+        print(
+            f"stopped at step {result.steps}/{result.total_steps}; checkpoint saved in {result.output_dir}; "
+            "continue with the same command and --resume", file=sys.stderr,
+        )
+        return 128 + result.interrupted
+    if result.report is not None:
+        print(f"{result.report.summary()}  [{result.steps} steps, {result.seconds:.0f} s]")
+    print(f"model: {result.model_dir}  report: {result.output_dir / 'report.json'}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune", help="fine-tune with the BiT-HyperRule",
+        description="Fine-tune a BiT model with the BiT-HyperRule: SGD momentum 0.9, no weight decay, linear warmup, "
+        "step decays, MixUp (20k+ examples), zero-initialised head. Works under torchrun for several GPUs or nodes.",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR|HUB_ID|VARIANT",
+                        help="a model directory, a hub id, or a variant name (tiny, BiT-M-R50x1, ...) for random init")
+    add_run_arguments(parser, hyperrule.DEFAULT_BATCH_SIZE)
+    parser.add_argument("--base-lr", type=float, default=hyperrule.DEFAULT_BASE_LR, help="peak learning rate (default 0.003)")
+    parser.add_argument("--shots", type=int, metavar="K", help="train on K examples per class (chosen with --seed)")
+    parser.add_argument("--preset", choices=sorted(hyperrule.PRESETS), default="code", help="HyperRule variant")
+    parser.add_argument("--freeze-backbone", action="store_true", help="train the head only (linear probe)")
+    parser.add_argument("--mixup-alpha", type=float, help="override the rule's MixUp alpha (0 disables)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import FinetuneConfig, finetune
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = FinetuneConfig(
+        model=args.model, base_lr=args.base_lr, shots=args.shots, preset=args.preset,
+        freeze_backbone=args.freeze_backbone, mixup_alpha=args.mixup_alpha, **run_settings(args),
+    )
+    return finish(finetune(config))

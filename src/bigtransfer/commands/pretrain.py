@@ -1,0 +1,37 @@
+"""`bigtransfer pretrain`: upstream pre-training with the BiT paper's recipe (`bigtransfer.train.pretrain`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .. import hyperrule
+from .finetune import add_run_arguments, finish, run_settings
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "pretrain", help="pre-train (upstream) with the paper's recipe",
+        description="Pre-train a BiT model: SGD momentum 0.9, lr 0.03 x batch/256, linear warmup, weight decay 1e-4, "
+        "/10 decays at 30, 60 and 80 %% of training, softmax or sigmoid cross-entropy.",
+    )
+    parser.add_argument("--model", default="BiT-M-R50x1", metavar="VARIANT|DIR",
+                        help="a variant name (random init; default BiT-M-R50x1) or a model directory to continue from")
+    add_run_arguments(parser, 4096)
+    parser.add_argument("--epochs", type=float, default=90.0, help="passes over the data (default 90; --max-steps wins)")
+    parser.add_argument("--base-lr", type=float, default=hyperrule.UPSTREAM_BASE_LR, help="lr per 256 images (default 0.03)")
+    parser.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 5 %% of training)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--loss", choices=("softmax", "sigmoid"), default="softmax", help="cross-entropy kind")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import PretrainConfig, pretrain
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = PretrainConfig(
+        model=args.model, epochs=args.epochs, base_lr=args.base_lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, loss=args.loss, **run_settings(args),
+    )
+    return finish(pretrain(config))

@@ -1,0 +1,259 @@
+"""Evaluation metrics (top-1, top-5, loss, per-class accuracy, confusion matrix) and the PNG plots of a run.
+
+Metrics are plain numpy; plots import matplotlib only when drawn (it is an optional dependency, the `train`
+extra) and use its object API (`Figure` + Agg canvas), so no global pyplot state is touched.
+
+Example::
+
+    report = EvaluationReport.from_predictions(topk, labels, losses, classes)
+    write_report(report, "runs/pets/report.json")
+    plot_run("runs/pets")  # loss.png, lr.png, accuracy.png, confusion_matrix.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .files import atomic_path, read_json, write_text_atomic
+
+REPORT_NAME = "report.json"
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAMES = ("loss.png", "lr.png", "accuracy.png", "confusion_matrix.png")
+
+
+@dataclasses.dataclass
+class EvaluationReport:
+    """Classification quality on one evaluation set.
+
+    Fields: `top1`, `top5` (top-k accuracy with k = min(5, classes), in [0, 1]), `loss` (mean softmax
+    cross-entropy), `num_images`, `classes`, `per_class_accuracy` (name -> accuracy, NaN for a class without
+    images), `confusion_matrix` (rows: true class, columns: predicted class, counts), `skipped_images`
+    (paths of unreadable images left out), `step` (the training step that produced the model, if known).
+    """
+
+    top1: float
+    top5: float
+    loss: float
+    num_images: int
+    classes: list[str]
+    per_class_accuracy: dict[str, float]
+    confusion_matrix: list[list[int]]
+    skipped_images: list[str] = dataclasses.field(default_factory=list)
+    step: int | None = None
+
+    @classmethod
+    def from_predictions(
+        cls, topk: np.ndarray, labels: np.ndarray, losses: np.ndarray, classes: Sequence[str],
+        skipped_images: Sequence[str] = (), step: int | None = None,
+    ) -> EvaluationReport:
+        """Build from per-image predictions: `topk` (N, k) class indices best first, `labels` (N,), `losses` (N,)."""
+        topk, labels, losses = np.asarray(topk), np.asarray(labels, dtype=np.int64), np.asarray(losses, np.float64)
+        num_classes = len(classes)
+        if topk.ndim != 2 or len(topk) != len(labels) or len(losses) != len(labels):
+            raise ValueError(f"need topk (N, k), labels (N,), losses (N,); got {topk.shape}, {labels.shape}, {losses.shape}")
+        count = len(labels)
+        confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        if count:
+            np.add.at(confusion, (labels, topk[:, 0]), 1)
+        top1 = float((topk[:, :1] == labels[:, None]).any(1).mean()) if count else math.nan
+        top5 = float((topk[:, :5] == labels[:, None]).any(1).mean()) if count else math.nan
+        per_class = {}
+        for index, name in enumerate(classes):
+            total = confusion[index].sum()
+            per_class[str(name)] = float(confusion[index, index] / total) if total else math.nan
+        return cls(
+            top1=top1, top5=top5, loss=float(losses.mean()) if count else math.nan, num_images=count,
+            classes=[str(name) for name in classes], per_class_accuracy=per_class,
+            confusion_matrix=confusion.tolist(), skipped_images=list(skipped_images), step=step,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EvaluationReport:
+        return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls) if field.name in values})
+
+    def summary(self) -> str:
+        """One line: `top-1 81.20 %  top-5 99.10 %  loss 0.5123  (5000 images)`."""
+        skipped = f", {len(self.skipped_images)} unreadable skipped" if self.skipped_images else ""
+        return (
+            f"top-1 {100 * self.top1:.2f} %  top-5 {100 * self.top5:.2f} %  loss {self.loss:.4f}  "
+            f"({self.num_images} images{skipped})"
+        )
+
+
+def write_report(report: EvaluationReport, path: str | os.PathLike) -> Path:
+    """Write the report as JSON atomically (NaN written as null); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(_finite_or_none(report.to_dict()), indent=2) + "\n")
+    return path
+
+
+def read_report(path: str | os.PathLike) -> EvaluationReport:
+    values = read_json(path)
+    values["per_class_accuracy"] = {k: math.nan if v is None else v for k, v in values["per_class_accuracy"].items()}
+    return EvaluationReport.from_dict(values)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (a torn last line from a killed run is ignored)."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots.
+
+
+def _figure(width: float = 6.0, height: float = 4.0):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("plots need matplotlib: pip install 'bigtransfer[train]'") from error
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png")
+    return path
+
+
+def plot_curves(records: list[dict[str, Any]], directory: str | os.PathLike) -> list[Path]:
+    """loss.png (training loss, plus evaluation loss where recorded) and lr.png from metrics records."""
+    directory = Path(directory)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    written = []
+    if train:
+        figure = _figure()
+        axes = figure.add_subplot()
+        axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss", linewidth=1)
+        if evals:
+            axes.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="evaluation loss")
+        axes.set_xlabel("step")
+        axes.set_ylabel("loss")
+        if all(r["loss"] > 0 for r in train):
+            axes.set_yscale("log")
+        axes.legend()
+        axes.grid(alpha=0.3)
+        written.append(_save(figure, directory / "loss.png"))
+        figure = _figure()
+        axes = figure.add_subplot()
+        axes.plot([r["step"] for r in train], [r["lr"] for r in train])
+        axes.set_xlabel("step")
+        axes.set_ylabel("learning rate")
+        axes.grid(alpha=0.3)
+        written.append(_save(figure, directory / "lr.png"))
+    return written
+
+
+def plot_accuracy(report: EvaluationReport, records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """accuracy.png: per-class accuracy bars, and top-1 over training steps when evaluations were recorded."""
+    evals = [r for r in records if "eval_top1" in r]
+    figure = _figure(10.0 if evals else 6.0, max(3.0, 0.25 * len(report.classes) + 1.5))
+    axes = figure.add_subplot(1, 2 if evals else 1, 1)
+    names = list(report.per_class_accuracy)
+    values = [0.0 if math.isnan(v) else 100 * v for v in report.per_class_accuracy.values()]
+    positions = np.arange(len(names))
+    axes.barh(positions, values)
+    axes.set_yticks(positions, labels=names if len(names) <= 50 else [""] * len(names))
+    axes.invert_yaxis()
+    axes.set_xlim(0, 100)
+    axes.set_xlabel("accuracy (%)")
+    axes.set_title(f"per-class accuracy (top-1 {100 * report.top1:.1f} %)")
+    if evals:
+        axes = figure.add_subplot(1, 2, 2)
+        axes.plot([r["step"] for r in evals], [100 * r["eval_top1"] for r in evals], "o-")
+        axes.set_xlabel("step")
+        axes.set_ylabel("top-1 accuracy (%)")
+        axes.grid(alpha=0.3)
+    return _save(figure, Path(path))
+
+
+def plot_confusion_matrix(report: EvaluationReport, path: str | os.PathLike) -> Path:
+    """confusion_matrix.png: rows true class, columns predicted, each row normalised to sum to 1."""
+    matrix = np.asarray(report.confusion_matrix, dtype=np.float64)
+    rows = matrix.sum(1, keepdims=True)
+    normalised = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    size = min(12.0, 3.0 + 0.45 * len(report.classes))
+    figure = _figure(size, size)
+    axes = figure.add_subplot()
+    image = axes.imshow(normalised, vmin=0, vmax=1, cmap="Blues")
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    if len(report.classes) <= 30:
+        positions = np.arange(len(report.classes))
+        axes.set_xticks(positions, labels=report.classes, rotation=90)
+        axes.set_yticks(positions, labels=report.classes)
+        if len(report.classes) <= 12:
+            for row in range(len(report.classes)):
+                for column in range(len(report.classes)):
+                    axes.text(column, row, int(matrix[row, column]), ha="center", va="center", fontsize=7,
+                              color="white" if normalised[row, column] > 0.5 else "black")
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    return _save(figure, Path(path))
+
+
+def plot_run(directory: str | os.PathLike, report: EvaluationReport | None = None) -> list[Path]:
+    """Draw every plot of a run directory from its metrics.jsonl and report.json; returns the files written."""
+    directory = Path(directory)
+    records = read_metrics(directory / METRICS_NAME) if (directory / METRICS_NAME).is_file() else []
+    written = plot_curves(records, directory)
+    if report is None and (directory / REPORT_NAME).is_file():
+        report = read_report(directory / REPORT_NAME)
+    if report is not None:
+        written.append(plot_accuracy(report, records, directory / "accuracy.png"))
+        written.append(plot_confusion_matrix(report, directory / "confusion_matrix.png"))
+    return written
+
+
+def plot_accuracy_vs_shots(
+    series: dict[str, dict[int, Sequence[float]]], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """Mean accuracy (%) against examples per class, one line per arm, error bars = std over seeds."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    for name, by_shots in series.items():
+        shots = sorted(by_shots)
+        means = [100 * float(np.mean(by_shots[s])) for s in shots]
+        stds = [100 * float(np.std(by_shots[s])) for s in shots]
+        axes.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=name)
+    axes.set_xscale("log")
+    axes.set_xlabel("training examples per class")
+    axes.set_ylabel("top-1 accuracy (%)")
+    if title:
+        axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return _save(figure, Path(path))

@@ -1,0 +1,1255 @@
+"""Fine-tuning with the BiT-HyperRule, upstream pre-training, evaluation and feature extraction.
+
+Every command of the CLI is one call here::
+
+    from bigtransfer.train import FinetuneConfig, finetune
+    result = finetune(FinetuneConfig(model="runs/upstream/model", data="fashion-mnist", output="runs/ft",
+                                     classes=[5, 6, 7, 8, 9], shots=10, max_steps=100, batch_size=64))
+    result.report.top1
+
+What a run directory holds (only rank 0 writes; every file is written atomically except the append-only log):
+`metrics.jsonl` (one record per step: step, loss, lr, images/s, epoch, seconds; and evaluation records),
+`model/` (config.json, model.safetensors, preprocessor_config.json: loadable here and by transformers),
+`report.json` (top-1, top-5, loss, per-class accuracy, confusion matrix, skipped images), the PNG plots,
+`checkpoint.safetensors` (model, optimizer, step, RNG states and the run's settings, for `resume`),
+`run.json` (the settings) and, while running, `.lock`.
+
+Reproducibility: the order of examples is a function of (seed, epoch), each example's augmentation of
+(seed, epoch, position) and MixUp of (seed, step), so a resumed run replays exactly what an uninterrupted one
+would have done, and a global batch is the same whether one process or N (DistributedDataParallel under
+`torchrun`) computes it: each rank takes a contiguous shard of every global batch, and micro-batches
+(`batch_split`) only bound memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import hyperrule
+from .config import BitConfig
+from .data import (
+    BIT_MEAN,
+    BIT_STD,
+    EvalTransform,
+    ImageSource,
+    TrainTransform,
+    TransformedDataset,
+    collate_skip_bad,
+    few_shot_indices,
+    load_image,
+    open_source,
+    select_classes,
+)
+from .files import atomic_path, write_text_atomic
+from .modeling import BitForImageClassification
+from .report import METRICS_NAME, REPORT_NAME, EvaluationReport, plot_run, read_metrics, write_report
+
+logger = logging.getLogger("bigtransfer")
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "bigtransfer-checkpoint-1"
+MODEL_DIRNAME = "model"
+LOCK_NAME = ".lock"
+RUN_NAME = "run.json"
+
+BadImagePolicy = Literal["fail", "skip"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped without taking that step."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is training into the same output directory."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings.
+
+
+@dataclasses.dataclass
+class _RunSettings:
+    """Settings shared by fine-tuning and pre-training."""
+
+    data: str | ImageSource = ""
+    output: str | os.PathLike = ""
+    classes: Sequence[int | str] | None = None  # keep only these classes of the data, relabelled 0..k-1
+    eval_data: str | ImageSource | None = None  # default: the "test" split of `data`
+    batch_size: int = 512
+    batch_split: int = 1  # micro-batches per step: same result, 1/batch_split of the activation memory
+    max_steps: int | None = None
+    seed: int = 0
+    resize: int | None = None  # training squash-resize ("precrop"); default from the HyperRule
+    crop: int | None = None  # training crop and evaluation size; default from the HyperRule
+    save_every: int = 0  # steps between checkpoints (0: only at the end and on SIGINT/SIGTERM)
+    eval_every: int = 0  # steps between evaluations recorded in metrics.jsonl (0: only at the end)
+    resume: bool = False
+    on_bad_image: BadImagePolicy = "fail"
+    device: str | None = None  # default: cuda when available (cuda:LOCAL_RANK under torchrun), else cpu
+    precision: Precision = "auto"  # auto: bf16 autocast on GPUs that have it, fp16 on other GPUs, fp32 on CPU
+    workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    gradient_checkpointing: bool = False
+    progress: bool = True
+    plots: bool = True
+    log_every: int = 1  # steps between metrics.jsonl records
+
+
+@dataclasses.dataclass
+class FinetuneConfig(_RunSettings):
+    """Transfer a BiT model to `data` with the BiT-HyperRule (see DESIGN.md and `bigtransfer.hyperrule`).
+
+    `model` is a transformers-layout directory, a hub id (`google/bit-50`) or a variant name (`tiny`,
+    `BiT-M-R50x1`: random initialisation). The head is always replaced by a zero-initialised one sized for the
+    data's classes. SGD with momentum 0.9 and no weight decay; linear warmup then /10 steps at the rule's
+    boundaries; `max_steps` rescales the whole schedule (warmup and decays) to that many steps; MixUp with one
+    lambda per optimizer step (alpha from the rule unless `mixup_alpha` is given); `shots` trains on that many
+    examples per class chosen with `seed`; `freeze_backbone` trains the head only (a linear probe).
+    """
+
+    model: str = "BiT-M-R50x1"
+    base_lr: float = hyperrule.DEFAULT_BASE_LR
+    shots: int | None = None
+    preset: hyperrule.Preset = "code"
+    freeze_backbone: bool = False
+    mixup_alpha: float | None = None
+
+
+@dataclasses.dataclass
+class PretrainConfig(_RunSettings):
+    """Upstream pre-training with the paper's recipe.
+
+    SGD momentum 0.9, lr `base_lr * batch_size / 256` (0.03 per 256 images), linear warmup over `warmup_steps`
+    (default 5 % of training), weight decay 1e-4, /10 decays at 30, 60 and 80 % of training, `epochs` passes over
+    the data (or `max_steps`), softmax or sigmoid cross-entropy. `model` is a variant name (random init) or a
+    directory to continue from.
+    """
+
+    model: str = "BiT-M-R50x1"
+    batch_size: int = 4096
+    epochs: float = 90.0
+    base_lr: float = hyperrule.UPSTREAM_BASE_LR
+    warmup_steps: int | None = None
+    weight_decay: float = 1e-4
+    loss: Literal["softmax", "sigmoid"] = "softmax"
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a training run produced. `interrupted` is the signal number that stopped it early, or None."""
+
+    output_dir: Path
+    steps: int
+    total_steps: int
+    seconds: float
+    report: EvaluationReport | None = None
+    model_dir: Path | None = None
+    interrupted: int | None = None
+    skipped_images: list[str] = dataclasses.field(default_factory=list)
+
+
+# Fields whose change would make a resumed run compute something else.
+_RESUME_FIELDS = (
+    "model", "data", "classes", "eval_data", "batch_size", "max_steps", "seed", "resize", "crop", "base_lr",
+    "shots", "preset", "freeze_backbone", "mixup_alpha", "epochs", "warmup_steps", "weight_decay", "loss",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Library entry points.
+
+
+def finetune(config: FinetuneConfig) -> RunResult:
+    """Fine-tune with the BiT-HyperRule and write a run directory; see `FinetuneConfig` and the module doc.
+
+    Returns a RunResult (interrupted runs return early with a checkpoint saved). Raises ValueError for bad
+    settings, NonFiniteLossError when the loss diverges, RunLockedError when the output is in use.
+    """
+    _check_settings(config)
+    with _distributed(config.device) as context:
+        source = _open(config.data, "train", config.classes)
+        eval_source = _open(config.eval_data or config.data, "test", config.classes)
+        _check_same_classes(source, eval_source)
+        indices = (
+            few_shot_indices(source.labels, config.shots, config.seed, source.classes)
+            if config.shots else np.arange(len(source))
+        )
+        size = len(indices)
+        model, mean, std = _finetune_model(config.model, source.classes, config.seed)
+        precrop, crop = _resolution(config, source, config.model)
+        schedule = hyperrule.schedule(size, config.preset)
+        total = config.max_steps or schedule[-1]
+        scale = schedule[-1] / total  # the rule's schedule stretched or squeezed to `total` steps
+
+        def learning_rate(step: int) -> float | None:
+            return hyperrule.lr(step * scale, size, config.base_lr, config.preset)
+
+        if config.freeze_backbone:
+            for parameter in model.bit.parameters():
+                parameter.requires_grad_(False)
+        alpha = hyperrule.mixup_alpha(size) if config.mixup_alpha is None else config.mixup_alpha
+        job = _Job(
+            settings=config, kind="finetune", model=model, source=source, indices=indices, eval_source=eval_source,
+            precrop=precrop, crop=crop, mean=mean, std=std, total_steps=total, learning_rate=learning_rate,
+            weight_decay=0.0, mixup_alpha=alpha, loss="softmax", context=context,
+            description=dict(schedule=[round(b / scale, 3) for b in schedule], mixup_alpha=alpha, examples=size),
+        )
+        return _run(job)
+
+
+def pretrain(config: PretrainConfig) -> RunResult:
+    """Pre-train (upstream) with the paper's recipe and write a run directory; see `PretrainConfig`."""
+    _check_settings(config)
+    if config.epochs <= 0 and not config.max_steps:
+        raise ValueError(f"epochs must be positive, got {config.epochs}")
+    with _distributed(config.device) as context:
+        source = _open(config.data, "train", config.classes)
+        eval_source = _open(config.eval_data or config.data, "test", config.classes)
+        _check_same_classes(source, eval_source)
+        model, mean, std = _pretrain_model(config.model, source.classes, config.seed)
+        precrop, crop = _resolution(config, source, config.model)
+        total = config.max_steps or max(1, math.ceil(config.epochs * len(source) / config.batch_size))
+        warmup = config.warmup_steps if config.warmup_steps is not None else round(0.05 * total)
+        if not 0 <= warmup < total:
+            raise ValueError(f"warmup_steps must lie in [0, {total}), got {warmup}")
+
+        def learning_rate(step: int) -> float | None:
+            return hyperrule.upstream_lr(step, total, config.batch_size, warmup, config.base_lr)
+
+        job = _Job(
+            settings=config, kind="pretrain", model=model, source=source, indices=np.arange(len(source)),
+            eval_source=eval_source, precrop=precrop, crop=crop, mean=mean, std=std, total_steps=total,
+            learning_rate=learning_rate, weight_decay=config.weight_decay, mixup_alpha=0.0, loss=config.loss,
+            context=context,
+            description=dict(schedule=hyperrule.upstream_schedule(total, warmup), examples=len(source)),
+        )
+        return _run(job)
+
+
+def evaluate(
+    model: str | os.PathLike | nn.Module,
+    data: str | ImageSource,
+    *,
+    split: str = "test",
+    classes: Sequence[int | str] | None = None,
+    batch_size: int = 128,
+    device: str | None = None,
+    on_bad_image: BadImagePolicy = "fail",
+    progress: bool = False,
+) -> EvaluationReport:
+    """Top-1, top-5, loss, per-class accuracy and confusion matrix of a classifier on a data set.
+
+    `model` is a transformers-layout directory or hub id; images are preprocessed as its
+    preprocessor_config.json says. Under torchrun the images are shared between the processes. Data labels are
+    matched to the model's labels by class name when every data class is one of them, else by index.
+
+    Example: ``evaluate("runs/ft/model", "fashion-mnist", classes=[5, 6, 7, 8, 9]).top1``.
+    """
+    with _distributed(device) as context:
+        network, transform = _load_for_inference(model)
+        source = _open(data, split, classes)
+        network = network.to(context.device)
+        classes_out = [network.config.id2label[index] for index in range(network.config.num_labels)]
+        label_map = _label_map(source.classes, classes_out)
+        dataset = TransformedDataset(source, transform, on_bad_image=_policy(on_bad_image))
+        topk, labels, losses, skipped = _predict(
+            network, dataset, batch_size, context, _autocast(context.device, "auto"), label_map, progress
+        )
+        return EvaluationReport.from_predictions(topk, labels, losses, classes_out, skipped)
+
+
+def extract_features(
+    model: str | os.PathLike | nn.Module,
+    data: str | ImageSource,
+    *,
+    split: str = "train",
+    classes: Sequence[int | str] | None = None,
+    batch_size: int = 128,
+    device: str | None = None,
+    on_bad_image: BadImagePolicy = "fail",
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-logits features (the pooled, normalised backbone output, (N, C) float32) and int labels (N,).
+
+    Unreadable images are dropped with `on_bad_image="skip"`, so N can be below the data set's size.
+    """
+    with _distributed(device) as context:
+        network, transform = _load_for_inference(model)
+        source = _open(data, split, classes)
+        network = network.to(context.device).eval()
+        dataset = TransformedDataset(source, transform, on_bad_image=_policy(on_bad_image))
+        features, labels = [], []
+        for images, batch_labels, _ in _inference_batches(dataset, batch_size, context, progress):
+            with torch.no_grad(), _autocast(context.device, "auto"):
+                pooled = network.bit(images.to(context.device)).pooler_output
+            features.append(pooled.flatten(1).float().cpu().numpy())
+            labels.append(batch_labels.numpy())
+        features_array = np.concatenate(features) if features else np.zeros((0, network.config.num_features), np.float32)
+        labels_array = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        return _gather_rows(context, features_array, labels_array)
+
+
+def predict(
+    model: str | os.PathLike, images: Sequence[str | os.PathLike], top_k: int = 5, device: str | None = None
+) -> list[list[tuple[str, float]]]:
+    """Top-k (label, probability) for each image file, best first."""
+    network, transform = _load_for_inference(model)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    network = network.to(device).eval()
+    results = []
+    for path in images:
+        pixels = transform(load_image(path)).unsqueeze(0).to(device)
+        with torch.no_grad():
+            probabilities = network(pixels).logits.float().softmax(-1)[0]
+        scores, indices = probabilities.topk(min(top_k, probabilities.numel()))
+        results.append([(network.config.id2label[int(i)], float(s)) for s, i in zip(scores, indices, strict=True)])
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models, data and preprocessing.
+
+
+def _check_settings(config: _RunSettings) -> None:
+    if not str(config.output):
+        raise ValueError("an output directory is required")
+    if isinstance(config.data, ImageSource) and config.eval_data is None:
+        raise ValueError("data is an ImageSource object: pass the evaluation set as eval_data too")
+    for name in ("batch_size", "batch_split"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {config.max_steps}")
+    if config.on_bad_image not in ("fail", "skip"):
+        raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {config.on_bad_image!r}")
+    if config.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {config.precision!r}")
+    if getattr(config, "shots", None) is not None and config.shots < 1:
+        raise ValueError(f"shots must be >= 1, got {config.shots}")
+    if getattr(config, "base_lr", 1.0) <= 0:
+        raise ValueError(f"base_lr must be positive, got {config.base_lr}")
+
+
+def _policy(on_bad_image: str) -> str:
+    return "skip" if on_bad_image == "skip" else "raise"
+
+
+def _open(data: str | ImageSource, split: str, classes) -> ImageSource:
+    if isinstance(data, ImageSource):  # already the split the caller wants
+        return select_classes(data, classes) if classes is not None else data
+    return open_source(data, split, classes=list(classes) if classes is not None else None)
+
+
+def _check_same_classes(source: ImageSource, eval_source: ImageSource) -> None:
+    if list(source.classes) != list(eval_source.classes):
+        raise ValueError(
+            f"training and evaluation data have different classes: {source.classes} vs {eval_source.classes}"
+        )
+
+
+def _is_variant(name: str) -> bool:
+    if Path(name).exists():
+        return False
+    try:
+        BitConfig.from_variant(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _processor_normalisation(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean / std the checkpoint was trained with (its preprocessor_config.json), else BiT's [-1, 1]."""
+    from .processing import IMAGE_PROCESSOR_CONFIG_NAME, BitImageProcessor
+
+    if (directory / IMAGE_PROCESSOR_CONFIG_NAME).is_file():
+        processor = BitImageProcessor.from_pretrained(directory)
+        return tuple(processor.image_mean), tuple(processor.image_std)
+    return BIT_MEAN, BIT_STD
+
+
+def _seeded_init(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """Build a model with weights drawn from `seed`, leaving the caller's global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _name_labels(config: BitConfig, classes: Sequence[str]) -> None:
+    config.id2label = {index: str(name) for index, name in enumerate(classes)}
+    config.label2id = {str(name): index for index, name in enumerate(classes)}
+
+
+def _finetune_model(name: str, classes: Sequence[str], seed: int):
+    """(model with a zero head for `classes`, mean, std): from a directory / hub id, or a variant at random."""
+    if _is_variant(name):
+        config = BitConfig.from_variant(name, num_labels=len(classes))
+        model = _seeded_init(lambda: BitForImageClassification(config), seed)
+        mean, std = BIT_MEAN, BIT_STD
+    else:
+        from .pretrained import resolve_pretrained
+
+        directory = resolve_pretrained(name)
+        with _quiet_head_warning():
+            model = BitForImageClassification.from_pretrained(
+                directory, num_labels=len(classes), ignore_mismatched_sizes=True
+            )
+        mean, std = _processor_normalisation(directory)
+    head = model.classifier[1]
+    nn.init.zeros_(head.weight)  # BiT: a new, zero-initialised head (even when the old one had the same shape)
+    nn.init.zeros_(head.bias)
+    _name_labels(model.config, classes)
+    model.config.problem_type = "single_label_classification"
+    return model.train(), mean, std
+
+
+def _pretrain_model(name: str, classes: Sequence[str], seed: int):
+    if _is_variant(name):
+        config = BitConfig.from_variant(name, num_labels=len(classes))
+        model = _seeded_init(lambda: BitForImageClassification(config), seed)
+        mean, std = BIT_MEAN, BIT_STD
+    else:
+        from .pretrained import resolve_pretrained
+
+        directory = resolve_pretrained(name)
+        with _quiet_head_warning():
+            model = BitForImageClassification.from_pretrained(
+                directory, num_labels=len(classes), ignore_mismatched_sizes=True
+            )
+        mean, std = _processor_normalisation(directory)
+    _name_labels(model.config, classes)
+    model.config.problem_type = "single_label_classification"
+    return model.train(), mean, std
+
+
+@contextlib.contextmanager
+def _quiet_head_warning() -> Iterator[None]:
+    """The zero-head warning of `from_pretrained` is expected when fine-tuning; silence it there."""
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def _resolution(config: _RunSettings, source: ImageSource, model_name: str) -> tuple[int, int]:
+    """(precrop, crop): the HyperRule's for the data's image size unless `resize` / `crop` are given."""
+    if config.resize is not None and config.crop is not None:
+        precrop, crop = config.resize, config.crop
+    else:
+        height, width = source.image_size()
+        rule_precrop, rule_crop = hyperrule.resolution(
+            height, width, getattr(config, "preset", "code"), model_name if isinstance(model_name, str) else None
+        )
+        crop = config.crop or rule_crop
+        precrop = config.resize or max(crop, round(rule_precrop * crop / rule_crop))
+    if not 0 < crop <= precrop:
+        raise ValueError(f"need 0 < crop <= resize, got crop {crop} and resize {precrop}")
+    return precrop, crop
+
+
+def _processor(crop: int, mean: Sequence[float], std: Sequence[float]):
+    """A BitImageProcessor that does what EvalTransform does: squash to crop x crop (bilinear), normalise."""
+    from .processing import BitImageProcessor
+
+    return BitImageProcessor(
+        size={"height": crop, "width": crop}, crop_size={"height": crop, "width": crop}, resample=2,
+        image_mean=list(mean), image_std=list(std),
+    )
+
+
+class _ProcessorTransform:
+    """Adapts a BitImageProcessor to the `transform(image, generator)` interface of TransformedDataset."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image, generator=None) -> torch.Tensor:
+        return self.processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+def _load_for_inference(model: str | os.PathLike | nn.Module):
+    """(classifier in eval mode, transform) for a directory / hub id, or a model object with BiT's transform."""
+    if isinstance(model, nn.Module):
+        raise TypeError("pass the model's directory, so its preprocessing (preprocessor_config.json) is known")
+    from .pretrained import resolve_pretrained
+    from .processing import IMAGE_PROCESSOR_CONFIG_NAME, BitImageProcessor
+
+    directory = resolve_pretrained(model)
+    network = BitForImageClassification.from_pretrained(directory).eval()
+    if network.config.num_labels == 0:
+        raise ValueError(f"{directory} has no classification head (num_labels=0)")
+    if (directory / IMAGE_PROCESSOR_CONFIG_NAME).is_file():
+        return network, _ProcessorTransform(BitImageProcessor.from_pretrained(directory))
+    logger.warning("%s has no %s; using BiT's 128x128 [-1, 1] evaluation transform", directory, IMAGE_PROCESSOR_CONFIG_NAME)
+    return network, EvalTransform(128)
+
+
+def _label_map(data_classes: Sequence[str], model_classes: Sequence[str]) -> np.ndarray | None:
+    """Data label -> model label by class name when every data class is a model class; else None (by index)."""
+    if list(data_classes) == list(model_classes):
+        return None
+    position = {name: index for index, name in enumerate(model_classes)}
+    if all(name in position for name in data_classes):
+        return np.array([position[name] for name in data_classes], dtype=np.int64)
+    if len(data_classes) > len(model_classes):
+        raise ValueError(f"the data has {len(data_classes)} classes but the model only {len(model_classes)}")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed context.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    world_size: int
+    rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def _distributed(device: str | None) -> Iterator[_Context]:
+    """One process, or the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    NCCL on GPUs, gloo on CPUs. A group this call creates is destroyed when it ends.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    wants_cuda = (device is None and torch.cuda.is_available()) or (device or "").startswith("cuda")
+    if wants_cuda:
+        chosen = torch.device(device if device and ":" in device else f"cuda:{local_rank if world_size > 1 else 0}")
+        torch.cuda.set_device(chosen)
+    else:
+        chosen = torch.device(device or "cpu")
+    created = False
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+        created = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    try:
+        yield _Context(world_size, rank, chosen)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _all_sum(context: _Context, values: list[float]) -> list[float]:
+    if context.world_size == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _barrier(context: _Context) -> None:
+    if context.world_size > 1:
+        dist.barrier()
+
+
+def _broadcast_object(context: _Context, value: Any) -> Any:
+    if context.world_size == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which examples each step sees.
+
+
+class BatchPlan:
+    """The examples of every optimizer step, as `(epoch, position)` keys of a TransformedDataset.
+
+    The data is an endless stream of per-epoch permutations (permutation `e` drawn from `(seed, e)`); step `s`
+    takes stream items `[s * batch_size, (s + 1) * batch_size)`. Rank `r` of `world_size` takes the `r`-th
+    contiguous shard of that global batch and splits it into `batch_split` micro-batches.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, world_size: int = 1, rank: int = 0,
+                 batch_split: int = 1):
+        if num_examples < 1:
+            raise ValueError("no training examples")
+        if batch_size % (world_size * batch_split):
+            raise ValueError(
+                f"batch_size {batch_size} must be divisible by processes x batch_split = {world_size} x {batch_split}"
+            )
+        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.world_size, self.rank, self.batch_split = world_size, rank, batch_split
+        self.per_rank = batch_size // world_size
+        self.micro_batch_size = self.per_rank // batch_split
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) > 4:
+                self._permutations.pop(min(self._permutations))
+            self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+        return self._permutations[epoch]
+
+    def global_batch(self, step: int) -> list[tuple[int, int]]:
+        start = step * self.batch_size
+        keys = []
+        for item in range(start, start + self.batch_size):
+            epoch, offset = divmod(item, self.num_examples)
+            keys.append((epoch, int(self.permutation(epoch)[offset])))
+        return keys
+
+    def micro_batches(self, step: int) -> list[list[tuple[int, int]]]:
+        """This rank's micro-batches of `step`, in order."""
+        keys = self.global_batch(step)[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        size = self.micro_batch_size
+        return [keys[index : index + size] for index in range(0, len(keys), size)]
+
+    def micro_batch_offset(self, index: int) -> int:
+        """Position in the global batch where this rank's micro-batch `index` starts."""
+        return self.rank * self.per_rank + index * self.micro_batch_size
+
+    def epoch(self, steps: int) -> float:
+        return steps * self.batch_size / self.num_examples
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches of keys for steps `start..total-1`: a DataLoader `batch_sampler`."""
+
+    def __init__(self, plan: BatchPlan, start: int, total: int):
+        self.plan, self.start, self.total = plan, start, total
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            yield from self.plan.micro_batches(step)
+
+    def __len__(self) -> int:
+        return (self.total - self.start) * self.plan.batch_split
+
+
+def _mixup(seed: int, step: int, alpha: float) -> float | None:
+    """The step's MixUp lambda ~ Beta(alpha, alpha), shared by all its micro-batches; None without MixUp."""
+    if alpha <= 0:
+        return None
+    return float(np.random.default_rng([seed, 0x6D6978, step]).beta(alpha, alpha))
+
+
+def _mixup_partners(seed: int, step: int, offset: int, count: int) -> torch.Tensor:
+    """Which image each image of a micro-batch is mixed with; fixed by its place in the global batch."""
+    return torch.from_numpy(np.random.default_rng([seed, 0x706172, step, offset]).permutation(count))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain["state"].setdefault(str(index), {})[key] = value
+    return tensors, plain
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(index): dict(values) for index, values in plain["state"].items()}
+    for name, value in tensors.items():
+        if name.startswith("optimizer/"):
+            _, index, key = name.split("/", 2)
+            state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{index}"] = state
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
+    python_state = random.getstate()
+    plain = {"numpy": [kind, int(position), int(has_gauss), float(gauss)],
+             "python": [python_state[0], list(python_state[1]), python_state[2]]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = [tensors[key] for key in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    kind, position, has_gauss, gauss = plain["numpy"]
+    np.random.set_state((kind, tensors["rng/numpy"].numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = plain["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], scaler: torch.amp.GradScaler | None = None) -> Path:
+    """Write model, optimizer, RNG states and `state` (JSON) to one safetensors file, atomically."""
+    tensors = {f"model/{key}": value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    optimizer_tensors, optimizer_plain = _flatten_optimizer(optimizer)
+    rng_tensors, rng_plain = _rng_state()
+    tensors.update(optimizer_tensors)
+    tensors.update(rng_tensors)
+    full_state = dict(state, optimizer=optimizer_plain, rng=rng_plain)
+    if scaler is not None and scaler.is_enabled():
+        full_state["scaler"] = {key: (value.item() if isinstance(value, torch.Tensor) else value)
+                                for key, value in scaler.state_dict().items()}
+    metadata = {"format": CHECKPOINT_FORMAT, "state": json.dumps(full_state)}
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, state) of a checkpoint written by `save_checkpoint`; ValueError for anything else."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"{path} is not a bigtransfer training checkpoint")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, RuntimeError) as error:
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
+    return tensors, json.loads(metadata["state"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run directory: lock, signals.
+
+
+class _RunLock:
+    """`.lock` created with O_EXCL holding `pid host`; a lock left by a dead process on this host is taken over."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / LOCK_NAME
+        self.owned = False
+
+    def __enter__(self) -> _RunLock:
+        host = socket.gethostname()
+        for _ in range(2):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner[1] == host and not _alive(owner[0]):
+                    logger.warning("taking over the stale lock %s of dead process %d", self.path, owner[0])
+                    self.path.unlink(missing_ok=True)
+                    continue
+                who = f"process {owner[0]} on {owner[1]}" if owner else "another process"
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by {who} (lock file {self.path}); wait for it, choose another "
+                    "output directory, or delete the lock if that process is gone"
+                ) from None
+            with os.fdopen(handle, "w") as file:
+                file.write(f"{os.getpid()} {host}\n")
+            self.owned = True
+            return self
+        raise RunLockedError(f"could not take the lock {self.path}")
+
+    def _owner(self) -> tuple[int, str] | None:
+        try:
+            pid, host = self.path.read_text().split()
+            return int(pid), host
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        if self.owned and self._owner() == (os.getpid(), socket.gethostname()):
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _StopSignals:
+    """Turns the first SIGINT / SIGTERM into a flag checked after each step; a second one interrupts at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> _StopSignals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                break
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass
+class _Job:
+    settings: _RunSettings
+    kind: str
+    model: BitForImageClassification
+    source: ImageSource
+    indices: np.ndarray
+    eval_source: ImageSource
+    precrop: int
+    crop: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    total_steps: int
+    learning_rate: Callable[[int], float | None]
+    weight_decay: float
+    mixup_alpha: float
+    loss: str
+    context: _Context
+    description: dict[str, Any]
+
+
+def _signature(settings: _RunSettings) -> dict[str, Any]:
+    values = dataclasses.asdict(settings)
+    signature = {}
+    for name in _RESUME_FIELDS:
+        if name in values:
+            value = values[name]
+            signature[name] = list(value) if isinstance(value, (tuple, range)) else value
+            if not isinstance(signature[name], (str, int, float, bool, list, type(None))):
+                signature[name] = repr(signature[name])
+    return json.loads(json.dumps(signature))
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _loss_sum(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-image losses of a micro-batch, summed: softmax cross-entropy or sigmoid cross-entropy (summed over classes)."""
+    logits = logits.float()
+    if kind == "sigmoid":
+        targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _run(job: _Job) -> RunResult:
+    settings, context = job.settings, job.context
+    output = Path(settings.output)
+    if context.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+    _barrier(context)
+    lock = _RunLock(output) if context.is_main else contextlib.nullcontext()
+    with lock, _StopSignals() as signals, torch.random.fork_rng(devices=_cuda_devices(context)):
+        torch.manual_seed(settings.seed + context.rank)  # only stochastic layers (drop path) draw from it
+        return _loop(job, output, signals)
+
+
+def _cuda_devices(context: _Context) -> list[int]:
+    return [context.device.index or 0] if context.device.type == "cuda" else []
+
+
+def _loop(job: _Job, output: Path, signals: _StopSignals) -> RunResult:
+    settings, context, model = job.settings, job.context, job.model
+    started = time.perf_counter()
+    checkpoint_path = output / CHECKPOINT_NAME
+    model.to(context.device)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=0.0, momentum=hyperrule.MOMENTUM, weight_decay=job.weight_decay)
+    autocast = _autocast(context.device, settings.precision)
+    use_scaler = context.device.type == "cuda" and (
+        settings.precision == "fp16" or (settings.precision == "auto" and not torch.cuda.is_bf16_supported())
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    signature = _signature(settings)
+
+    # Start fresh or continue from the checkpoint.
+    start_step, skipped, elapsed_before = 0, [], 0.0
+    has_checkpoint = checkpoint_path.is_file()
+    if has_checkpoint and not settings.resume:
+        raise ValueError(
+            f"{output} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose another --output"
+        )
+    if has_checkpoint:
+        tensors, state = load_checkpoint(checkpoint_path)
+        differing = {k for k in set(signature) | set(state["signature"]) if signature.get(k) != state["signature"].get(k)}
+        if differing:
+            changes = ", ".join(f"{k}: {state['signature'].get(k)!r} -> {signature.get(k)!r}" for k in sorted(differing))
+            raise ValueError(f"cannot resume {output}: settings differ from the checkpoint's ({changes})")
+        model.load_state_dict({key[len("model/"):]: value for key, value in tensors.items() if key.startswith("model/")})
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        _set_rng_state(tensors, state["rng"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        start_step, skipped, elapsed_before = state["step"], list(state["skipped_images"]), state["seconds"]
+        if context.is_main:
+            logger.info("resuming %s at step %d of %d", output, start_step, job.total_steps)
+    elif settings.resume and context.is_main:
+        logger.info("nothing to resume in %s: starting a new run", output)
+    metrics_path = output / METRICS_NAME
+    if context.is_main:
+        _truncate_metrics(metrics_path, start_step)
+        write_text_atomic(output / RUN_NAME, json.dumps(_run_description(job), indent=2, default=str) + "\n")
+
+    plan = BatchPlan(len(job.indices), settings.batch_size, settings.seed, context.world_size, context.rank,
+                     settings.batch_split)
+    train_set = TransformedDataset(
+        job.source, TrainTransform(job.precrop, job.crop, job.mean, job.std), job.indices, seed=settings.seed,
+        on_bad_image=_policy(settings.on_bad_image),
+    )
+    network = model
+    if context.world_size > 1:
+        network = nn.parallel.DistributedDataParallel(
+            model, device_ids=[context.device.index] if context.device.type == "cuda" else None
+        )
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_sampler=_StepSampler(plan, start_step, job.total_steps), collate_fn=collate_skip_bad,
+        num_workers=settings.workers, pin_memory=context.device.type == "cuda",
+        generator=torch.Generator().manual_seed(settings.seed),  # keeps the global RNG untouched
+        persistent_workers=False,
+    )
+    batches = iter(loader)
+
+    def checkpoint(step: int) -> None:
+        if context.is_main:
+            state = dict(step=step, total_steps=job.total_steps, kind=job.kind, signature=signature,
+                         skipped_images=skipped, seconds=elapsed_before + time.perf_counter() - started,
+                         epoch=plan.epoch(step))
+            save_checkpoint(checkpoint_path, model, optimizer, state, scaler)
+        _barrier(context)
+
+    progress = _progress(settings.progress and context.is_main, job.total_steps, start_step, job.kind)
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if context.is_main else None
+    step, stopped_by = start_step, None
+    try:
+        for step in range(start_step, job.total_steps):
+            lr = job.learning_rate(step)
+            if lr is None:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_started = time.perf_counter()
+            lam = _mixup(settings.seed, step, job.mixup_alpha)
+            loss_sum, good, step_skipped = _train_step(
+                job, network, model, batches, plan, step, lam, autocast, scaler
+            )
+            loss_total, good_total, skipped_total, stop = _all_sum(
+                context, [loss_sum, float(good), float(len(step_skipped)), float(signals.received or 0)]
+            )
+            skipped.extend(_gather_paths(context, step_skipped) if skipped_total else [])
+            if good_total == 0:
+                raise RuntimeError(f"every image of step {step} was unreadable (skipped {int(skipped_total)})")
+            mean_loss = loss_total / good_total
+            if not math.isfinite(mean_loss):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(_non_finite_message(mean_loss, step, lr, checkpoint_path))
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            if good_total < settings.batch_size:  # unreadable images skipped: average over the ones seen
+                for parameter in parameters:
+                    if parameter.grad is not None:
+                        parameter.grad.mul_(settings.batch_size / good_total)
+            scaler.step(optimizer) if scaler.is_enabled() else optimizer.step()
+            if scaler.is_enabled():
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            seconds = time.perf_counter() - step_started
+            images_per_second = good_total / max(seconds, 1e-9)
+            if metrics_file is not None and (done % settings.log_every == 0 or done == job.total_steps):
+                record = dict(step=done, loss=mean_loss, lr=lr, images_per_second=images_per_second,
+                              epoch=round(plan.epoch(done), 4),
+                              seconds=round(elapsed_before + time.perf_counter() - started, 3))
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}")
+            if settings.eval_every and done % settings.eval_every == 0 and done < job.total_steps:
+                report = _evaluate_job(job, model, skipped=[])
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(dict(step=done, eval_top1=report.top1, eval_top5=report.top5,
+                                                       eval_loss=report.loss)) + "\n")
+                    metrics_file.flush()
+                model.train()
+            if stop:
+                stopped_by = int(signals.received or stop)
+                checkpoint(done)
+                if context.is_main:
+                    logger.warning("stopped by signal %d at step %d; resume with --resume", stopped_by, done)
+                return RunResult(output, done, job.total_steps, elapsed_before + time.perf_counter() - started,
+                                 interrupted=stopped_by, skipped_images=skipped)
+            if settings.save_every and done % settings.save_every == 0 and done < job.total_steps:
+                checkpoint(done)
+        else:
+            step = job.total_steps
+    except RuntimeError as error:
+        if _is_out_of_memory(error) and not isinstance(error, NonFiniteLossError):
+            raise RuntimeError(
+                f"out of memory with micro-batches of {plan.micro_batch_size} images: raise --batch-split "
+                f"(e.g. {settings.batch_split * 2}) or pass --gradient-checkpointing; the global batch and the "
+                "result stay the same"
+            ) from error
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        del batches
+
+    completed = max(step, start_step)
+    if completed > start_step or not has_checkpoint:
+        checkpoint(completed)
+    report = _evaluate_job(job, model, skipped=[])
+    report.skipped_images = sorted(set(skipped) | set(report.skipped_images))
+    report.step = completed
+    model_dir = output / MODEL_DIRNAME
+    if context.is_main:
+        model.eval()
+        model.save_pretrained(model_dir)
+        processor = _processor(job.crop, job.mean, job.std)
+        from .processing import IMAGE_PROCESSOR_CONFIG_NAME
+
+        write_text_atomic(model_dir / IMAGE_PROCESSOR_CONFIG_NAME, processor.to_json_string())
+        write_report(report, output / REPORT_NAME)
+        if settings.plots:
+            plot_run(output, report)
+    _barrier(context)
+    return RunResult(output, completed, job.total_steps, elapsed_before + time.perf_counter() - started, report,
+                     model_dir, skipped_images=report.skipped_images)
+
+
+def _train_step(job: _Job, network: nn.Module, model: nn.Module, batches: Iterator, plan: BatchPlan, step: int,
+                lam: float | None, autocast, scaler) -> tuple[float, int, list[str]]:
+    """Forward and backward over this rank's micro-batches of `step`; gradients accumulate (synced on the last)."""
+    context = job.context
+    loss_sum, good, skipped = 0.0, 0, []
+    # Scale so that DDP's average over ranks of the per-rank sums is the mean over the whole global batch.
+    scale = context.world_size / job.settings.batch_size
+    for index in range(plan.batch_split):
+        images, labels, bad = next(batches)
+        skipped.extend(sample.path for sample in bad)
+        last = index == plan.batch_split - 1
+        sync = contextlib.nullcontext() if last or context.world_size == 1 else network.no_sync()
+        with sync:
+            if len(labels) == 0:
+                if context.world_size > 1 and last:
+                    # DDP must still all-reduce on the last micro-batch: contribute zero gradients.
+                    zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+                    zero.backward()
+                continue
+            images = images.to(context.device, non_blocking=True)
+            labels = labels.to(context.device, non_blocking=True)
+            with autocast:
+                if lam is not None:
+                    partners = _mixup_partners(job.settings.seed, step, plan.micro_batch_offset(index), len(labels))
+                    partners = partners.to(context.device)
+                    images = lam * images + (1 - lam) * images[partners]
+                logits = network(images).logits
+            if lam is not None:
+                loss = lam * _loss_sum(logits, labels, job.loss) + (1 - lam) * _loss_sum(
+                    logits, labels[partners], job.loss
+                )
+            else:
+                loss = _loss_sum(logits, labels, job.loss)
+            scaled = loss * scale
+            (scaler.scale(scaled) if scaler.is_enabled() else scaled).backward()
+            loss_sum += float(loss.detach())
+            good += len(labels)
+    return loss_sum, good, skipped
+
+
+def _non_finite_message(loss: float, step: int, lr: float, checkpoint_path: Path) -> str:
+    kept = (
+        f"the last good checkpoint is {checkpoint_path} (resume from it with --resume)"
+        if checkpoint_path.is_file() else "no checkpoint was saved before it"
+    )
+    return (
+        f"the training loss became {loss} at step {step} (lr {lr:.3g}); stopped without taking that step; {kept}. "
+        "Try a lower --base-lr or --precision fp32"
+    )
+
+
+def _truncate_metrics(path: Path, steps: int) -> None:
+    """Drop records past the checkpoint (written by a run that was killed after it) so steps never repeat."""
+    if not path.is_file():
+        return
+    kept = [record for record in read_metrics(path) if record.get("step", 0) <= steps]
+    if steps == 0:
+        kept = []
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+
+
+def _run_description(job: _Job) -> dict[str, Any]:
+    settings = dataclasses.asdict(job.settings)
+    settings["data"] = str(job.settings.data)
+    settings["eval_data"] = None if job.settings.eval_data is None else str(job.settings.eval_data)
+    return dict(
+        kind=job.kind, settings=settings, total_steps=job.total_steps, resize=job.precrop, crop=job.crop,
+        mean=list(job.mean), std=list(job.std), weight_decay=job.weight_decay, classes=list(job.source.classes),
+        world_size=job.context.world_size, torch=torch.__version__, **job.description,
+    )
+
+
+def _progress(enabled: bool, total: int, initial: int, description: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def _evaluate_job(job: _Job, model: nn.Module, skipped: list[str]) -> EvaluationReport:
+    settings = job.settings
+    dataset = TransformedDataset(
+        job.eval_source, EvalTransform(job.crop, job.mean, job.std), on_bad_image=_policy(settings.on_bad_image)
+    )
+    batch_size = max(job.settings.batch_size // job.settings.batch_split // job.context.world_size, 32)
+    topk, labels, losses, bad = _predict(model, dataset, batch_size, job.context,
+                                         _autocast(job.context.device, settings.precision), None, False)
+    return EvaluationReport.from_predictions(topk, labels, losses, list(job.eval_source.classes), skipped + bad)
+
+
+def _inference_batches(dataset: TransformedDataset, batch_size: int, context: _Context, progress: bool):
+    """This rank's share (every world_size-th image) of a data set, in batches of (images, labels, skipped)."""
+    positions = list(range(context.rank, len(dataset), context.world_size))
+    batches = [positions[index : index + batch_size] for index in range(0, len(positions), batch_size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skip_bad)
+    bar = _progress(progress and context.is_main, len(batches), 0, "evaluate")
+    for batch in loader:
+        yield batch
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
+def _predict(model: nn.Module, dataset: TransformedDataset, batch_size: int, context: _Context, autocast,
+             label_map: np.ndarray | None, progress: bool):
+    """(top-k indices, labels, per-image losses, skipped paths) over a whole data set, gathered from all ranks."""
+    was_training = model.training
+    model.eval()
+    topk, labels, losses, skipped = [], [], [], []
+    num_labels = model.config.num_labels
+    k = min(5, num_labels)
+    with torch.no_grad():
+        for images, batch_labels, bad in _inference_batches(dataset, batch_size, context, progress):
+            skipped.extend(sample.path for sample in bad)
+            if len(batch_labels) == 0:
+                continue
+            if label_map is not None:
+                batch_labels = torch.from_numpy(label_map[batch_labels.numpy()])
+            if int(batch_labels.max()) >= num_labels:
+                raise ValueError(f"the data has labels up to {int(batch_labels.max())} but the model has {num_labels} classes")
+            with autocast:
+                logits = model(images.to(context.device)).logits
+            logits = logits.float()
+            topk.append(logits.topk(k, dim=-1).indices.cpu().numpy())
+            losses.append(F.cross_entropy(logits, batch_labels.to(context.device), reduction="none").cpu().numpy())
+            labels.append(batch_labels.numpy())
+    model.train(was_training)
+    topk_array = np.concatenate(topk) if topk else np.zeros((0, k), np.int64)
+    labels_array = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    losses_array = np.concatenate(losses) if losses else np.zeros(0, np.float32)
+    if context.world_size > 1:
+        gathered = [None] * context.world_size
+        dist.all_gather_object(gathered, (topk_array, labels_array, losses_array, skipped))
+        topk_array = np.concatenate([part[0] for part in gathered])
+        labels_array = np.concatenate([part[1] for part in gathered])
+        losses_array = np.concatenate([part[2] for part in gathered])
+        skipped = [path for part in gathered for path in part[3]]
+    return topk_array, labels_array, losses_array, skipped
+
+
+def _gather_rows(context: _Context, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Re-interleave per-rank rows (rank r holds items r, r + world, ...) into the data set's order."""
+    if context.world_size == 1:
+        return arrays
+    gathered = [None] * context.world_size
+    dist.all_gather_object(gathered, arrays)
+    result = []
+    for column in range(len(arrays)):
+        parts = [part[column] for part in gathered]
+        total = sum(len(part) for part in parts)
+        merged = np.empty((total,) + parts[0].shape[1:], dtype=parts[0].dtype)
+        for rank, part in enumerate(parts):
+            merged[rank :: context.world_size][: len(part)] = part
+        result.append(merged)
+    return tuple(result)
+
+
+def _gather_paths(context: _Context, paths: list[str]) -> list[str]:
+    if context.world_size == 1:
+        return paths
+    gathered = [None] * context.world_size
+    dist.all_gather_object(gathered, paths)
+    return [path for part in gathered for path in part]
+
+
+def write_features(path: str | os.PathLike, features: np.ndarray, labels: np.ndarray) -> tuple[Path, Path]:
+    """Save features to `path` (.npy) and labels beside it (`<stem>.labels.npy`), each atomically."""
+    path = Path(path)
+    if path.suffix != ".npy":
+        path = path.with_name(path.name + ".npy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy")
+    for target, array in ((path, features), (labels_path, labels)):
+        with atomic_path(target) as temporary, open(temporary, "wb") as handle:
+            np.save(handle, array)
+    return path, labels_path

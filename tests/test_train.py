@@ -1,0 +1,315 @@
+"""The training library: HyperRule schedule and head, micro-batching, resume, locks, failures, reports.
+
+Everything runs the `tiny` variant on 16x16 images for a handful of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bigtransfer import BitForImageClassification, hyperrule, train
+from bigtransfer.data import BadImageError
+from bigtransfer.report import EvaluationReport, read_metrics
+from bigtransfer.train import (
+    BatchPlan,
+    FinetuneConfig,
+    NonFiniteLossError,
+    PretrainConfig,
+    RunLockedError,
+    evaluate,
+    extract_features,
+    finetune,
+    load_checkpoint,
+    predict,
+    pretrain,
+)
+
+CLASSES = ("circle", "square", "stripes")
+
+
+def make_image_folder(root, per_class: int = 10, size: int = 16, seed: int = 0):
+    """A folder of class sub-folders holding small RGB PNGs whose content depends on the class."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            if label == 0:
+                yy, xx = np.mgrid[:size, :size]
+                image[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2] += 150
+            elif label == 1:
+                image[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] += 150
+            else:
+                image[::3] += 150
+            Image.fromarray(image).save(root / name / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "images")
+
+
+def config(folder, output, **overrides) -> FinetuneConfig:
+    values = dict(model="tiny", data=str(folder), output=output, batch_size=8, max_steps=6, resize=20, crop=16,
+                  base_lr=0.01, progress=False, plots=False)
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    tensors, _ = load_checkpoint(run_dir / train.CHECKPOINT_NAME)
+    return {key: value for key, value in tensors.items() if key.startswith("model/")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which examples each step sees.
+
+
+def test_batch_plan_epochs_are_permutations_and_shards_tile_the_global_batch():
+    plan = BatchPlan(10, batch_size=4, seed=3)
+    stream = [key for step in range(5) for key in plan.global_batch(step)]  # 20 items = 2 epochs
+    for epoch in (0, 1):
+        assert sorted(position for e, position in stream if e == epoch) == list(range(10))
+    assert plan.permutation(0).tolist() != plan.permutation(1).tolist()
+    assert BatchPlan(10, 4, seed=4).permutation(0).tolist() != plan.permutation(0).tolist()
+    ranks = [BatchPlan(10, 4, seed=3, world_size=2, rank=rank, batch_split=2) for rank in (0, 1)]
+    for step in range(5):
+        shards = [key for shard in ranks for micro in shard.micro_batches(step) for key in micro]
+        assert shards == plan.global_batch(step)
+        assert all(len(micro) == 1 for micro in ranks[0].micro_batches(step))
+
+
+def test_batch_plan_rejects_a_batch_that_does_not_split():
+    with pytest.raises(ValueError, match="divisible"):
+        BatchPlan(10, batch_size=6, seed=0, world_size=2, batch_split=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning: outputs and the HyperRule.
+
+
+def test_finetune_writes_a_complete_run_directory(folder, tmp_path):
+    result = finetune(config(folder, tmp_path / "run", plots=True))
+    run = tmp_path / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert {"step", "loss", "lr", "images_per_second"} <= set(records[0])
+    # The rule's 500-step schedule [100, 200, 300, 400, 500] scaled to 6 steps: warmup 1.2 steps, then decays.
+    expected = [hyperrule.lr(step * 500 / 6, 24, 0.01) for step in range(6)]
+    assert [r["lr"] for r in records] == pytest.approx(expected)
+    assert records[0]["lr"] == 0.0
+    report = json.loads((run / "report.json").read_text())
+    assert set(report) >= {"top1", "top5", "loss", "per_class_accuracy", "confusion_matrix", "skipped_images"}
+    assert list(report["per_class_accuracy"]) == list(CLASSES)
+    assert np.asarray(report["confusion_matrix"]).sum() == report["num_images"] == 6  # 20 % of 30 images
+    for name in ("loss.png", "lr.png", "accuracy.png", "confusion_matrix.png"):
+        assert (run / name).read_bytes()[:4] == b"\x89PNG"
+    model = BitForImageClassification.from_pretrained(run / "model")
+    assert model.config.id2label == dict(enumerate(CLASSES))
+    processor = json.loads((run / "model" / "preprocessor_config.json").read_text())
+    assert processor["crop_size"] == {"height": 16, "width": 16}
+    assert result.report.top1 == report["top1"] and result.steps == 6
+    assert not (run / train.LOCK_NAME).exists()
+
+
+def test_finetune_replaces_the_head_with_zeros_even_when_its_shape_fits(folder, tmp_path):
+    finetune(config(folder, tmp_path / "first"))
+    head = BitForImageClassification.from_pretrained(tmp_path / "first" / "model").classifier[1]
+    assert head.weight.abs().sum() > 0  # trained
+    model, _, _ = train._finetune_model(str(tmp_path / "first" / "model"), list(CLASSES), seed=0)
+    assert model.classifier[1].weight.abs().sum() == 0 and model.classifier[1].bias.abs().sum() == 0
+    backbone = BitForImageClassification.from_pretrained(tmp_path / "first" / "model").bit.state_dict()
+    assert all(torch.equal(value, model.bit.state_dict()[key]) for key, value in backbone.items())
+
+
+def test_batch_split_gives_the_same_weights(folder, tmp_path):
+    finetune(config(folder, tmp_path / "whole", batch_split=1))
+    finetune(config(folder, tmp_path / "split", batch_split=4))
+    whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    for key, value in whole.items():
+        torch.testing.assert_close(split[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_mixup_draws_one_lambda_per_optimizer_step(folder, tmp_path, monkeypatch):
+    calls = []
+    original = train._mixup
+
+    def recording(seed, step, alpha):
+        calls.append(step)
+        return original(seed, step, alpha)
+
+    monkeypatch.setattr(train, "_mixup", recording)
+    finetune(config(folder, tmp_path / "run", batch_split=2, mixup_alpha=0.1, max_steps=4))
+    assert calls == [0, 1, 2, 3]
+    assert original(0, 5, 0.1) == original(0, 5, 0.1) and 0 < original(0, 5, 0.1) < 1
+    assert original(0, 5, 0.0) is None
+
+
+def test_shots_picks_that_many_examples_per_class(folder, tmp_path):
+    finetune(config(folder, tmp_path / "run", shots=2))
+    description = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert description["examples"] == 6
+
+
+def test_freeze_backbone_trains_only_the_head(folder, tmp_path):
+    finetune(config(folder, tmp_path / "base"))
+    finetune(config(folder, tmp_path / "probe", model=str(tmp_path / "base" / "model"), freeze_backbone=True))
+    before = BitForImageClassification.from_pretrained(tmp_path / "base" / "model").state_dict()
+    after = BitForImageClassification.from_pretrained(tmp_path / "probe" / "model").state_dict()
+    assert all(torch.equal(after[key], before[key]) for key in before if key.startswith("bit."))
+    assert after["classifier.1.weight"].abs().sum() > 0
+
+
+def test_different_seeds_give_different_runs_and_equal_seeds_equal_runs(folder, tmp_path):
+    finetune(config(folder, tmp_path / "a", seed=1))
+    finetune(config(folder, tmp_path / "b", seed=1))
+    finetune(config(folder, tmp_path / "c", seed=2))
+    a, b, c = (weights(tmp_path / name) for name in "abc")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not all(torch.equal(a[key], c[key]) for key in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resilience.
+
+
+def test_signal_mid_run_checkpoints_and_resume_is_bit_exact(folder, tmp_path, monkeypatch):
+    finetune(config(folder, tmp_path / "straight", max_steps=8))
+    original = train._train_step
+
+    def interrupting(job, *args):
+        if args[4] == 3:  # step index
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(job, *args)
+
+    monkeypatch.setattr(train, "_train_step", interrupting)
+    stopped = finetune(config(folder, tmp_path / "resumed", max_steps=8))
+    assert stopped.interrupted == signal.SIGTERM and stopped.steps == 4 and stopped.report is None
+    assert not (tmp_path / "resumed" / "model").exists()
+    monkeypatch.setattr(train, "_train_step", original)
+    finished = finetune(config(folder, tmp_path / "resumed", max_steps=8, resume=True))
+    assert finished.steps == 8 and finished.interrupted is None
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == list(range(1, 9))
+
+
+def test_resume_refuses_changed_settings_and_a_rerun_refuses_to_overwrite(folder, tmp_path):
+    finetune(config(folder, tmp_path / "run", save_every=2))
+    with pytest.raises(ValueError, match="already holds a run"):
+        finetune(config(folder, tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"settings differ.*base_lr"):
+        finetune(config(folder, tmp_path / "run", base_lr=0.1, resume=True))
+    again = finetune(config(folder, tmp_path / "run", resume=True))  # finished: nothing left to train
+    assert again.steps == 6
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch):
+    original = train._loss_sum
+    calls = []
+
+    def exploding(logits, labels, kind):
+        calls.append(1)
+        loss = original(logits, labels, kind)
+        return loss * math.nan if len(calls) > 3 else loss
+
+    monkeypatch.setattr(train, "_loss_sum", exploding)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3.*last good checkpoint"):
+        finetune(config(folder, tmp_path / "run", save_every=2))
+    _, state = load_checkpoint(tmp_path / "run" / train.CHECKPOINT_NAME)
+    assert state["step"] == 2
+    assert not (tmp_path / "run" / train.LOCK_NAME).exists()
+
+
+def test_a_live_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(folder, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / train.LOCK_NAME).write_text(f"{sleeper.pid} {train.socket.gethostname()}\n")
+        with pytest.raises(RunLockedError, match=f"in use by process {sleeper.pid}"):
+            finetune(config(folder, run))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    finetune(config(folder, run))  # the lock's owner is dead now
+    assert not (run / train.LOCK_NAME).exists()
+
+
+def test_out_of_memory_suggests_batch_split(folder, tmp_path, monkeypatch):
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "_train_step", out_of_memory)
+    with pytest.raises(RuntimeError, match=r"--batch-split \(e\.g\. 2\)"):
+        finetune(config(folder, tmp_path / "run"))
+
+
+def test_unreadable_images_fail_or_are_skipped_and_listed(tmp_path):
+    data = make_image_folder(tmp_path / "images", per_class=5)
+    broken = data / "square" / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    with pytest.raises(BadImageError, match="broken.png"):
+        finetune(config(data, tmp_path / "fail", max_steps=4))
+    result = finetune(config(data, tmp_path / "skip", max_steps=4, on_bad_image="skip"))
+    assert str(broken) in result.report.skipped_images
+    assert str(broken) in json.loads((tmp_path / "skip" / "report.json").read_text())["skipped_images"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pre-training, evaluation, features, prediction.
+
+
+def test_pretrain_follows_the_upstream_recipe(folder, tmp_path):
+    result = pretrain(PretrainConfig(model="tiny", data=str(folder), output=tmp_path / "up", batch_size=8,
+                                     max_steps=10, warmup_steps=2, resize=20, crop=16, loss="sigmoid",
+                                     progress=False, plots=False))
+    records = read_metrics(tmp_path / "up" / "metrics.jsonl")
+    peak = 0.03 * 8 / 256
+    assert [r["lr"] for r in records] == pytest.approx(
+        [0, peak / 2, peak, peak, peak / 10, peak / 10, peak / 10, peak / 100, peak / 100, peak / 1000]
+    )
+    assert json.loads((tmp_path / "up" / "run.json").read_text())["weight_decay"] == 1e-4
+    # Sigmoid cross-entropy sums over the 3 classes (about 3 log 2 at init); softmax would start near log 3.
+    assert records[0]["loss"] > 1.8
+    zeros = torch.zeros(4, 3)
+    assert train._loss_sum(zeros, torch.tensor([0, 1, 2, 0]), "sigmoid").item() == pytest.approx(4 * 3 * math.log(2))
+    assert train._loss_sum(zeros, torch.tensor([0, 1, 2, 0]), "softmax").item() == pytest.approx(4 * math.log(3))
+    assert result.report.num_images == 6
+
+
+def test_evaluate_features_and_predict_use_the_saved_model(folder, tmp_path):
+    result = finetune(config(folder, tmp_path / "run", max_steps=10))
+    model_dir = tmp_path / "run" / "model"
+    report = evaluate(model_dir, str(folder))
+    assert report.top1 == pytest.approx(result.report.top1)
+    assert report.loss == pytest.approx(result.report.loss, rel=1e-4)
+    features, labels = extract_features(model_dir, str(folder), split="test")
+    assert features.shape == (6, 512) and features.dtype == np.float32
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    images = [folder / "circle" / "0.png", folder / "stripes" / "1.png"]
+    predictions = predict(model_dir, images, top_k=2)
+    assert [len(p) for p in predictions] == [2, 2]
+    for top in predictions:
+        assert top[0][1] >= top[1][1] and {label for label, _ in top} <= set(CLASSES)
+
+
+def test_evaluation_report_metrics():
+    topk = np.array([[0, 1], [1, 0], [1, 2], [2, 0]])
+    report = EvaluationReport.from_predictions(topk, np.array([0, 0, 1, 2]), np.array([1.0, 2.0, 3.0, 2.0]),
+                                               ["a", "b", "c"], skipped_images=["x.png"])
+    assert report.top1 == 0.75 and report.top5 == 1.0 and report.loss == 2.0
+    assert report.per_class_accuracy == {"a": 0.5, "b": 1.0, "c": 1.0}
+    assert report.confusion_matrix == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    assert "1 unreadable skipped" in report.summary()
