@@ -39,9 +39,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"bigtransfer {args.command}: error: {message}", file=sys.stderr)
+        print(f"bigtransfer {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return 2 if isinstance(error, (ValueError, TypeError, KeyError)) else 1
+    except Exception as error:  # a bug or an error type nobody anticipated: still one line, never a traceback
+        if args.debug:
+            raise
+        print(
+            f"bigtransfer {args.command}: error: {type(error).__name__}: {_one_line(error)} "
+            "(unexpected; run with --debug for the traceback and please report it)",
+            file=sys.stderr,
+        )
+        return 1
     return int(result or 0)
+
+
+def _one_line(message: object) -> str:
+    """Messages from other libraries sometimes span lines; the CLI's error is always one."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

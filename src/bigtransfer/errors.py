@@ -1,5 +1,7 @@
 """The package's own exception types; each is a ValueError or OSError so generic handlers still catch them."""
 
+import pickle
+
 
 class CheckpointError(ValueError):
     """A weight file or directory that cannot be read or does not fit the model (message names file, key, shapes)."""
@@ -19,3 +21,7 @@ class BadImageError(ValueError):
 
     def __reduce__(self):  # keep path and reason across process boundaries (DataLoader workers)
         return (type(self), (self.path, self.reason))
+
+
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A data pickle (CIFAR's batches) that would import or call code when loaded; refused, nothing was run."""

@@ -14,6 +14,8 @@ import pickle
 
 import numpy as np
 
+from ..errors import UnsafePickleError
+
 try:  # numpy >= 2 moved the array internals to numpy._core; pickles written by either name them
     from numpy._core import multiarray as _multiarray
     from numpy._core import numeric as _numeric
@@ -25,13 +27,13 @@ except ImportError:  # pragma: no cover - numpy 1.x
 def _dtype(*args, **kwargs) -> np.dtype:
     dtype = np.dtype(*args, **kwargs)
     if dtype.hasobject:
-        raise pickle.UnpicklingError("refusing to load an object array from a data pickle")
+        raise UnsafePickleError("refusing to load an object array from a data pickle")
     return dtype
 
 
 def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
     if encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+        raise UnsafePickleError(f"refusing _codecs.encode with encoding {encoding!r}")
     return codecs.encode(text, "latin1")
 
 
@@ -54,18 +56,18 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
+            raise UnsafePickleError(
                 f"refusing to load global {module}.{name}: data pickles may only hold containers, "
                 "strings, bytes, numbers and numpy arrays"
             ) from None
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError("refusing persistent ids in a data pickle")
+        raise UnsafePickleError("refusing persistent ids in a data pickle")
 
 
 def _check_no_objects(value, where: str) -> None:
     if isinstance(value, np.ndarray) and value.dtype.hasobject:
-        raise pickle.UnpicklingError(f"{where}: object arrays are not allowed")
+        raise UnsafePickleError(f"{where}: object arrays are not allowed")
     if isinstance(value, dict):
         for item in value.values():
             _check_no_objects(item, where)
@@ -80,13 +82,20 @@ def safe_load(path: str | os.PathLike, encoding: str = "bytes"):
     ``encoding="bytes"`` reads Python 2 pickles (CIFAR's) with their strings as ``bytes``.
 
     Raises:
-        pickle.UnpicklingError: for any other global (the file's code is never run), naming the file.
+        UnsafePickleError (a pickle.UnpicklingError and a ValueError): for any other global (the file's code is
+            never run), naming the file.
+        ValueError: a truncated or corrupt pickle, naming the file.
     """
     with open(path, "rb") as file:
         data = file.read()
     try:
         value = RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
-    except pickle.UnpicklingError as error:
-        raise pickle.UnpicklingError(f"{path}: {error}") from None
+    except UnsafePickleError as error:
+        raise UnsafePickleError(f"{path}: {error}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            OverflowError, RecursionError) as error:  # what malformed opcodes or arguments raise
+        raise ValueError(
+            f"{path} is not a readable pickle ({type(error).__name__}: {error}); it may be truncated or corrupt"
+        ) from None
     _check_no_objects(value, str(path))
     return value
