@@ -5,7 +5,11 @@ processor); then each round times every contender on the whole set, contenders i
 (A B C A B C ...) after warm-up, and the median round is reported. Two modes: one image per
 call (a data-loader worker) and the whole set in one call (a batch).
 
-    python benchmarks/bench_processor.py [--rounds 15] [--json results.json]
+    python benchmarks/bench_processor.py [--rounds 15] [--threads N] [--json results.json]
+
+The machine's 1-minute load average is recorded: torch's threaded kernels (used by transformers'
+torchvision processor for everything, and by ours for the resize) slow down sharply when the CPU
+is oversubscribed, so compare runs made under similar load.
 
 Contenders: `bigtransfer` (this library), `transformers` (BitImageProcessor, in transformers 5
 the torchvision-backed "fast" one) and `transformers-pil` (BitImageProcessorPil, the slow
@@ -89,7 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per mode (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds per contender first")
     parser.add_argument("--json", metavar="PATH", help="write the results there")
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads for every contender (default: torch's default)"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     images = load_photos()
     processors = contenders()
@@ -99,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": args.rounds,
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
         "versions": {"torch": torch.__version__, "pillow": PIL.__version__},
         "modes": {},
     }
