@@ -159,7 +159,7 @@ def original_preprocessing(name: str, num_labels: int) -> Preprocessing:
     distilled = re.search(r"r\d+x\d+(?:_t)?_(\d+)", lowered)  # R50x1_224, R152x2_T_384
     if distilled:
         return Preprocessing(int(distilled[1]), "bicubic", squash=True, origin="distilled BiT evaluation")
-    upstream = num_labels == 21843 or (lowered.startswith("bit-s-") and "ilsvrc2012" not in lowered)
+    upstream = num_labels == 21843 or (lowered.startswith(("bit-s-", "bit-m-")) and "ilsvrc2012" not in lowered)
     if upstream:
         return Preprocessing(224, squash=True, origin="original BiT, upstream resolution")
     _, crop = hyperrule.resolution(512, 512)
