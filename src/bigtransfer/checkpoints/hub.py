@@ -213,11 +213,15 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     preprocessor config); with HF_HUB_OFFLINE set, only the cache is used.
     """
     hub, errors = _import_hub()
-    local_only = offline()
+    local_only, cache = offline(), cache_dir()
 
     def fetch(filename: str) -> Path | None:
         try:
-            return Path(hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=local_only))
+            return Path(
+                hub.hf_hub_download(
+                    repo_id, filename, revision=revision, cache_dir=cache, local_files_only=local_only
+                )
+            )
         except errors.LocalEntryNotFoundError:
             raise _Unreachable from None
         except errors.EntryNotFoundError:  # the repository has no such file
