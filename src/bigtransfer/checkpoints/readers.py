@@ -1,15 +1,20 @@
-"""Readers: pure functions from a file to a `dict[str, torch.Tensor]`, with errors that name the file."""
+"""Readers: pure functions from a file to a `dict[str, torch.Tensor]`, with errors that name the file.
+
+The files are untrusted input, and the parsers underneath (safetensors, torch.load, zipfile, numpy) raise
+almost any exception type on damaged bytes (AssertionError, struct.error, MemoryError, ...): every reader
+turns whatever they raise into a CheckpointError naming the file.
+"""
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError, UnsafeCheckpointError
@@ -20,8 +25,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = _existing_file(path)
     try:
         return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt") from None
+    except Exception as error:  # damaged bytes: see the module docstring
+        raise _corrupt(path, "safetensors file", error) from None
 
 
 def read_torch_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -34,12 +39,15 @@ def read_torch_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        refusal = _weights_only_refusal(error)
+        if refusal is None:  # e.g. "pickle data was truncated"
+            raise _corrupt(path, "PyTorch checkpoint", error) from None
         raise UnsafeCheckpointError(
             f"refused to load {path}: it is a pickle that would run code or build objects other than tensors "
-            f"when loaded ({str(error).splitlines()[0]}); nothing from it was executed"
+            f"when loaded ({refusal}); nothing from it was executed"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as error:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({error}); it may be truncated or corrupt") from None
+    except Exception as error:  # damaged bytes: see the module docstring
+        raise _corrupt(path, "PyTorch checkpoint", error) from None
     for wrapper in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
@@ -63,9 +71,9 @@ def read_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"refused to load {path}: it holds pickled object arrays, which could run code when loaded; "
                 "nothing from it was executed"
             ) from None
-        raise CheckpointError(f"{path} is not a readable .npz archive ({error}); it may be truncated or corrupt") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
-        raise CheckpointError(f"{path} is not a readable .npz archive ({error}); it may be truncated or corrupt") from None
+        raise _corrupt(path, ".npz archive", error) from None
+    except Exception as error:  # damaged bytes: see the module docstring
+        raise _corrupt(path, ".npz archive", error) from None
     tensors = {}
     for name, array in arrays.items():
         if array.dtype.kind not in "fiub":
@@ -90,8 +98,8 @@ def file_kind(path: str | os.PathLike) -> str:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError) as error:
-            raise CheckpointError(f"{path} looks like a zip archive but cannot be read ({error})") from None
+        except Exception as error:  # damaged bytes: see the module docstring
+            raise CheckpointError(f"{path} looks like a zip archive but cannot be read ({_one_line(error)})") from None
         if names and all(name.endswith(".npy") for name in names):
             return "npz"
         return "torch"
@@ -106,6 +114,40 @@ READERS = {"npz": read_npz, "torch": read_torch_pickle, "safetensors": read_safe
 def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .safetensors file, a torch pickle or a .npz archive, chosen by the file's bytes, not its name."""
     return READERS[file_kind(path)](path)
+
+
+def _one_line(error: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch colours parts of its messages
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+
+
+def _corrupt(path: Path, kind: str, error: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable {kind} ({type(error).__name__}: {_one_line(error)}); it may be truncated or corrupt"
+    )
+
+
+def _weights_only_refusal(error: pickle.UnpicklingError) -> str | None:
+    """What torch's weights-only unpickler refused ("unsupported GLOBAL os.system ..."), or None for damaged data.
+
+    torch's message is a page of advice (including how to load the file unsafely); only its reason is kept.
+    Its wording varies between torch versions ("Unsupported global: GLOBAL builtins.exec", "Trying to load
+    unsupported GLOBAL os.makedirs whose module os is blocked"), so anything the weights-only loader rejects
+    counts as a refusal unless the reason says the pickle itself is cut short.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    if "Weights only load failed" not in text:
+        return None  # e.g. "pickle data was truncated" from the plain unpickler
+    reasons = [
+        line.strip()
+        for line in text.splitlines()
+        if re.search(r"unsupported global|WeightsUnpickler error|blocked|not an allowed", line, re.IGNORECASE)
+    ]
+    reason = reasons[0] if reasons else ""
+    reason = reason.removeprefix("WeightsUnpickler error:").strip()
+    if re.search(r"truncated|unexpected end|EOF", reason, re.IGNORECASE):
+        return None
+    return reason.split(". Please")[0].split(" Please")[0].rstrip(".") or "an object weights-only loading does not allow"
 
 
 def _existing_file(path: str | os.PathLike) -> Path:
