@@ -154,7 +154,10 @@ class BitConfig:
         if id2label is not None:
             if not isinstance(id2label, dict):
                 raise ValueError(f"id2label must be a dict of index -> name, got {type(id2label).__name__}")
-            id2label = {int(key): str(value) for key, value in id2label.items()}
+            try:
+                id2label = {int(key): str(value) for key, value in id2label.items()}
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"id2label keys must be class indices (integers), got {list(id2label)}") from None
             if sorted(id2label) != list(range(len(id2label))):
                 raise ValueError(f"id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}")
             if num_labels is not None and num_labels != len(id2label):
@@ -164,7 +167,13 @@ class BitConfig:
             count = 2 if num_labels is None else _non_negative_int("num_labels", num_labels)
             id2label = {index: f"LABEL_{index}" for index in range(count)}
         self.id2label = dict(sorted(id2label.items()))
-        if label2id is None or {int(v) for v in label2id.values()} != set(self.id2label):
+        if label2id is not None and not isinstance(label2id, dict):
+            raise ValueError(f"label2id must be a dict of name -> index, got {type(label2id).__name__}")
+        try:
+            indices = None if label2id is None else {int(index) for index in label2id.values()}
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"label2id values must be class indices (integers), got {list(label2id.values())}") from None
+        if indices != set(self.id2label):
             label2id = {name: index for index, name in self.id2label.items()}
         self.label2id = {str(name): int(index) for name, index in label2id.items()}
 
@@ -353,7 +362,7 @@ def _verify_out_features_out_indices(out_features, out_indices, stage_names) -> 
             # Same wording as transformers, so code matching on it keeps working.
             raise ValueError(f"out_indices must not contain any duplicates, got {out_indices}(equivalent to {positive}))")
         if positive != tuple(sorted(positive)):
-            expected = [index for _, index in sorted(zip(positive, out_indices))]
+            expected = [index for _, index in sorted(zip(positive, out_indices, strict=True))]
             raise ValueError(
                 f"out_indices must be in the same order as stage_names, expected {expected} got {out_indices}"
             )

@@ -265,7 +265,12 @@ def _resize(image: torch.Tensor, height: int, width: int, resample: Resampling) 
         return torch.from_numpy(np.stack(bands))
     if mode == "nearest-exact":
         return F.interpolate(image[None], size=(height, width), mode=mode)[0]
-    return F.interpolate(image[None], size=(height, width), mode=mode, antialias=True, align_corners=False)[0]
+    batch = image[None]
+    if image.dtype == torch.uint8 and (height, width) == (1, 1):
+        # torch's uint8 antialiased kernel fails an internal assert for a 1x1 output from a channels-first
+        # input (torch 2.x); channels-last memory, PIL's layout and so the usual case, avoids it.
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(batch, size=(height, width), mode=mode, antialias=True, align_corners=False)[0]
 
 
 def _resize_and_crop(
@@ -276,25 +281,39 @@ def _resize_and_crop(
     When the resized image would exceed `_FULL_RESIZE_LIMIT` pixels (an extreme aspect ratio such as
     1x20000 resized to a 224 shortest edge: 224x4480000), only the part the crop keeps is computed, by
     PIL's resize of that box of the source. Float images come out identical to a full resize; uint8 ones
-    within one level on natural images (PIL and torch clip uint8 ringing at different points).
+    within one level on natural images (PIL and torch clip uint8 ringing at different points); nearest
+    and box may, where upsampling puts a pixel exactly halfway, pick the other source pixel.
     """
     if height * width <= _FULL_RESIZE_LIMIT:
         return _center_crop(_resize(image, height, width, resample), crop_height, crop_width)
     src_top, dst_top, rows = _crop_span(height, crop_height)
     src_left, dst_left, cols = _crop_span(width, crop_width)
-    row_scale, col_scale = image.shape[-2] / height, image.shape[-1] / width
-    box = (
-        src_left * col_scale,
-        src_top * row_scale,
-        (src_left + cols) * col_scale,
-        (src_top + rows) * row_scale,
-    )
-    bands = [
-        np.array(PIL.Image.fromarray(band).resize((cols, rows), resample, box=box)) for band in image.numpy()
-    ]
-    padded = np.zeros(image.shape[:-2] + (crop_height, crop_width), dtype=bands[0].dtype)
-    padded[..., dst_top : dst_top + rows, dst_left : dst_left + cols] = np.stack(bands)
+    if resample == Resampling.NEAREST:  # PIL rounds nearest differently: pick torch's source pixels directly
+        row_index = _nearest_exact(src_top, rows, image.shape[-2], height)
+        col_index = _nearest_exact(src_left, cols, image.shape[-1], width)
+        window = image.numpy()[:, row_index][:, :, col_index]
+    else:
+        row_scale, col_scale = image.shape[-2] / height, image.shape[-1] / width
+        box = (
+            src_left * col_scale,
+            src_top * row_scale,
+            (src_left + cols) * col_scale,
+            (src_top + rows) * row_scale,
+        )
+        window = np.stack([
+            np.array(PIL.Image.fromarray(band).resize((cols, rows), resample, box=box)) for band in image.numpy()
+        ])
+    padded = np.zeros(image.shape[:-2] + (crop_height, crop_width), dtype=window.dtype)
+    padded[..., dst_top : dst_top + rows, dst_left : dst_left + cols] = window
     return torch.from_numpy(padded)
+
+
+def _nearest_exact(start: int, count: int, length: int, resized: int) -> np.ndarray:
+    """Source indices of resized positions start..start+count-1 as torch's "nearest-exact" computes them:
+    `floorf((index + 0.5) * scale)` with a float32 scale and the product rounded to float32."""
+    scale = np.float64(np.float32(length) / np.float32(resized))
+    positions = np.arange(start, start + count, dtype=np.float64)
+    return np.minimum(np.floor(((positions + 0.5) * scale).astype(np.float32)).astype(np.int64), length - 1)
 
 
 # --------------------------------------------------------------------------- decoding inputs

@@ -93,7 +93,7 @@ def safe_load(path: str | os.PathLike, encoding: str = "bytes"):
     except UnsafePickleError as error:
         raise UnsafePickleError(f"{path}: {error}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
-            OverflowError, RecursionError) as error:  # what malformed opcodes or arguments raise
+            OverflowError, RecursionError, MemoryError) as error:  # what malformed opcodes or lengths raise
         raise ValueError(
             f"{path} is not a readable pickle ({type(error).__name__}: {error}); it may be truncated or corrupt"
         ) from None
