@@ -201,3 +201,16 @@ def test_r50x3_matches_timm_resnetv2_50x3_bit():
     pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         assert relative_error(ours(pixels).logits, theirs(pixels)) < TOLERANCE
+
+
+def test_from_pretrained_takes_a_single_timm_weights_file(tmp_path):
+    from safetensors.torch import save_file
+
+    theirs, _ = timm_pair()
+    save_file(theirs.state_dict(), tmp_path / "timm.safetensors")
+    ours = BitForImageClassification.from_pretrained(tmp_path / "timm.safetensors")
+    base = BitModel.from_pretrained(tmp_path / "timm.safetensors")
+    pixels = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        assert relative_error(ours(pixels).logits, theirs(pixels)) < TOLERANCE
+        assert relative_error(base(pixels).last_hidden_state, theirs.forward_features(pixels)) < TOLERANCE

@@ -24,20 +24,22 @@ HEAD_PREFIX = "classifier."
 
 
 def resolve_pretrained(path_or_name: str | os.PathLike) -> Path:
-    """A local directory holding config.json and weights; hub names are downloaded (huggingface_hub extra)."""
+    """A local directory holding config.json and weights; Hub names are downloaded (huggingface_hub extra)."""
     path = Path(path_or_name)
-    if path.exists():
-        if not path.is_dir():
-            raise OSError(f"{path} is a file; from_pretrained expects a directory with {CONFIG_NAME} and weights")
+    if path.is_dir():
         return path
-    name = str(path_or_name)
-    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1:
-        raise OSError(f"no such directory: {name}")
-    try:
-        from .checkpoints import hub
-    except ImportError:  # the hub module is optional
-        raise OSError(f"no such directory: {name} (and hub downloads are not available)") from None
-    return hub.snapshot(name)
+    from .checkpoints import hub
+
+    if not path.exists() and hub.is_hub_name(str(path_or_name)):
+        return hub.snapshot(str(path_or_name))
+    raise OSError(f"no such directory: {path_or_name}")
+
+
+def _is_single_checkpoint(path_or_name: str | os.PathLike) -> bool:
+    """A weights file of any format, or a Google BiT name, rather than a transformers-layout directory."""
+    from .checkpoints import hub
+
+    return Path(path_or_name).is_file() or (not Path(path_or_name).exists() and hub.is_google_name(str(path_or_name)))
 
 
 def read_directory_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -63,7 +65,12 @@ def load_pretrained(
     model_class: type, path_or_name: str | os.PathLike, ignore_mismatched_sizes: bool = False,
     config: BitConfig | None = None, **config_overrides: Any,
 ):
-    """Build `model_class` from a directory or hub name; see `BitPreTrainedModel.from_pretrained`."""
+    """Build `model_class` from a directory, weights file or name; see `BitPreTrainedModel.from_pretrained`."""
+    if config is None and _is_single_checkpoint(path_or_name):
+        from .checkpoints.convert import load_checkpoint
+
+        # A new `num_labels` always starts a fresh zero head here, so ignore_mismatched_sizes has nothing to add.
+        return load_checkpoint(path_or_name, model_class, **config_overrides)
     directory = resolve_pretrained(path_or_name)
     if config is None:
         config = BitConfig.from_pretrained(directory, **config_overrides)
