@@ -12,6 +12,7 @@ from .modeling import (
     BitPreTrainedModel,
     ImageClassifierOutputWithNoAttention,
 )
+from .processing import BitImageProcessor
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "BitBackbone",
     "BitConfig",
     "BitForImageClassification",
+    "BitImageProcessor",
     "BitModel",
     "BitPreTrainedModel",
     "CheckpointError",
