@@ -1,0 +1,729 @@
+"""Bad inputs at every entry point: one table of (input, expected outcome).
+
+Each row builds its input in a fresh temporary directory and makes one call: a library function or the
+CLI. The expected outcome is either an exception type and a pattern its message must match (the pattern
+names the offending file, key, shape or argument, so "the message says what is wrong" is checked too), or
+success with a check of the result: 16-bit, CMYK, palette and animated images are valid images and must
+be processed correctly, not rejected. Image files go through both `BitImageProcessor` and the data
+loaders' `load_image`. CLI rows assert a non-zero exit status and a single `bigtransfer CMD: error: ...`
+line on stderr with no traceback.
+
+`{tmp}` in a pattern stands for the row's temporary directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+import json
+import os
+import re
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from bigtransfer import BitConfig, BitForImageClassification, BitModel, CheckpointError, UnsafeCheckpointError
+from bigtransfer.checkpoints import load_checkpoint, read_npz, read_safetensors, read_torch_pickle
+from bigtransfer.cli import main
+from bigtransfer.data import (
+    ArraySource,
+    BadImageError,
+    CsvSource,
+    ImageFolderSource,
+    few_shot_indices,
+    load_cifar,
+    load_image,
+    open_source,
+)
+from bigtransfer.errors import UnsafePickleError
+from bigtransfer.processing import BitImageProcessor
+
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+
+TINY = dict(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_groups=1, num_labels=3)
+SIZE = 32  # the processor's resize and crop in these rows
+TRAIN = ["--batch-size", "4", "--resize", "20", "--crop", "16", "--no-progress", "--no-plots", "--device", "cpu"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """`call(tmp)` must raise `error` with a message matching `match`, or (error None) return a value `check` accepts."""
+
+    id: str
+    call: Callable[[Path], Any]
+    error: type[BaseException] | None = None
+    match: str = ""
+    check: Callable[[Any, Path], None] | None = None
+
+
+# ------------------------------------------------------------------------------------------------ image files
+
+
+def _noise(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _saved(name: str, image: Image.Image, **options) -> Callable[[Path], Path]:
+    def build(tmp: Path) -> Path:
+        image.save(tmp / name, **options)
+        return tmp / name
+
+    return build
+
+
+def _written(name: str, data: bytes | Callable[[], bytes]) -> Callable[[Path], Path]:
+    def build(tmp: Path) -> Path:
+        (tmp / name).write_bytes(data() if callable(data) else data)
+        return tmp / name
+
+    return build
+
+
+@functools.cache
+def _jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(_noise(64, 64)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+@functools.cache
+def _bomb(width: int, height: int) -> bytes:
+    """A valid 8-bit gray PNG of width x height zeros: a few hundred kB that decode to width * height bytes."""
+    compressor, row = zlib.compressobj(9), b"\0" * (width + 1)  # filter byte + pixels
+    rows_per_chunk = max(1, (1 << 24) // len(row))
+    chunk = compressor.compress(row * rows_per_chunk)
+    body = [chunk] * (height // rows_per_chunk) + [compressor.compress(row * (height % rows_per_chunk))]
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"".join([
+        b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header),
+        _png_chunk(b"IDAT", b"".join(body) + compressor.flush()), _png_chunk(b"IEND", b""),
+    ])
+
+
+def _palette_with_transparency() -> Image.Image:
+    image = Image.new("P", (20, 10), 1)
+    image.putpalette([0, 0, 0, 200, 30, 30] + [0, 0, 0] * 254)
+    image.paste(0, (0, 0, 10, 10))  # left half: index 0, declared transparent
+    return image
+
+
+def _animated_gif(tmp: Path) -> Path:
+    frames = [Image.new("RGB", (30, 20), color) for color in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp / "animated.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return tmp / "animated.gif"
+
+
+def _directory_named_jpg(tmp: Path) -> Path:
+    (tmp / "folder.jpg").mkdir()
+    return tmp / "folder.jpg"
+
+
+_GRADIENT_16 = (np.arange(40 * 50, dtype=np.uint32).reshape(40, 50) * 32).astype(np.uint16)  # 0..63968
+
+# name -> (build the file, processor outcome, loader outcome); an outcome is (error, pattern) or a check.
+IMAGE_FILES: dict[str, tuple[Callable[[Path], Path], Any, Any]] = {}
+
+
+def _image(name, build, processor, loader=None):
+    IMAGE_FILES[name] = (build, processor, processor if loader is None else loader)
+
+
+def _processed(result, tmp):
+    pixels = result["pixel_values"]
+    assert pixels.shape == (1, 3, SIZE, SIZE) and pixels.dtype == torch.float32
+    assert torch.isfinite(pixels).all()
+
+
+def _loaded(size):
+    def check(image, tmp):
+        assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == size
+        assert np.asarray(image).dtype == np.uint8
+
+    return check
+
+
+def _and(*checks):
+    def check(result, tmp):
+        for each in checks:
+            each(result, tmp)
+
+    return check
+
+
+def _sixteen_bit_scaled(result, tmp):  # 63968 / 257 = 248.9: scaled to 8 bits, not clipped to white
+    array = np.asarray(result) if isinstance(result, Image.Image) else None
+    if array is not None:
+        assert array.max() == 249 and array.min() == 0 and (array == 255).mean() < 0.01
+    else:
+        pixels = result["pixel_values"]
+        assert pixels.std() > 0.3 and pixels.max() < (1 - 0.4082) / 0.2758 - 0.01  # below white
+
+
+def _transparent_is_white(result, tmp):
+    array = np.asarray(result)
+    assert (array[:, :10] == 255).all() and (array[:, 10:] == (200, 30, 30)).all()
+
+
+def _first_frame(result, tmp):
+    assert (np.asarray(result) == (255, 0, 0)).all()
+
+
+_image("zero-byte file", _written("empty.jpg", b""), (BadImageError, r"{tmp}/empty\.jpg: not an image"))
+_image("truncated JPEG", _written("half.jpg", lambda: _jpeg_bytes()[: len(_jpeg_bytes()) // 2]),
+       (BadImageError, r"{tmp}/half\.jpg: .*truncated"))
+_image("text file named .jpg", _written("notes.jpg", b"shopping list: eggs, milk\n"),
+       (BadImageError, r"{tmp}/notes\.jpg: not an image"))
+_image("JPEG with a corrupt body", _written("garbled.jpg", lambda: _jpeg_bytes()[:600] + b"\xff\xd9" * 50),
+       (BadImageError, r"{tmp}/garbled\.jpg: "))
+_image("missing file", lambda tmp: tmp / "nowhere.png", (FileNotFoundError, r"{tmp}/nowhere\.png"),
+       (BadImageError, r"{tmp}/nowhere\.png: FileNotFoundError"))
+_image("directory named .jpg", _directory_named_jpg, (IsADirectoryError, r"{tmp}/folder\.jpg"),
+       (BadImageError, r"{tmp}/folder\.jpg"))
+_image("1x1 pixels", _saved("dot.png", Image.new("RGB", (1, 1), (10, 200, 30))), _processed, _loaded((1, 1)))
+_image("1x20000 pixels", _saved("thread.png", Image.fromarray(_noise(20000, 1))), _processed, _loaded((1, 20000)))
+_image("20000x1 pixels", _saved("line.png", Image.fromarray(_noise(1, 20000))), _processed, _loaded((20000, 1)))
+_image("16-bit grayscale PNG", _saved("deep.png", Image.fromarray(_GRADIENT_16)),
+       _and(_processed, _sixteen_bit_scaled), _and(_loaded((50, 40)), _sixteen_bit_scaled))
+_image("CMYK JPEG", _saved("print.jpg", Image.fromarray(_noise(24, 36)).convert("CMYK")),
+       _processed, _loaded((36, 24)))
+_image("palette with transparency", _saved("sprite.png", _palette_with_transparency(), transparency=0),
+       _processed, _and(_loaded((20, 10)), _transparent_is_white))
+_image("animated GIF", _animated_gif, _processed, _and(_loaded((30, 20)), _first_frame))
+_image("over 2x the decompression-bomb limit", _written("bomb.png", lambda: _bomb(20000, 10000)),
+       (BadImageError, r"{tmp}/bomb\.png: more pixels than PIL\.Image\.MAX_IMAGE_PIXELS"))
+_image("over the decompression-bomb limit (Pillow only warns)", _written("bomb1x.png", lambda: _bomb(10000, 9000)),
+       (BadImageError, r"{tmp}/bomb1x\.png: more pixels than PIL\.Image\.MAX_IMAGE_PIXELS"))
+
+
+def _process_file(build):
+    return lambda tmp: BitImageProcessor(size=SIZE, crop_size=SIZE)(build(tmp), return_tensors="pt")
+
+
+def _load_file(build):
+    return lambda tmp: load_image(build(tmp))
+
+
+def _image_cases() -> list[Case]:
+    cases = []
+    for name, (build, processor, loader) in IMAGE_FILES.items():
+        for via, call, outcome in (("processor", _process_file(build), processor), ("load_image", _load_file(build), loader)):
+            if isinstance(outcome, tuple):
+                cases.append(Case(f"image: {name} -> {via}", call, *outcome))
+            else:
+                cases.append(Case(f"image: {name} -> {via}", call, check=outcome))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+
+
+@functools.cache
+def _model() -> BitForImageClassification:
+    torch.manual_seed(0)
+    return BitForImageClassification(BitConfig(**TINY)).eval()
+
+
+def _forward(pixel_values):
+    def call(tmp):
+        with torch.no_grad():
+            return _model()(pixel_values)
+
+    return call
+
+
+def _with(value, index, fill):
+    value = value.clone()
+    value.view(-1)[index] = fill
+    return value
+
+
+_GOOD = torch.zeros(2, 3, 32, 32)
+
+
+def _process(images, **options):
+    return lambda tmp: BitImageProcessor(size=SIZE, crop_size=SIZE)(images, return_tensors="pt", **options)
+
+
+TENSOR_CASES = [
+    Case("tensor: rank 3 into the model", _forward(torch.zeros(3, 32, 32)), ValueError, r"4-D .* got shape \(3, 32, 32\)"),
+    Case("tensor: rank 5 into the model", _forward(torch.zeros(1, 2, 3, 32, 32)), ValueError, r"4-D .*\(1, 2, 3, 32, 32\)"),
+    Case("tensor: 4 channels into the model", _forward(torch.zeros(2, 4, 32, 32)), ValueError,
+         r"4 channels .*expects 3"),
+    Case("tensor: integer dtype into the model", _forward(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)), TypeError,
+         r"floating-point .*torch\.uint8"),
+    Case("tensor: NaN into the model", _forward(_with(_GOOD, 5, float("nan"))), ValueError, "NaN"),
+    Case("tensor: Inf into the model", _forward(_with(_GOOD, 7, float("inf"))), ValueError, "infinite"),
+    Case("tensor: empty batch into the model", _forward(torch.zeros(0, 3, 32, 32)), ValueError,
+         r"empty: shape \(0, 3, 32, 32\)"),
+    Case("tensor: a numpy array into the model", _forward(np.zeros((2, 3, 32, 32), np.float32)), TypeError,
+         "must be a torch.Tensor, got ndarray"),
+    Case("tensor: rank 5 into the processor", _process(np.zeros((1, 2, 8, 8, 3), np.uint8)), ValueError,
+         r"dimensions, got shape \(1, 2, 8, 8, 3\)"),
+    Case("tensor: 2 channels into the processor", _process(np.zeros((8, 9, 2), np.uint8)), ValueError,
+         r"channel axis of an image of shape \(8, 9, 2\)"),
+    Case("tensor: 5 channels declared channels_last", _process(np.zeros((8, 9, 5), np.uint8),
+                                                                input_data_format="channels_last"),
+         ValueError, "has 5 channels"),
+    Case("tensor: bool dtype into the processor", _process(np.zeros((8, 8, 3), bool)), TypeError, "dtype bool"),
+    Case("tensor: complex dtype into the processor", _process(torch.zeros(3, 8, 8, dtype=torch.complex64)), TypeError,
+         "complex64"),
+    Case("tensor: NaN into the processor", _process(_with(torch.full((3, 8, 8), 100.0), 3, float("nan"))), ValueError,
+         "NaN or Inf"),
+    Case("tensor: Inf into the processor", _process(np.full((8, 8, 3), np.inf, np.float32)), ValueError, "NaN or Inf"),
+    Case("tensor: empty batch into the processor", _process(np.zeros((0, 3, 8, 8), np.uint8)), ValueError,
+         r"empty batch of shape \(0, 3, 8, 8\)"),
+    Case("tensor: empty list into the processor", _process([]), ValueError, "empty list"),
+    Case("tensor: zero-height image into the processor", _process(np.zeros((0, 8, 3), np.uint8)), ValueError,
+         r"empty: shape \(0, 8, 3\)"),
+    Case("tensor: int32 values above 255 into the processor", _process(np.full((8, 8, 3), 300, np.int32)), ValueError,
+         r"0\.\.255 .*\[300, 300\]"),
+    Case("tensor: uint16 image is 16-bit, not rejected", _process(np.full((8, 8, 3), 65535, np.uint16)),
+         check=lambda result, tmp: torch.testing.assert_close(
+             result["pixel_values"], BitImageProcessor(size=SIZE, crop_size=SIZE)(
+                 np.full((8, 8, 3), 255, np.uint8), return_tensors="pt")["pixel_values"])),
+]
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def _config_dir(text: str):
+    def call(tmp):
+        (tmp / "config.json").write_text(text)
+        return BitConfig.from_pretrained(tmp)
+
+    return call
+
+
+def _model_dir_with_config(text: str):
+    def call(tmp):
+        BitModel(BitConfig(**TINY)).save_pretrained(tmp)
+        (tmp / "config.json").write_text(text)
+        return BitModel.from_pretrained(tmp)
+
+    return call
+
+
+CONFIG_CASES = [
+    Case("config: unknown layer type", lambda tmp: BitConfig(layer_type="transformer"), ValueError,
+         "layer_type=transformer is not one of preactivation,bottleneck"),
+    Case("config: negative depth", lambda tmp: BitConfig(depths=[3, -1, 6, 3]), ValueError,
+         "depths must be a positive integer, got -1"),
+    Case("config: out_features out of order", lambda tmp: BitConfig(out_features=["stage3", "stage1"]), ValueError,
+         r"same order as stage_names, expected \['stage1', 'stage3'\]"),
+    Case("config: out_indices out of range", lambda tmp: BitConfig(out_indices=[7]), ValueError,
+         r"valid indices .* got \[7\]"),
+    Case("config: num_groups does not divide a width", lambda tmp: BitConfig(num_groups=7), ValueError,
+         "num_groups=7 does not divide"),
+    Case("config: config.json that is not JSON", _config_dir("{'depths': [3, 4, 6, 3],}"), ValueError,
+         r"{tmp}/config\.json is not valid JSON"),
+    Case("config: config.json holding a list", _config_dir("[1, 2, 3]"), ValueError,
+         r"{tmp}/config\.json must hold a JSON object, got list"),
+    Case("config: config.json of another model type", _config_dir('{"model_type": "vit"}'), ValueError,
+         "model_type='vit', expected 'bit'"),
+    Case("config: model directory whose config.json is not JSON", _model_dir_with_config("not json"), ValueError,
+         r"{tmp}/config\.json is not valid JSON"),
+    Case("config: no config.json", lambda tmp: BitConfig.from_pretrained(tmp), OSError, r"no config\.json found at {tmp}"),
+    Case("config: unknown variant", lambda tmp: BitConfig.from_variant("BiT-X-R50x9"), ValueError,
+         "unknown BiT variant 'BiT-X-R50x9'"),
+]
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def _saved_model(tmp: Path, **overrides) -> Path:
+    torch.manual_seed(0)
+    BitForImageClassification(BitConfig(**{**TINY, **overrides})).save_pretrained(tmp / "model")
+    return tmp / "model"
+
+
+def _truncated_safetensors_file(tmp):
+    weights = _saved_model(tmp) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 2 // 3])
+    return read_safetensors(weights)
+
+
+def _truncated_safetensors_directory(tmp):
+    weights = _saved_model(tmp) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return BitForImageClassification.from_pretrained(tmp / "model")
+
+
+def _edit_weights(edit):
+    def call(tmp):
+        directory = _saved_model(tmp)
+        state = read_safetensors(directory / "model.safetensors")
+        edit(state)
+        save_file(state, str(directory / "model.safetensors"))
+        return BitForImageClassification.from_pretrained(directory)
+
+    return call
+
+
+def _wrong_shape(state):
+    state["bit.encoder.stages.1.layers.0.conv2.weight"] = torch.zeros(4, 4, 3, 3)
+
+
+def _missing_key(state):
+    del state["bit.encoder.stages.2.layers.0.conv1.weight"]
+
+
+def _extra_key(state):
+    state["bit.encoder.stages.9.layers.0.conv1.weight"] = torch.zeros(1)
+
+
+def _other_family_npz(tmp):
+    np.savez(tmp / "vit.npz", **{
+        "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel": np.zeros((8, 32), np.float32),
+        "embedding/kernel": np.zeros((16, 16, 3, 8), np.float32),
+    })
+    return load_checkpoint(tmp / "vit.npz")
+
+
+def _resnet_v1_state(tmp):  # a torchvision-style ResNet-50 (v1: BatchNorm, no weight standardization)
+    state = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64), "bn1.running_mean": torch.zeros(64),
+             "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1), "fc.weight": torch.zeros(1000, 2048)}
+    save_file(state, str(tmp / "resnet50.safetensors"))
+    return load_checkpoint(tmp / "resnet50.safetensors")
+
+
+def _no_weights(tmp):
+    BitConfig(**TINY).save_pretrained(tmp / "model")
+    return BitForImageClassification.from_pretrained(tmp / "model")
+
+
+class _RunsCode:
+    """Pickles as a call to exec(): whoever unpickles it runs the code, which creates the file `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('executed')",)
+
+
+def _payload_pickle(tmp, name="pytorch_model.bin"):
+    payload = {"bit.embedder.convolution.weight": torch.zeros(1), "evil": _RunsCode(tmp / "PWNED")}
+    torch.save(payload, tmp / name)
+    return tmp / name
+
+
+def _payload_not_run(call):
+    def guarded(tmp):
+        try:
+            return call(tmp)
+        finally:
+            assert not (tmp / "PWNED").exists(), "the pickle's payload ran"
+
+    return guarded
+
+
+def _model_dir_with_payload(tmp):
+    BitConfig(**TINY).save_pretrained(tmp / "model")
+    _payload_pickle(tmp / "model")
+    return BitForImageClassification.from_pretrained(tmp / "model")
+
+
+def _payload_in_model_dir(tmp):
+    try:
+        return _model_dir_with_payload(tmp)
+    finally:
+        assert not (tmp / "model" / "PWNED").exists(), "the pickle's payload ran"
+
+
+def _object_npz(tmp):
+    np.savez(tmp / "objects.npz", weights=np.array([_RunsCode(tmp / "PWNED")], dtype=object))
+    return read_npz(tmp / "objects.npz")
+
+
+def _cifar_with_payload(tmp):
+    import pickle
+
+    root = tmp / "cifar-10-batches-py"
+    root.mkdir()
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"] * 10}, protocol=2))
+    (root / "data_batch_1").write_bytes(pickle.dumps({b"data": _RunsCode(tmp / "PWNED"), b"labels": []}, protocol=2))
+    return load_cifar(tmp)
+
+
+def _tampered_download(tmp):
+    """A cached Google checkpoint whose bytes no longer match the size and SHA-256 recorded at download."""
+    from bigtransfer.checkpoints import hub
+
+    cached = tmp / "bit_models" / "BiT-M-R50x1.npz"
+    cached.parent.mkdir()
+    np.savez(cached, weights=np.zeros(4, np.float32))
+    record = {"url": hub.GOOGLE_BASE_URL + "BiT-M-R50x1.npz", "size": cached.stat().st_size, "sha256": "0" * 64}
+    cached.with_name(cached.name + ".json").write_text(json.dumps(record))
+    saved = {name: os.environ.get(name) for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE")}
+    os.environ.update(HF_HUB_CACHE=str(tmp), HF_HUB_OFFLINE="1")
+    try:
+        return hub.download_google("BiT-M-R50x1", progress=False)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _head_mismatch(tmp):
+    directory = _saved_model(tmp)
+    return BitForImageClassification.from_pretrained(directory, num_labels=5)
+
+
+CHECKPOINT_CASES = [
+    Case("checkpoint: truncated safetensors file", _truncated_safetensors_file, CheckpointError,
+         r"{tmp}/model/model\.safetensors is not a readable safetensors file"),
+    Case("checkpoint: truncated safetensors in a model directory", _truncated_safetensors_directory, CheckpointError,
+         r"{tmp}/model/model\.safetensors is not a readable safetensors file"),
+    Case("checkpoint: empty weights file", lambda tmp: read_safetensors(_written("w.safetensors", b"")(tmp)),
+         CheckpointError, r"{tmp}/w\.safetensors is empty"),
+    Case("checkpoint: weights file that does not exist", lambda tmp: read_safetensors(tmp / "none.safetensors"),
+         OSError, r"no such weights file: {tmp}/none\.safetensors"),
+    Case("checkpoint: wrong shape", _edit_weights(_wrong_shape), CheckpointError,
+         r"{tmp}/model: bit\.encoder\.stages\.1\.layers\.0\.conv2\.weight has shape \(4, 4, 3, 3\) in the checkpoint "
+         r"but \(8, 8, 3, 3\) in the model"),
+    Case("checkpoint: missing key", _edit_weights(_missing_key), CheckpointError,
+         r"{tmp}/model does not fit BitForImageClassification: missing keys "
+         r"\['bit\.encoder\.stages\.2\.layers\.0\.conv1\.weight'\]"),
+    Case("checkpoint: unexpected key", _edit_weights(_extra_key), CheckpointError,
+         r"unexpected keys \['bit\.encoder\.stages\.9\.layers\.0\.conv1\.weight'\]"),
+    Case("checkpoint: head of another size", _head_mismatch, CheckpointError,
+         r"classifier\.1\.weight has shape \(3, 64\) in the checkpoint but \(5, 64\) .*ignore_mismatched_sizes=True"),
+    Case("checkpoint: npz from another model family (ViT)", _other_family_npz, CheckpointError,
+         r"match no known BiT naming .*Transformer/encoderblock_0"),
+    Case("checkpoint: state dict of another family (ResNet v1)", _resnet_v1_state, CheckpointError,
+         r"match no known BiT naming .*bn1\.running_mean"),
+    Case("checkpoint: directory with no weights", _no_weights, CheckpointError,
+         r"no weights in {tmp}/model: expected model\.safetensors"),
+    Case("checkpoint: pickle that would run code", _payload_not_run(lambda tmp: read_torch_pickle(_payload_pickle(tmp))),
+         UnsafeCheckpointError, r"refused to load {tmp}/pytorch_model\.bin: .*nothing from it was executed"),
+    Case("checkpoint: model directory with a pickle that would run code", _payload_in_model_dir, UnsafeCheckpointError,
+         r"refused to load {tmp}/model/pytorch_model\.bin"),
+    Case("checkpoint: npz holding pickled objects", _payload_not_run(_object_npz), UnsafeCheckpointError,
+         r"refused to load {tmp}/objects\.npz: it holds pickled object arrays"),
+    Case("checkpoint: cached download whose hash no longer matches", _tampered_download, CheckpointError,
+         r"the cached {tmp}/bit_models/BiT-M-R50x1\.npz is corrupted \(its SHA-256 differs"),
+    Case("dataset: CIFAR batch that would run code", _payload_not_run(_cifar_with_payload), UnsafePickleError,
+         r"{tmp}/cifar-10-batches-py/data_batch_1: refusing to load global (builtins|__builtin__)\.exec"),
+]
+
+
+# ------------------------------------------------------------------------------------------------ data sets
+
+
+def _folder(tmp: Path, layout: dict[str, int]) -> Path:
+    root = tmp / "images"
+    for index, (name, count) in enumerate(layout.items()):
+        (root / name).mkdir(parents=True)
+        for number in range(count):
+            Image.fromarray(_noise(12, 12, seed=index * 100 + number)).save(root / name / f"{number}.png")
+    return root
+
+
+def _empty_folder(tmp):
+    (tmp / "images").mkdir()
+    return ImageFolderSource(tmp / "images")
+
+
+def _class_without_images(tmp):
+    root = _folder(tmp, {"cat": 3, "dog": 0})
+    (root / "dog" / "readme.txt").write_text("no images here")
+    return ImageFolderSource(root)
+
+
+def _csv(tmp, text):
+    (tmp / "labels.csv").write_text(text)
+    return tmp / "labels.csv"
+
+
+def _csv_missing_file(tmp):
+    _folder(tmp, {"cat": 2})
+    return CsvSource(_csv(tmp, "path,label\nimages/cat/0.png,cat\nimages/cat/7.png,cat\n"))
+
+
+def _csv_three_columns(tmp):
+    _folder(tmp, {"cat": 2})
+    return CsvSource(_csv(tmp, "images/cat/0.png,cat\nimages/cat/1.png,cat,extra\n"))
+
+
+def _labels_beyond_head(tmp):
+    logits = torch.zeros(4, 3)
+    return _model().loss(logits, torch.tensor([0, 1, 2, 3]))
+
+
+DATA_CASES = [
+    Case("dataset: empty folder", _empty_folder, ValueError, r"image folder {tmp}/images has no class sub-folders"),
+    Case("dataset: a class folder with no images", _class_without_images, ValueError,
+         r"class folder {tmp}/images/dog contains no images"),
+    Case("dataset: CSV row pointing at a missing file", _csv_missing_file, ValueError,
+         r"{tmp}/labels\.csv row 3: image file not found: {tmp}/images/cat/7\.png"),
+    Case("dataset: CSV row with three columns", _csv_three_columns, ValueError,
+         r"{tmp}/labels\.csv row 2: expected 'path,label'"),
+    Case("dataset: CSV with no rows", lambda tmp: CsvSource(_csv(tmp, "path,label\n")), ValueError,
+         r"{tmp}/labels\.csv lists no images"),
+    Case("dataset: data spec that does not exist", lambda tmp: open_source(tmp / "nowhere"), ValueError,
+         r"data spec '{tmp}/nowhere' does not exist; accepted: "),
+    Case("dataset: labels outside the head's range (loss)", _labels_beyond_head, ValueError,
+         r"labels must be in \[0, 2\] \(num_labels=3\), got values from 0 to 3"),
+    Case("dataset: labels outside the class list", lambda tmp: ArraySource(np.zeros((2, 4, 4), np.uint8), [0, 3], ["a", "b"], "arrays"),
+         ValueError, r"arrays: labels must lie in \[0, 2\), got \[0, 3\]"),
+    Case("dataset: more shots than the smallest class has", lambda tmp: few_shot_indices(np.array([0, 0, 0, 1]), 2, 0, ["cat", "dog"]),
+         ValueError, r"class 1 \('dog'\) has 1"),
+    Case("dataset: truncated CIFAR batch", lambda tmp: load_cifar(_truncated_cifar(tmp)), ValueError,
+         r"{tmp}/cifar-10-batches-py/data_batch_1 is not a readable pickle"),
+]
+
+
+def _truncated_cifar(tmp):
+    import pickle
+
+    root = tmp / "cifar-10-batches-py"
+    root.mkdir()
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"] * 10}, protocol=2))
+    batch = pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]}, protocol=2)
+    (root / "data_batch_1").write_bytes(batch[: len(batch) // 2])
+    return tmp
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@dataclasses.dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def _cli(*argv: str | Callable[[Path], str]):
+    """Run `bigtransfer ARGV` in this process; arguments may be functions of the row's directory."""
+
+    def call(tmp):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([arg(tmp) if callable(arg) else arg for arg in argv])
+            except SystemExit as exit_:  # argparse's own errors
+                code = exit_.code
+        return CliResult(code, out.getvalue(), err.getvalue())
+
+    return call
+
+
+def _fails(pattern: str):
+    """A non-zero exit with one `bigtransfer CMD: error: ...` line matching `pattern` and no traceback."""
+
+    def check(result: CliResult, tmp):
+        errors = [line for line in result.err.splitlines() if re.match(r"bigtransfer \w+: error: ", line)]
+        assert result.code != 0, result
+        assert "Traceback" not in result.err, result.err
+        assert len(errors) == 1 and result.err.strip().endswith(errors[0]), result.err  # log lines may come first
+        assert re.search(pattern.replace("{tmp}", re.escape(str(tmp))), errors[0]), errors[0]
+
+    return check
+
+
+def _data(layout):
+    return lambda tmp: str(_folder(tmp, layout) if not (tmp / "images").exists() else tmp / "images")
+
+
+def _model_dir(tmp):
+    return str(_saved_model(tmp)) if not (tmp / "model").exists() else str(tmp / "model")
+
+
+def _file(name, data=b""):
+    def build(tmp):
+        (tmp / name).write_bytes(data)
+        return str(tmp / name)
+
+    return build
+
+
+CLI_CASES = [
+    Case("cli: predict a missing image file", _cli("predict", "--model", _model_dir, lambda tmp: str(tmp / "gone.jpg")),
+         check=_fails(r"{tmp}/gone\.jpg")),
+    Case("cli: predict a truncated image file",
+         _cli("predict", "--model", _model_dir, lambda tmp: str(_written("half.jpg", _jpeg_bytes()[:900])(tmp))),
+         check=_fails(r"cannot read image {tmp}/half\.jpg: .*truncated")),
+    Case("cli: predict with a model directory that does not exist",
+         _cli("predict", "--model", lambda tmp: str(tmp / "no-model"), _file("a.png")),
+         check=_fails(r"no such directory: {tmp}/no-model")),
+    Case("cli: predict --top-k 0", _cli("predict", "--model", _model_dir, "--top-k", "0", _file("a.png")),
+         check=_fails(r"--top-k must be >= 1, got 0")),
+    Case("cli: finetune on data that does not exist",
+         _cli("finetune", "--model", "tiny", "--data", lambda tmp: str(tmp / "nothing"), "--output",
+              lambda tmp: str(tmp / "run"), *TRAIN),
+         check=_fails(r"data spec '{tmp}/nothing' does not exist")),
+    Case("cli: finetune with negative steps",
+         _cli("finetune", "--model", "tiny", "--data", _data({"a": 3, "b": 3}), "--output", lambda tmp: str(tmp / "run"),
+              "--max-steps", "-5", *TRAIN),
+         check=_fails(r"max.steps must be >= 1, got -5")),
+    Case("cli: finetune with more shots than the smallest class",
+         _cli("finetune", "--model", "tiny", "--data", _data({"big": 12, "small": 3}), "--output",
+              lambda tmp: str(tmp / "run"), "--shots", "5", *TRAIN),
+         check=_fails(r"5-shot sampling needs 5 examples per class, but class 1 \('small'\) has 2")),
+    Case("cli: finetune with batch size 0",
+         _cli("finetune", "--model", "tiny", "--data", _data({"a": 3, "b": 3}), "--output", lambda tmp: str(tmp / "run"),
+              *TRAIN, "--batch-size", "0"),
+         check=_fails(r"batch.size must be >= 1, got 0")),
+    Case("cli: finetune with an unknown model",
+         _cli("finetune", "--model", "resnet9000", "--data", _data({"a": 3, "b": 3}), "--output",
+              lambda tmp: str(tmp / "run"), *TRAIN),
+         check=_fails(r"resnet9000")),
+    Case("cli: evaluate a directory with no weights",
+         _cli("evaluate", "--model", lambda tmp: str(BitConfig(**TINY).save_pretrained(tmp / "m").parent),
+              "--data", _data({"a": 2, "b": 2})),
+         check=_fails(r"no weights in {tmp}/m")),
+    Case("cli: convert a file that does not exist",
+         _cli("convert", lambda tmp: str(tmp / "missing.npz"), lambda tmp: str(tmp / "out")),
+         check=_fails(r"{tmp}/missing\.npz")),
+    Case("cli: convert a truncated safetensors file",
+         _cli("convert", lambda tmp: _file("w.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")(tmp),
+              lambda tmp: str(tmp / "out")),
+         check=_fails(r"{tmp}/w\.safetensors")),
+]
+
+
+def _debug_shows_the_traceback(tmp):
+    return main(["--debug", "predict", "--model", str(tmp / "no-model"), str(tmp / "a.png")])
+
+
+CLI_CASES.append(Case("cli: --debug raises instead of printing one line", _debug_shows_the_traceback, OSError,
+                      r"no such directory: {tmp}/no-model"))
+
+CASES = _image_cases() + TENSOR_CASES + CONFIG_CASES + CHECKPOINT_CASES + DATA_CASES + CLI_CASES
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 40 and len({case.id for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input(case: Case, tmp_path: Path):
+    started = time.perf_counter()
+    if case.error is not None:
+        with pytest.raises(case.error) as raised:
+            case.call(tmp_path)
+        assert re.search(case.match.replace("{tmp}", re.escape(str(tmp_path))), str(raised.value)), str(raised.value)
+        assert "\n" not in str(raised.value).strip(), "an error message is one line"
+    else:
+        case.check(case.call(tmp_path), tmp_path)
+    assert time.perf_counter() - started < 20, "a bad input must fail fast, not hang"
