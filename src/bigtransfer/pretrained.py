@@ -32,7 +32,11 @@ def resolve_pretrained(path_or_name: str | os.PathLike) -> Path:
 
     if not path.exists() and hub.is_hub_name(str(path_or_name)):
         return hub.snapshot(str(path_or_name))
-    raise OSError(f"no such directory: {path_or_name}")
+    problem = "is a file, not a model directory" if path.exists() else "does not exist"
+    raise OSError(
+        f"{path_or_name} {problem}: expected a directory with {CONFIG_NAME} and weights, or a Hugging Face Hub "
+        "name such as google/bit-50"
+    )
 
 
 def _is_single_checkpoint(path_or_name: str | os.PathLike) -> bool:
