@@ -300,9 +300,12 @@ def _resize_and_crop(
             (src_left + cols) * col_scale,
             (src_top + rows) * row_scale,
         )
-        window = np.stack([
-            np.array(PIL.Image.fromarray(band).resize((cols, rows), resample, box=box)) for band in image.numpy()
-        ])
+        window = np.stack(
+            [
+                np.array(PIL.Image.fromarray(band).resize((cols, rows), resample, box=box))
+                for band in image.numpy()
+            ]
+        )
     padded = np.zeros(image.shape[:-2] + (crop_height, crop_width), dtype=window.dtype)
     padded[..., dst_top : dst_top + rows, dst_left : dst_left + cols] = window
     return torch.from_numpy(padded)
