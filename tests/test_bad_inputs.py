@@ -645,6 +645,12 @@ def _data(layout):
     return lambda tmp: str(_folder(tmp, layout) if not (tmp / "images").exists() else tmp / "images")
 
 
+def _folder_with_a_truncated_jpeg(tmp):
+    root = _folder(tmp, {"a": 4, "b": 4})
+    (root / "b" / "broken.jpg").write_bytes(_jpeg_bytes()[:700])
+    return str(root)
+
+
 def _model_dir(tmp):
     return str(_saved_model(tmp)) if not (tmp / "model").exists() else str(tmp / "model")
 
@@ -688,6 +694,10 @@ CLI_CASES = [
          _cli("finetune", "--model", "resnet9000", "--data", _data({"a": 3, "b": 3}), "--output",
               lambda tmp: str(tmp / "run"), *TRAIN),
          check=_fails(r"resnet9000 does not exist: expected a directory")),
+    Case("cli: finetune with DataLoader workers meets a truncated image",
+         _cli("finetune", "--model", "tiny", "--data", lambda tmp: _folder_with_a_truncated_jpeg(tmp), "--output",
+              lambda tmp: str(tmp / "run"), "--max-steps", "8", "--workers", "2", *TRAIN),
+         check=_fails(r"^bigtransfer finetune: error: cannot read image {tmp}/images/b/broken\.jpg: \w+Error: ")),
     Case("cli: evaluate a directory with no weights",
          _cli("evaluate", "--model", lambda tmp: str(BitConfig(**TINY).save_pretrained(tmp / "m").parent),
               "--data", _data({"a": 2, "b": 2})),

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import original_message
+
 # Command modules, in the order `bigtransfer --help` lists them.
 COMMANDS = ["convert", "demo", "pretrain", "finetune", "evaluate", "predict", "features"]
 
@@ -54,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(message: object) -> str:
-    """Messages from other libraries sometimes span lines; the CLI's error is always one."""
-    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    """Messages from other libraries sometimes span lines, or carry a DataLoader worker's traceback; the CLI's
+    error is always one line."""
+    return " ".join(line.strip() for line in original_message(str(message)).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The package's own exception types; each is a ValueError or OSError so generic handlers still catch them."""
 
 import pickle
+import re
 
 
 class CheckpointError(ValueError):
@@ -15,8 +16,13 @@ class BadImageError(ValueError):
     """An image file that cannot be opened or decoded, or is too large to decode safely; `path` names it."""
 
     def __init__(self, path: str, reason: str = ""):
+        path = str(path)
+        if not reason and _WORKER_TRACEBACK in path:  # re-raised by torch from a DataLoader worker (see below)
+            found = re.fullmatch(r"cannot read image (.*?): ((?:\w+(?:Error|Exception)|not an image|more pixels).*)",
+                                 original_message(path), re.S)
+            path, reason = found.groups() if found else (original_message(path), "")
         super().__init__(f"cannot read image {path}: {reason}" if reason else f"cannot read image {path}")
-        self.path = str(path)
+        self.path = path
         self.reason = reason
 
     def __reduce__(self):  # keep path and reason across process boundaries (DataLoader workers)
@@ -25,3 +31,19 @@ class BadImageError(ValueError):
 
 class UnsafePickleError(pickle.UnpicklingError, ValueError):
     """A data pickle (CIFAR's batches) that would import or call code when loaded; refused, nothing was run."""
+
+
+# torch re-raises an exception from a DataLoader worker as `type(error)(text)`, where the text is
+# "Caught <type> in DataLoader worker process N.\nOriginal Traceback (most recent call last):\n<frames>\n
+# <module.type>: <message>": the original arguments are lost and the message carries a traceback.
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def original_message(text: str) -> str:
+    """The original message inside torch's DataLoader re-raise text; any other text unchanged."""
+    if _WORKER_TRACEBACK not in text:
+        return text
+    lines = text.split(_WORKER_TRACEBACK, 1)[1].splitlines()
+    last_frame = max((index for index, line in enumerate(lines) if line[:1].isspace()), default=-1)
+    original = "\n".join(lines[last_frame + 1 :]).strip()
+    return re.sub(r"^[\w.]+: ", "", original, count=1)  # drop "module.Type: "
