@@ -1013,7 +1013,7 @@ def _loop(job: _Job, output: Path, signals: _StopSignals) -> RunResult:
                 metrics_file.flush()
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}")
+                progress.set_postfix_str(f"loss={mean_loss:.4f} lr={lr:.2e} img/s={images_per_second:.0f}", refresh=False)
             if settings.eval_every and done % settings.eval_every == 0 and done < job.total_steps:
                 report = _evaluate_job(job, model, skipped=[])
                 if metrics_file is not None:

@@ -38,11 +38,11 @@ class DemoConfig:
     # Images are 28x28 (digits 8x8): squash to 36, random 32x32 crop (the HyperRule's 160/128 is too slow here).
     resize: int = 36
     crop: int = 32
-    upstream_epochs: float = 16.0
+    upstream_epochs: float = 24.0
     upstream_batch: int = 128
     finetune_steps: int = 100  # the HyperRule's 500-step schedule, scaled down to this many steps
     finetune_batch: int = 64
-    finetune_lr: float = 0.003
+    finetune_lr: float = 0.01
     threads: int | None = None
     quick: bool = False
 
@@ -65,7 +65,7 @@ def register(subparsers) -> None:
     parser.add_argument("--results", type=Path, help="the RESULTS.md to write (default docs/RESULTS.md; quick: in runs-dir)")
     parser.add_argument("--seeds", type=int, help="number of seeds (default 3; quick 1)")
     parser.add_argument("--shots", help="comma-separated examples per class (default 1,2,5,10,25; quick 1,5,10)")
-    parser.add_argument("--upstream-epochs", type=float, help="pre-training epochs (default 16; quick 3)")
+    parser.add_argument("--upstream-epochs", type=float, help="pre-training epochs (default 24; quick 3)")
     parser.add_argument("--finetune-steps", type=int, help="fine-tuning steps (default 100)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     parser.set_defaults(func=run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from .finetune import DATA_HELP, parse_classes
@@ -31,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.data, split=args.split, classes=args.classes, batch_size=args.batch_size,
         device=args.device, on_bad_image=args.on_bad_image,
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process reports
+        return 0
     if args.output:
         output = Path(args.output)
         write_report(report, output / REPORT_NAME)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .. import hyperrule
@@ -73,7 +74,9 @@ def run_settings(args: argparse.Namespace) -> dict:
 
 
 def finish(result) -> int:
-    """Print the outcome of a run; exit status 128 + signal for an interrupted one."""
+    """Print the outcome of a run (first process only under torchrun); exit status 128 + signal if interrupted."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 128 + result.interrupted if result.interrupted else 0
     if result.interrupted:
         print(
             f"stopped at step {result.steps}/{result.total_steps}; checkpoint saved in {result.output_dir}; "

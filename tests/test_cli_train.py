@@ -1,0 +1,112 @@
+"""The training commands end to end: finetune / pretrain / evaluate / predict / features, and a real SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from bigtransfer.cli import main
+from bigtransfer.train import CHECKPOINT_NAME, LOCK_NAME, load_checkpoint
+from test_train import CLASSES, make_image_folder
+
+TRAIN = ["--batch-size", "8", "--resize", "20", "--crop", "16", "--no-progress", "--no-plots"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("cli") / "images")
+
+
+def test_finetune_evaluate_predict_features(folder, tmp_path, capsys):
+    up = tmp_path / "up"
+    assert main(["pretrain", "--model", "tiny", "--data", str(folder), "--output", str(up), "--max-steps", "4",
+                 *TRAIN]) == 0
+    run = tmp_path / "ft"
+    assert main(["finetune", "--model", str(up / "model"), "--data", str(folder), "--output", str(run),
+                 "--max-steps", "6", "--base-lr", "0.01", "--shots", "4", "--classes", "circle,stripes", *TRAIN]) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out and str(run / "model") in out
+    report = json.loads((run / "report.json").read_text())
+    assert list(report["per_class_accuracy"]) == ["circle", "stripes"]
+
+    assert main(["evaluate", "--model", str(run / "model"), "--data", str(folder), "--classes", "circle,stripes",
+                 "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["top1"] == pytest.approx(report["top1"])
+    assert evaluated["confusion_matrix"] == report["confusion_matrix"]
+
+    images = [str(folder / "circle" / "0.png"), str(folder / "square" / "3.png")]
+    assert main(["predict", "--model", str(run / "model"), *images, "--top-k", "2", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, image in zip(lines, images, strict=True):
+        record = json.loads(line)
+        assert record["image"] == image
+        scores = [p["score"] for p in record["predictions"]]
+        assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-5)
+        assert {p["label"] for p in record["predictions"]} == {"circle", "stripes"}
+
+    features = tmp_path / "features.npy"
+    assert main(["features", "--model", str(run / "model"), "--data", str(folder), "--output", str(features)]) == 0
+    array, labels = np.load(features), np.load(tmp_path / "features.labels.npy")
+    assert array.shape == (24, 512) and labels.shape == (24,) and set(labels.tolist()) == {0, 1, 2}
+
+
+def test_errors_are_one_line(folder, tmp_path, capsys):
+    assert main(["finetune", "--model", "tiny", "--data", str(tmp_path / "missing"), "--output",
+                 str(tmp_path / "run"), *TRAIN]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("bigtransfer finetune: error:") and "does not exist" in error and "\n" not in error
+    run = tmp_path / "locked"
+    run.mkdir()
+    (run / LOCK_NAME).write_text(f"{os.getpid()} {os.uname().nodename}\n")
+    assert main(["finetune", "--model", "tiny", "--data", str(folder), "--output", str(run), *TRAIN]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "in use by process" in error and "\n" not in error
+
+
+def _finetune_process(folder, output, *extra):
+    command = [sys.executable, "-m", "bigtransfer.cli", "finetune", "--model", "tiny", "--data", str(folder),
+               "--output", str(output), "--max-steps", "60", "--base-lr", "0.01", "--seed", "5", *TRAIN, *extra]
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_half_way_then_resume_matches_an_uninterrupted_run(folder, tmp_path):
+    straight = _finetune_process(folder, tmp_path / "straight")
+    interrupted = _finetune_process(folder, tmp_path / "interrupted")
+    metrics = tmp_path / "interrupted" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and interrupted.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.01)
+    interrupted.send_signal(signal.SIGTERM)
+    _, err = interrupted.communicate(timeout=120)
+    assert interrupted.returncode == 128 + signal.SIGTERM, err
+    assert "continue with the same command and --resume" in err
+    _, state = load_checkpoint(tmp_path / "interrupted" / CHECKPOINT_NAME)
+    assert 5 <= state["step"] < 60
+    assert not (tmp_path / "interrupted" / LOCK_NAME).exists()
+
+    resumed = _finetune_process(folder, tmp_path / "interrupted", "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err
+    expected, _ = load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)
+    actual, state = load_checkpoint(tmp_path / "interrupted" / CHECKPOINT_NAME)
+    assert state["step"] == 60
+    model_keys = [key for key in expected if key.startswith(("model/", "optimizer/"))]
+    assert model_keys and all(torch.equal(expected[key], actual[key]) for key in model_keys)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 61))
+    assert json.loads((tmp_path / "interrupted" / "report.json").read_text())["per_class_accuracy"].keys() == set(CLASSES)
