@@ -14,7 +14,7 @@ import sys
 from .errors import original_message
 
 # Command modules, in the order `bigtransfer --help` lists them.
-COMMANDS = ["convert", "demo", "pretrain", "finetune", "evaluate", "predict", "features"]
+COMMANDS = ["convert", "demo", "pretrain", "finetune", "evaluate", "predict", "features", "export", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,64 @@
+"""`bigtransfer export`: a model directory -> ONNX / TorchScript / torch.export file, checked and timed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="export a model to ONNX (checked against onnxruntime), TorchScript or torch.export",
+        description="Export a model for deployment, with Weight Standardization folded into the convolutions, "
+        "dynamic batch / height / width, checked against the PyTorch model and timed beside it.",
+    )
+    parser.add_argument("--model", required=True, help="model directory (config.json + weights) or Hub name")
+    parser.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "exported-program"))
+    parser.add_argument("--output", required=True, help="file to write (.onnx, .pt, .pt2)")
+    parser.add_argument("--image-size", type=int, default=224, help="example image size for tracing (>= 64)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    parser.add_argument("--no-fold", action="store_true", help="keep Weight Standardization as graph ops")
+    parser.add_argument("--no-check", action="store_true", help="skip comparing outputs with PyTorch")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed relative output difference")
+    parser.add_argument("--time", type=int, default=5, metavar="ROUNDS",
+                        help="ONNX only: time onnxruntime beside eager PyTorch for ROUNDS rounds (0: skip)")
+    parser.add_argument("--batch-size", type=int, default=1, help="batch size for --time")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..export import DEFAULT_OPSET, export, time_against_pytorch
+
+    model = load_model(args.model)
+    report = export(
+        model, args.output, args.format, image_size=args.image_size, fold=not args.no_fold,
+        opset=args.opset or DEFAULT_OPSET, check=not args.no_check, tolerance=args.tolerance,
+    )
+    print(f"wrote {report.path} ({args.format}, outputs: {', '.join(report.output_names)}) in {report.seconds:.0f} s")
+    if report.operators:
+        print("operators: " + ", ".join(f"{name} {count}" for name, count in sorted(report.operators.items())))
+    if report.max_abs_difference is not None:
+        shapes = ", ".join("x".join(map(str, shape)) for shape in report.checked_shapes)
+        print(f"matches PyTorch on {shapes}: max |difference| {report.max_abs_difference:.2e} "
+              f"({report.max_relative_difference:.2e} of the largest output; tolerance {args.tolerance:g})")
+    if args.format == "onnx" and args.time > 0:
+        speed = time_against_pytorch(model, report.path, args.batch_size, args.image_size, rounds=args.time)
+        print(f"batch {args.batch_size} at {args.image_size}x{args.image_size}, median of {args.time} interleaved "
+              f"rounds: onnxruntime {speed['onnxruntime_images_per_second']:.2f} img/s, eager PyTorch "
+              f"{speed['pytorch_images_per_second']:.2f} img/s")
+    return 0
+
+
+def load_model(path: str):
+    """The model class named in config.json's `architectures` (BitForImageClassification by default)."""
+    from .. import BitBackbone, BitConfig, BitForImageClassification, BitModel
+    from ..pretrained import resolve_pretrained
+
+    classes = {cls.__name__: cls for cls in (BitForImageClassification, BitModel, BitBackbone)}
+    model_class = BitForImageClassification
+    if Path(path).is_dir():
+        config = BitConfig.from_pretrained(resolve_pretrained(path))
+        names = config.extra.get("architectures") or []
+        model_class = next((classes[name] for name in names if name in classes), None) or (
+            BitForImageClassification if config.num_labels > 0 else BitModel
+        )
+    return model_class.from_pretrained(path).eval()

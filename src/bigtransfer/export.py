@@ -1,0 +1,266 @@
+"""Export BiT models for deployment: ONNX (checked against ONNX Runtime), TorchScript, torch.export programs.
+
+Weight Standardization is folded into plain convolution weights before export (`fold=True`), so the graph holds
+only Conv, GroupNorm (as InstanceNormalization on grouped channels, ONNX opset 18) and elementwise ops: no
+training-mode BatchNormalization, which is how timm's and transformers' weight standardization exports, and
+which ONNX Runtime's CUDA provider rejects. Batch, height and width are dynamic.
+
+Example:
+    >>> report = export(model, "bit.onnx")                 # checks the outputs against onnxruntime
+    >>> report.max_abs_difference, report.operators["Conv"]
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import statistics
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .optimize import fold_weight_standardization
+
+FORMATS = ("onnx", "torchscript", "exported-program")
+DEFAULT_OPSET = 18  # 18: GroupNorm exports as InstanceNormalization, which ORT runs natively (21's GroupNormalization is expanded into slower ops)
+CHECK_SHAPES = ((2, 224, 224), (1, 160, 192))
+MIN_IMAGE_SIZE = 64  # the dynamic height / width start here: at least a 2x2 map after the stride-32 network  # a second batch size and a non-square size: the axes are dynamic
+
+
+@dataclasses.dataclass
+class ExportReport:
+    """What was written, and how well it matches the PyTorch model (largest |difference| over the checks)."""
+
+    path: str
+    format: str
+    output_names: list[str]
+    max_abs_difference: float | None = None
+    max_relative_difference: float | None = None
+    checked_shapes: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    operators: dict[str, int] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class ExportedOutputs(nn.Module):
+    """The model with plain tensor outputs, as exporters need: logits (classifier); last_hidden_state and
+    pooler_output (BitModel); one feature map per requested stage (BitBackbone)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        kind = type(model).__name__
+        if kind == "BitForImageClassification":
+            self.output_names = ["logits"]
+        elif kind == "BitBackbone":
+            self.output_names = [f"feature_map_{name}" for name in model.out_features]
+        elif kind == "BitModel":
+            self.output_names = ["last_hidden_state", "pooler_output"]
+        else:
+            raise TypeError(f"export needs a BitModel, BitForImageClassification or BitBackbone, got {kind}")
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output = self.model(pixel_values, return_dict=True)
+        if "logits" in self.output_names:
+            return (output.logits,)
+        if hasattr(output, "feature_maps"):
+            return tuple(output.feature_maps)
+        return output.last_hidden_state, output.pooler_output
+
+
+def export(
+    model: nn.Module, path: str | os.PathLike, format: str = "onnx", *, image_size: int = 224, fold: bool = True,
+    opset: int = DEFAULT_OPSET, check: bool = True, tolerance: float = 1e-4,
+) -> ExportReport:
+    """Export `model` to `path` as "onnx", "torchscript" or "exported-program" (a torch.export .pt2 file).
+
+    Args:
+        model: a BitModel, BitForImageClassification or BitBackbone (not modified: a copy is exported).
+        path: the output file (its directory is created).
+        format: "onnx" (dynamic batch, height and width), "torchscript" (a trace: any batch and image size, as
+            the model has no shape-dependent Python control flow without SAME padding) or "exported-program"
+            (dynamic batch, height and width).
+        image_size: height and width of the example input used to trace (at least 64; exported graphs take
+            any batch and any height and width from 64 up).
+        fold: fold Weight Standardization into the convolution weights first (faster, simpler graph).
+        opset: ONNX opset.
+        check: run the exported model on random inputs of two shapes and compare with the PyTorch model;
+            raises ValueError if the largest difference, relative to the largest output, exceeds `tolerance`.
+
+    Returns:
+        An ExportReport.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    start = time.perf_counter()
+    reference = model.eval()
+    prepared = copy.deepcopy(model).eval().requires_grad_(False)
+    if fold:
+        fold_weight_standardization(prepared)
+    wrapped = ExportedOutputs(prepared).eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+    # Batch 2, not 1: exporters specialise dimensions whose example size is 1.
+    example = torch.randn(2, prepared.config.num_channels, image_size, image_size)
+    report = ExportReport(str(path), format, wrapped.output_names)
+    if format == "onnx":
+        _export_onnx(wrapped, example, path, opset)
+        report.operators = onnx_operators(path)
+        training_bn = report.operators.get("BatchNormalization(training)", 0)
+        if training_bn:
+            raise RuntimeError(f"{path} holds {training_bn} training-mode BatchNormalization nodes")
+    elif format == "torchscript":
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(wrapped, example, check_trace=False)
+        traced = torch.jit.freeze(traced)
+        traced.save(str(path))
+    else:
+        program = torch.export.export(wrapped, (example,), dynamic_shapes={"pixel_values": _dynamic_axes()})
+        torch.export.save(program, str(path))
+    if check:
+        _check(report, reference, path, format, prepared.config.num_channels, tolerance)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _dynamic_axes() -> dict[int, Any]:
+    dim = torch.export.Dim
+    return {
+        0: dim("batch", min=1, max=65536),
+        2: dim("height", min=MIN_IMAGE_SIZE, max=8192),
+        3: dim("width", min=MIN_IMAGE_SIZE, max=8192),
+    }
+
+
+def _export_onnx(wrapped: ExportedOutputs, example: torch.Tensor, path: Path, opset: int) -> None:
+    program = torch.onnx.export(
+        wrapped, (example,), dynamo=True, opset_version=opset, input_names=["pixel_values"],
+        output_names=wrapped.output_names, dynamic_shapes={"pixel_values": _dynamic_axes()}, verbose=False,
+    )
+    program.save(str(path))
+
+
+def onnx_operators(path: str | os.PathLike) -> dict[str, int]:
+    """Node counts by operator of an ONNX file; training-mode BatchNormalization is counted separately."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    counts: Counter[str] = Counter()
+    for node in graph.node:
+        name = node.op_type
+        if name == "BatchNormalization" and any(a.name == "training_mode" and a.i == 1 for a in node.attribute):
+            name = "BatchNormalization(training)"
+        counts[name] += 1
+    return dict(counts)
+
+
+def onnx_session(model_or_path: nn.Module | str | os.PathLike, device: str | torch.device | None = None,
+                 threads: int | None = None):
+    """An onnxruntime InferenceSession for an .onnx file, or for a model (exported to a temporary file first).
+
+    `device` "cuda" uses the CUDA provider when onnxruntime-gpu is installed; threads default to onnxruntime's.
+    """
+    import tempfile
+
+    ort = _import_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if device is not None and torch.device(device).type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("onnxruntime has no CUDA provider here: pip install onnxruntime-gpu")
+        providers.insert(0, "CUDAExecutionProvider")
+    if isinstance(model_or_path, nn.Module):
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory) / "model.onnx"
+            export(model_or_path, path, check=False)
+            return ort.InferenceSession(str(path), options, providers=providers)
+    return ort.InferenceSession(str(model_or_path), options, providers=providers)
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError("checking an ONNX export needs onnxruntime: pip install 'bigtransfer[onnx]'") from None
+    return onnxruntime
+
+
+def _check(report: ExportReport, reference: nn.Module, path: Path, format: str, channels: int, tolerance: float) -> None:
+    run = _runner(path, format)
+    worst_abs, worst_rel = 0.0, 0.0
+    generator = torch.Generator().manual_seed(0)
+    for batch, height, width in CHECK_SHAPES:
+        pixels = torch.randn(batch, channels, height, width, generator=generator)
+        with torch.no_grad():
+            expected = ExportedOutputs(reference)(pixels)
+        actual = run(pixels)
+        for want, got in zip(expected, actual, strict=True):
+            got = torch.as_tensor(np.asarray(got)) if not isinstance(got, torch.Tensor) else got
+            if tuple(got.shape) != tuple(want.shape):
+                raise ValueError(f"exported {format} gives shape {tuple(got.shape)} for input {tuple(pixels.shape)}, "
+                                 f"PyTorch {tuple(want.shape)}")
+            difference = (got.float() - want.float()).abs().max().item()
+            worst_abs = max(worst_abs, difference)
+            worst_rel = max(worst_rel, difference / max(want.abs().max().item(), 1e-12))
+        report.checked_shapes.append((batch, channels, height, width))
+    report.max_abs_difference, report.max_relative_difference = worst_abs, worst_rel
+    if worst_rel > tolerance:
+        raise ValueError(
+            f"exported {format} differs from the PyTorch model by {worst_abs:.3g} ({worst_rel:.3g} of the largest "
+            f"output), more than the tolerance {tolerance:g}"
+        )
+
+
+def _runner(path: Path, format: str):
+    if format == "onnx":
+        session = onnx_session(path)
+        name = session.get_inputs()[0].name
+        return lambda pixels: session.run(None, {name: pixels.numpy()})
+    if format == "torchscript":
+        module = torch.jit.load(str(path))
+    else:
+        module = torch.export.load(str(path)).module()
+
+    def run(pixels):
+        with torch.no_grad():
+            return module(pixels)
+
+    return run
+
+
+def time_against_pytorch(model: nn.Module, path: str | os.PathLike, batch_size: int = 1, image_size: int = 224,
+                         rounds: int = 5) -> dict[str, float]:
+    """Images/s of the ONNX file in ONNX Runtime beside the eager PyTorch model, interleaved, median of rounds."""
+    session = onnx_session(path)
+    name = session.get_inputs()[0].name
+    pixels = torch.randn(batch_size, model.config.num_channels, image_size, image_size)
+    array = pixels.numpy()
+    model = model.eval()
+    runners = {"onnxruntime": lambda: session.run(None, {name: array})}
+
+    def eager():
+        with torch.inference_mode():
+            model(pixels)
+
+    runners["pytorch"] = eager
+    for run in runners.values():
+        run()
+    times: dict[str, list[float]] = {key: [] for key in runners}
+    for _ in range(rounds):
+        for key, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+    return {f"{key}_images_per_second": batch_size / statistics.median(values) for key, values in times.items()}
