@@ -44,7 +44,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--batch-size", type=int, default=batch_size, help=f"global batch size (default {batch_size})")
     parser.add_argument("--batch-split", type=int, default=1, metavar="N",
                         help="compute each batch in N micro-batches (same result, less memory)")
-    parser.add_argument("--max-steps", type=int, metavar="N", help="train for N optimizer steps")
+    parser.add_argument("--max-steps", type=int, metavar="N", help="train for N optimizer steps (the whole learning-rate schedule is scaled to fit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resize", type=int, metavar="PX", help="training squash-resize before the random crop")
     parser.add_argument("--crop", type=int, metavar="PX", help="training crop and evaluation size")
