@@ -158,7 +158,12 @@ def plot_curves(records: list[dict[str, Any]], directory: str | os.PathLike) -> 
     if train:
         figure = _figure()
         axes = figure.add_subplot()
-        axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss", linewidth=1)
+        steps, losses = [r["step"] for r in train], np.asarray([r["loss"] for r in train], dtype=np.float64)
+        axes.plot(steps, losses, label="training loss", linewidth=0.8, alpha=0.5 if len(train) >= 50 else 1.0)
+        if len(train) >= 50:  # a running mean over ~2 % of training shows the trend through batch noise
+            window = max(5, len(train) // 50)
+            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            axes.plot(steps[window - 1 :], smooth, label=f"running mean ({window} steps)", linewidth=1.5)
         if evals:
             axes.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="evaluation loss")
         axes.set_xlabel("step")
@@ -244,12 +249,15 @@ def plot_accuracy_vs_shots(
     """Mean accuracy (%) against examples per class, one line per arm, error bars = std over seeds."""
     figure = _figure()
     axes = figure.add_subplot()
+    all_shots = sorted({shots for by_shots in series.values() for shots in by_shots})
     for name, by_shots in series.items():
         shots = sorted(by_shots)
         means = [100 * float(np.mean(by_shots[s])) for s in shots]
         stds = [100 * float(np.std(by_shots[s])) for s in shots]
         axes.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=name)
     axes.set_xscale("log")
+    axes.set_xticks(all_shots, labels=[str(shots) for shots in all_shots])
+    axes.minorticks_off()
     axes.set_xlabel("training examples per class")
     axes.set_ylabel("top-1 accuracy (%)")
     if title:

@@ -23,6 +23,7 @@ would have done, and a global batch is the same whether one process or N (Distri
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -536,7 +537,9 @@ class _Context:
 def _distributed(device: str | None) -> Iterator[_Context]:
     """One process, or the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
 
-    NCCL on GPUs, gloo on CPUs. A group this call creates is destroyed when it ends.
+    NCCL on GPUs, gloo on CPUs. The group is created once and lives as long as the process: destroying and
+    re-creating it between two commands run in one process (finetune, then features) can pair a rank with the
+    previous group's leftover rendezvous keys in torchrun's store and hang both ranks.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -546,17 +549,17 @@ def _distributed(device: str | None) -> Iterator[_Context]:
         torch.cuda.set_device(chosen)
     else:
         chosen = torch.device(device or "cpu")
-    created = False
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
-        created = True
+        atexit.register(_destroy_process_group)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    try:
-        yield _Context(world_size, rank, chosen)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    yield _Context(world_size, rank, chosen)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _all_sum(context: _Context, values: list[float]) -> list[float]:
