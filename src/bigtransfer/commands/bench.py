@@ -56,6 +56,7 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None
     json_path: str | None = None
+    profile: bool = False
     verbose: bool = True
 
 
@@ -109,6 +110,9 @@ def register(subparsers) -> None:
                         help="3 rounds, batch-16 inference and the training step only, no pipeline")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
     parser.add_argument("--json", dest="json_path", default=None, help="write the results to this JSON file")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, print where the time goes (torch.profiler, top operators) for the "
+                        "fastest bigtransfer contender and the best peer of each workload")
     parser.set_defaults(func=run)
 
 
@@ -128,6 +132,7 @@ def run(args) -> int:
         contenders=tuple(args.contenders.split(",")) if args.contenders else None,
         threads=args.threads,
         json_path=args.json_path,
+        profile=args.profile,
     )
     report = run_bench(config)
     print(format_report(report))
@@ -154,10 +159,11 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     weights = {key: value.detach().clone() for key, value in reference.state_dict().items()}
     parity = _check_parity(reference, weights, transformers, timm, config.variant)
     log(f"same weights, max |difference| of logits vs bigtransfer: {_format_parity(parity)}")
-    matmul_peak = _MatmulPeak(device)
+    matmul_peaks: dict[str, _MatmulPeak] = {}
     results: list[Result] = []
     built: dict[str, Any] = {}
     for precision in config.precisions:
+        matmul_peak = matmul_peaks[precision] = _MatmulPeak(device, _autocast_dtype(precision) or torch.float32)
         with _precision(precision, device):
             for workload in config.workloads:
                 spec = WORKLOADS[workload]
@@ -167,7 +173,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 results += _time_workload(config, workload, precision, spec, contenders, flops, matmul_peak, log)
     _add_ratios(results)
     report = {
-        "environment": _environment(config, load_before, matmul_peak),
+        "environment": _environment(config, load_before, matmul_peaks),
         "parity_max_abs_logit_difference": parity,
         "results": [dataclasses.asdict(result) for result in results],
     }
@@ -408,8 +414,10 @@ def _contenders(config, spec, precision, weights, transformers, timm, built) -> 
             ]
         if config.onnx and precision == "fp32" and device.type == "cpu":
             contenders.append(Contender("bigtransfer onnxruntime", True, ours_onnx))
-    if config.contenders:
-        contenders = [c for c in contenders if any(part in c.name for part in config.contenders)]
+    if config.contenders:  # an exact name selects that contender; any other entry, every name containing it
+        names = {c.name for c in contenders}
+        contenders = [c for c in contenders if c.name in config.contenders
+                      or any(part in c.name for part in config.contenders if part not in names)]
     return contenders
 
 
@@ -483,6 +491,13 @@ def _time_workload(config, workload, precision, spec, contenders, flops, matmul_
             times[name].append((time.perf_counter() - start) / iterations[name])
         log(f"  round {round_index + 1}: " + ", ".join(f"{n} {batch / times[n][-1]:.2f}" for n in names) + " img/s")
     memory = {name: None if "onnxruntime" in name else _peak_memory_mb(step, device) for name, step in steps.items()}
+    if config.profile and times:
+        speed = {name: statistics.median(values) for name, values in times.items()}
+        ours = [c.name for c in contenders if c.ours and c.name in speed and "onnxruntime" not in c.name]
+        peers = [c.name for c in contenders if not c.ours and not c.informational and c.name in speed]
+        for name in [min(ours, key=speed.get, default=None), min(peers, key=speed.get, default=None)]:
+            if name:
+                log(f"\n  where the time goes: {name}, {workload} ({precision})\n" + _profile_table(steps[name], device))
     results = []
     for contender in contenders:
         name = contender.name
@@ -551,6 +566,18 @@ def _peak_memory_mb(step: Callable[[], Any], device: torch.device) -> float | No
     return peak / 2**20
 
 
+def _profile_table(step: Callable[[], Any], device: torch.device, rows: int = 15) -> str:
+    """Top operators by self time for one step (torch.profiler); generated kernels appear by their names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with _quiet_stderr(), profile(activities=activities) as profiler:
+        step()
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+
+
 @contextmanager
 def _quiet_stderr() -> Iterator[None]:
     """Silence the profiler's C++ start/stop lines (written straight to file descriptor 2)."""
@@ -569,12 +596,14 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 class _MatmulPeak:
-    """A 2048x2048 matmul in the working dtype, timed once per round (so it sees the same machine load)."""
+    """A square matmul in the working dtype (2048 on CPU, 8192 on GPU), timed once per round, so that it sees
+    the same machine load as the models."""
 
-    def __init__(self, device: torch.device, size: int = 2048):
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32):
+        size = 8192 if device.type == "cuda" else 2048
         generator = torch.Generator().manual_seed(3)
-        self.a = torch.randn(size, size, generator=generator).to(device)
-        self.b = torch.randn(size, size, generator=generator).to(device)
+        self.a = torch.randn(size, size, generator=generator).to(device, dtype)
+        self.b = torch.randn(size, size, generator=generator).to(device, dtype)
         self.device, self.samples = device, []
 
     def measure(self) -> None:
@@ -655,7 +684,7 @@ def _bench_pipeline(reference: nn.Module, built: dict[str, Any], device: torch.d
 
 
 def _write_jpegs(directory: Path, count: int) -> list[Path]:
-    """Camera-sized JPEGs: crops of scikit-image's sample photos when installed, else smooth synthetic images."""
+    """1280x960 JPEGs (a web-sized photo): scikit-image's sample photos when installed, else synthetic ones."""
     import numpy as np
     import PIL.Image
 
@@ -671,10 +700,10 @@ def _write_jpegs(directory: Path, count: int) -> list[Path]:
     for index in range(count):
         if photos:
             photo = photos[index % len(photos)]
-            image = PIL.Image.fromarray(photo).resize((800, 600), PIL.Image.Resampling.BICUBIC)
+            image = PIL.Image.fromarray(photo).resize((1280, 960), PIL.Image.Resampling.BICUBIC)
         else:
-            y, x = np.mgrid[0:600, 0:800]
-            base = np.stack([x * 0.3, y * 0.4, (x + y) * 0.15], -1) + rng.normal(0, 8, (600, 800, 3))
+            y, x = np.mgrid[0:960, 0:1280]
+            base = np.stack([x * 0.2, y * 0.25, (x + y) * 0.1], -1) + rng.normal(0, 8, (960, 1280, 3))
             image = PIL.Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
         path = directory / f"{index:03d}.jpg"
         image.save(path, quality=90)
@@ -686,7 +715,7 @@ def _write_jpegs(directory: Path, count: int) -> list[Path]:
 # Report.
 
 
-def _environment(config: BenchConfig, load_before, matmul_peak: _MatmulPeak) -> dict[str, Any]:
+def _environment(config: BenchConfig, load_before, matmul_peaks: dict[str, _MatmulPeak]) -> dict[str, Any]:
     import timm
     import transformers
 
@@ -700,7 +729,8 @@ def _environment(config: BenchConfig, load_before, matmul_peak: _MatmulPeak) -> 
         "transformers": transformers.__version__,
         "timm": timm.__version__,
         "python": platform.python_version(),
-        "matmul_peak_gflops": matmul_peak.gflops,
+        "matmul_peak_gflops": {precision: peak.gflops for precision, peak in matmul_peaks.items()},
+        "matmul_size": next(iter(matmul_peaks.values())).a.shape[0] if matmul_peaks else None,
         "load_average_before": load_before,
     }
 
@@ -728,7 +758,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"{env['variant']} on {env['device']}, {env['threads']} threads; torch {env['torch']}, transformers "
         f"{env['transformers']}, timm {env['timm']}; median of {env['rounds']} interleaved rounds",
-        f"matmul peak {env['matmul_peak_gflops']:.1f} GFLOP/s (2048x2048); load average "
+        "matmul peak " + ", ".join(f"{p} {g:.1f}" for p, g in env["matmul_peak_gflops"].items())
+        + f" GFLOP/s ({env.get('matmul_size')}x{env.get('matmul_size')}); load average "
         f"{env['load_average_before']} -> {env.get('load_average_after')}",
         "",
         f"{'workload':<10} {'prec':<5} {'contender':<38} {'img/s':>7} {'peak MB':>8} {'GFLOP/s':>8} "
@@ -749,8 +780,8 @@ def format_report(report: dict[str, Any]) -> str:
     if "pipeline" in report:
         pipe = report["pipeline"]
         lines.append(
-            f"JPEG -> top-5, {pipe['num_images']} 800x600 files, batch 16: plain (full decode, processor, eager "
-            f"model) {pipe['plain_images_per_second']:.2f} img/s; predict_images (reduced decode, worker, optimize()"
+            f"JPEG -> top-5, {pipe['num_images']} 1280x960 files, batch 16: plain (full decode, processor, eager "
+            f"model) {pipe['plain_images_per_second']:.2f} img/s; predict_images (reduced decode, optimize()"
             f"{'' if pipe['fast_model_compiled'] else ' without compile'}) {pipe['fast_images_per_second']:.2f} img/s; "
             f"decode+preprocess alone {pipe['decode_and_preprocess_full_images_per_second']:.0f} -> "
             f"{pipe['decode_and_preprocess_reduced_images_per_second']:.0f} img/s"

@@ -1,0 +1,22 @@
+"""This package against transformers and timm on the same R50x1 weights, interleaved in one process.
+
+The same as `bigtransfer bench` (all options pass through), runnable from a checkout:
+
+    python benchmarks/bench_models.py                       # full CPU run: several minutes (compiles included)
+    python benchmarks/bench_models.py --quick               # batch-16 inference and the training step, 3 rounds
+    python benchmarks/bench_models.py --json results.json   # also write the numbers
+    python benchmarks/bench_models.py --device cuda --precision fp32,tf32,bf16   # see gpu_check.sh
+
+Prints one row per (workload, contender): images/s (median of the rounds), peak memory the step allocates,
+GFLOP/s achieved, the fraction of a matmul's GFLOP/s measured in the same rounds, and the ratio to the best
+peer (transformers or timm, eager, channels_last or compiled). Tests never time anything; this does.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bigtransfer.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", *sys.argv[1:]]))
