@@ -164,10 +164,12 @@ def onnx_operators(path: str | os.PathLike) -> dict[str, int]:
 
 
 def onnx_session(model_or_path: nn.Module | str | os.PathLike, device: str | torch.device | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, spinning: bool = True):
     """An onnxruntime InferenceSession for an .onnx file, or for a model (exported to a temporary file first).
 
     `device` "cuda" uses the CUDA provider when onnxruntime-gpu is installed; threads default to onnxruntime's.
+    `spinning=False` stops its idle threads from busy-waiting after each run: needed when anything else (such
+    as PyTorch, in a comparison) runs on the same cores in between.
     """
     import tempfile
 
@@ -176,6 +178,8 @@ def onnx_session(model_or_path: nn.Module | str | os.PathLike, device: str | tor
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if device is not None and torch.device(device).type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -243,7 +247,7 @@ def _runner(path: Path, format: str):
 def time_against_pytorch(model: nn.Module, path: str | os.PathLike, batch_size: int = 1, image_size: int = 224,
                          rounds: int = 5) -> dict[str, float]:
     """Images/s of the ONNX file in ONNX Runtime beside the eager PyTorch model, interleaved, median of rounds."""
-    session = onnx_session(path)
+    session = onnx_session(path, spinning=False)  # spinning threads would steal the cores from PyTorch's turn
     name = session.get_inputs()[0].name
     pixels = torch.randn(batch_size, model.config.num_channels, image_size, image_size)
     array = pixels.numpy()
