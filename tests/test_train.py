@@ -127,7 +127,7 @@ def test_finetune_replaces_the_head_with_zeros_even_when_its_shape_fits(folder, 
     finetune(config(folder, tmp_path / "first"))
     head = BitForImageClassification.from_pretrained(tmp_path / "first" / "model").classifier[1]
     assert head.weight.abs().sum() > 0  # trained
-    model, _, _ = train._finetune_model(str(tmp_path / "first" / "model"), list(CLASSES), seed=0)
+    model, _, _ = train._training_model(str(tmp_path / "first" / "model"), list(CLASSES), seed=0, fine_tune=True)
     assert model.classifier[1].weight.abs().sum() == 0 and model.classifier[1].bias.abs().sum() == 0
     backbone = BitForImageClassification.from_pretrained(tmp_path / "first" / "model").bit.state_dict()
     assert all(torch.equal(value, model.bit.state_dict()[key]) for key, value in backbone.items())
@@ -313,3 +313,17 @@ def test_evaluation_report_metrics():
     assert report.per_class_accuracy == {"a": 0.5, "b": 1.0, "c": 1.0}
     assert report.confusion_matrix == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
     assert "1 unreadable skipped" in report.summary()
+
+
+def test_model_names_choose_between_random_init_and_pretrained_weights(tmp_path):
+    # Fine-tuning: Google's checkpoint names mean their weights (as in the original code); variants build at random.
+    assert not train._is_random_init("BiT-M-R50x1", google_names_are_weights=True)
+    assert not train._is_random_init("BiT-S-R101x3-ILSVRC2012", google_names_are_weights=True)
+    assert train._is_random_init("tiny", google_names_are_weights=True)
+    assert train._is_random_init("R50x1", google_names_are_weights=True)
+    # Pre-training starts from scratch whatever the name.
+    assert train._is_random_init("BiT-M-R50x1", google_names_are_weights=False)
+    # An existing path is always loaded, and an unknown name is not a variant.
+    (tmp_path / "tiny").mkdir()
+    assert not train._is_random_init(str(tmp_path / "tiny"), google_names_are_weights=False)
+    assert not train._is_random_init("no-such-model", google_names_are_weights=True)

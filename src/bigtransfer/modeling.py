@@ -217,7 +217,7 @@ class BitEncoder(nn.Module):
         rates = [config.drop_path_rate * index / max(total - 1, 1) for index in range(total)]
         self.stages = nn.ModuleList()
         in_channels, current_stride, dilation, start = config.embedding_size, 4, 1, 0
-        for stage_index, (depth, out_channels) in enumerate(zip(config.depths, config.stage_widths)):
+        for stage_index, (depth, out_channels) in enumerate(zip(config.depths, config.stage_widths, strict=True)):
             stride = 1 if stage_index == 0 else 2
             if current_stride >= config.output_stride:
                 dilation, stride = dilation * stride, 1

@@ -39,7 +39,7 @@ def resolve_pretrained(path_or_name: str | os.PathLike) -> Path:
     )
 
 
-def _is_single_checkpoint(path_or_name: str | os.PathLike) -> bool:
+def is_single_checkpoint(path_or_name: str | os.PathLike) -> bool:
     """A weights file of any format, or a Google BiT name, rather than a transformers-layout directory."""
     from .checkpoints import hub
 
@@ -70,7 +70,7 @@ def load_pretrained(
     config: BitConfig | None = None, **config_overrides: Any,
 ):
     """Build `model_class` from a directory, weights file or name; see `BitPreTrainedModel.from_pretrained`."""
-    if config is None and _is_single_checkpoint(path_or_name):
+    if config is None and is_single_checkpoint(path_or_name):
         from .checkpoints.convert import load_checkpoint
 
         # A new `num_labels` always starts a fresh zero head here, so ignore_mismatched_sizes has nothing to add.

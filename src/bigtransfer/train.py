@@ -196,7 +196,7 @@ def finetune(config: FinetuneConfig) -> RunResult:
             if config.shots else np.arange(len(source))
         )
         size = len(indices)
-        model, mean, std = _finetune_model(config.model, source.classes, config.seed)
+        model, mean, std = _training_model(config.model, source.classes, config.seed, fine_tune=True)
         precrop, crop = _resolution(config, source, config.model)
         schedule = hyperrule.schedule(size, config.preset)
         total = config.max_steps or schedule[-1]
@@ -227,7 +227,7 @@ def pretrain(config: PretrainConfig) -> RunResult:
         source = _open(config.data, "train", config.classes)
         eval_source = _open(config.eval_data or config.data, "test", config.classes)
         _check_same_classes(source, eval_source)
-        model, mean, std = _pretrain_model(config.model, source.classes, config.seed)
+        model, mean, std = _training_model(config.model, source.classes, config.seed, fine_tune=False)
         precrop, crop = _resolution(config, source, config.model)
         total = config.max_steps or max(1, math.ceil(config.epochs * len(source) / config.batch_size))
         warmup = config.warmup_steps if config.warmup_steps is not None else round(0.05 * total)
@@ -368,8 +368,15 @@ def _check_same_classes(source: ImageSource, eval_source: ImageSource) -> None:
         )
 
 
-def _is_variant(name: str) -> bool:
-    if Path(name).exists():
+def _is_random_init(name: str, google_names_are_weights: bool) -> bool:
+    """Whether `--model` names an architecture to build at random rather than weights to load.
+
+    Variant names (`tiny`, `R50x1`, `BiT-S-R50x1`) build at random; for fine-tuning, Google's checkpoint names
+    (`BiT-M-R50x1`, `BiT-S-R101x3-ILSVRC2012`) mean their pretrained weights, as in the original code.
+    """
+    from .checkpoints import hub
+
+    if Path(name).exists() or (google_names_are_weights and hub.is_google_name(name)):
         return False
     try:
         BitConfig.from_variant(name)
@@ -400,43 +407,28 @@ def _name_labels(config: BitConfig, classes: Sequence[str]) -> None:
     config.label2id = {str(name): index for index, name in enumerate(classes)}
 
 
-def _finetune_model(name: str, classes: Sequence[str], seed: int):
-    """(model with a zero head for `classes`, mean, std): from a directory / hub id, or a variant at random."""
-    if _is_variant(name):
+def _training_model(name: str, classes: Sequence[str], seed: int, fine_tune: bool):
+    """(model with a head for `classes`, mean, std): a variant at random (seeded), or loaded weights of any format.
+
+    Fine-tuning always starts from a zero-initialised head (BiT), even when the old head had the same shape.
+    """
+    if _is_random_init(name, google_names_are_weights=fine_tune):
         config = BitConfig.from_variant(name, num_labels=len(classes))
         model = _seeded_init(lambda: BitForImageClassification(config), seed)
         mean, std = BIT_MEAN, BIT_STD
     else:
-        from .pretrained import resolve_pretrained
+        from .pretrained import is_single_checkpoint, resolve_pretrained
 
-        directory = resolve_pretrained(name)
+        source = name if is_single_checkpoint(name) else resolve_pretrained(name)
         with _quiet_head_warning():
             model = BitForImageClassification.from_pretrained(
-                directory, num_labels=len(classes), ignore_mismatched_sizes=True
+                source, num_labels=len(classes), ignore_mismatched_sizes=True
             )
-        mean, std = _processor_normalisation(directory)
-    head = model.classifier[1]
-    nn.init.zeros_(head.weight)  # BiT: a new, zero-initialised head (even when the old one had the same shape)
-    nn.init.zeros_(head.bias)
-    _name_labels(model.config, classes)
-    model.config.problem_type = "single_label_classification"
-    return model.train(), mean, std
-
-
-def _pretrain_model(name: str, classes: Sequence[str], seed: int):
-    if _is_variant(name):
-        config = BitConfig.from_variant(name, num_labels=len(classes))
-        model = _seeded_init(lambda: BitForImageClassification(config), seed)
-        mean, std = BIT_MEAN, BIT_STD
-    else:
-        from .pretrained import resolve_pretrained
-
-        directory = resolve_pretrained(name)
-        with _quiet_head_warning():
-            model = BitForImageClassification.from_pretrained(
-                directory, num_labels=len(classes), ignore_mismatched_sizes=True
-            )
-        mean, std = _processor_normalisation(directory)
+        # A directory says how it was trained; converted files (timm, .npz, original code) all expect [-1, 1].
+        mean, std = _processor_normalisation(source) if isinstance(source, Path) else (BIT_MEAN, BIT_STD)
+    if fine_tune:
+        nn.init.zeros_(model.classifier[1].weight)
+        nn.init.zeros_(model.classifier[1].bias)
     _name_labels(model.config, classes)
     model.config.problem_type = "single_label_classification"
     return model.train(), mean, std
