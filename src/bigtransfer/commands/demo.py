@@ -343,6 +343,10 @@ def _results_markdown(config, upstream, upstream_report, results, timings, plots
         "initialised network cannot pick up from a handful of images in 100 steps. The advantage of transfer shows "
         "once there are about 10 examples per class. At 32x32 the last stage of `tiny` works on 1x1 maps (stride 32), "
         "one reason the BiT-HyperRule upsamples small images to 128 px, which was too slow here.",
+        "- Run to run: the numbers are reproducible bit for bit with the same code and thread count, but any change "
+        "in floating-point order (thread count, a kernel rewrite) moves single cells at 1-2 shots by several points "
+        "(seen between runs of this command before and after a change in the weight-standardization kernel). "
+        "Compare the arms across shot counts, not single cells.",
         "- Both arms use the same examples for a given seed (`few_shot_indices(labels, shots, seed)`), the same schedule "
         "and the same evaluation images.",
         "",
