@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -83,6 +82,7 @@ class Result:
     matmul_fraction: float
     ratio_to_best_peer: float | None = None
     setup_seconds: float = 0.0
+    clean_rounds: int = 0  # rounds whose sample the matmul probes found undisturbed (the median uses those)
     error: str | None = None
 
 
@@ -477,10 +477,12 @@ def _time_workload(config, workload, precision, spec, contenders, flops, matmul_
             log(f"  {contender.name}: failed: {failed[contender.name][:200]}")
         setup[contender.name] = time.perf_counter() - start
     iterations = _iterations(steps, device)
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    # Every timed sample sits between two matmul probes; a sample is clean when neither probe ran slower than
+    # CLEAN_FRACTION of the run's fastest (the machine may be shared: other work only ever slows samples down).
+    probes = [matmul_peak.probe()]
+    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in steps}
     names = list(steps)
     for round_index in range(config.rounds):
-        matmul_peak.measure()
         order = names[round_index % len(names):] + names[:round_index % len(names)] if names else []
         for name in order:
             _sync(device)
@@ -488,8 +490,12 @@ def _time_workload(config, workload, precision, spec, contenders, flops, matmul_
             for _ in range(iterations[name]):
                 steps[name]()
             _sync(device)
-            times[name].append((time.perf_counter() - start) / iterations[name])
-        log(f"  round {round_index + 1}: " + ", ".join(f"{n} {batch / times[n][-1]:.2f}" for n in names) + " img/s")
+            samples[name].append(((time.perf_counter() - start) / iterations[name], len(probes) - 1))
+            probes.append(matmul_peak.probe())
+        log(f"  round {round_index + 1}: " + ", ".join(
+            f"{n} {batch / samples[n][-1][0]:.2f}{'' if _is_clean(samples[n][-1][1], probes, matmul_peak) else '*'}"
+            for n in names) + " img/s (* disturbed)")
+    times = {name: _clean_times(values, probes, matmul_peak) for name, values in samples.items()}
     memory = {name: None if "onnxruntime" in name else _peak_memory_mb(step, device) for name, step in steps.items()}
     if config.profile and times:
         speed = {name: statistics.median(values) for name, values in times.items()}
@@ -510,12 +516,26 @@ def _time_workload(config, workload, precision, spec, contenders, flops, matmul_
         gflops = flops * images_per_second / 1e9
         results.append(Result(
             workload, precision, name, contender.ours, contender.informational, images_per_second, seconds,
-            [batch / t for t in times[name]], memory.get(name), gflops,
+            [batch / t for t, _ in samples[name]], memory.get(name), gflops,
             gflops / matmul_peak.gflops if matmul_peak.gflops else 0.0, setup_seconds=setup[name],
+            clean_rounds=sum(_is_clean(i, probes, matmul_peak) for _, i in samples[name]),
         ))
     steps.clear()
     gc.collect()
     return results
+
+
+CLEAN_FRACTION = 0.85
+
+
+def _is_clean(index: int, probes: list[float], matmul_peak: _MatmulPeak) -> bool:
+    return min(probes[index], probes[index + 1]) >= CLEAN_FRACTION * matmul_peak.best
+
+
+def _clean_times(samples: list[tuple[float, int]], probes: list[float], matmul_peak: _MatmulPeak) -> list[float]:
+    """The clean samples' times, or all of them when fewer than two are clean (then the row is marked)."""
+    clean = [seconds for seconds, index in samples if _is_clean(index, probes, matmul_peak)]
+    return clean if len(clean) >= 2 else [seconds for seconds, _ in samples]
 
 
 def _iterations(steps: dict[str, Callable[[], Any]], device: torch.device) -> dict[str, int]:
@@ -596,8 +616,8 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 class _MatmulPeak:
-    """A square matmul in the working dtype (2048 on CPU, 8192 on GPU), timed once per round, so that it sees
-    the same machine load as the models."""
+    """A square matmul in the working dtype (2048 on CPU, 8192 on GPU), timed between samples: its speed is the
+    reference "peak" and tells which samples ran while something else loaded the machine."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32):
         size = 8192 if device.type == "cuda" else 2048
@@ -605,20 +625,25 @@ class _MatmulPeak:
         self.a = torch.randn(size, size, generator=generator).to(device, dtype)
         self.b = torch.randn(size, size, generator=generator).to(device, dtype)
         self.device, self.samples = device, []
+        torch.mm(self.a, self.b)
 
-    def measure(self) -> None:
-        best = math.inf
-        for _ in range(3):
-            _sync(self.device)
-            start = time.perf_counter()
-            torch.mm(self.a, self.b)
-            _sync(self.device)
-            best = min(best, time.perf_counter() - start)
-        self.samples.append(2 * self.a.shape[0] ** 3 / best / 1e9)
+    def probe(self) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        torch.mm(self.a, self.b)
+        _sync(self.device)
+        self.samples.append(2 * self.a.shape[0] ** 3 / (time.perf_counter() - start) / 1e9)
+        return self.samples[-1]
+
+    @property
+    def best(self) -> float:
+        return max(self.samples, default=0.0)
 
     @property
     def gflops(self) -> float:
-        return statistics.median(self.samples) if self.samples else 0.0
+        """Median of the undisturbed probes."""
+        clean = [value for value in self.samples if value >= CLEAN_FRACTION * self.best]
+        return statistics.median(clean) if clean else 0.0
 
 
 def _flops_per_image(model: nn.Module, spec: tuple[int, int, bool]) -> float:
@@ -763,7 +788,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{env['load_average_before']} -> {env.get('load_average_after')}",
         "",
         f"{'workload':<10} {'prec':<5} {'contender':<38} {'img/s':>7} {'peak MB':>8} {'GFLOP/s':>8} "
-        f"{'%peak':>6} {'vs best peer':>12}",
+        f"{'%peak':>6} {'vs best peer':>12} {'clean':>6}",
     ]
     for result in report["results"]:
         name = result["contender"] + (" *" if result["informational"] else "")
@@ -774,9 +799,12 @@ def format_report(report: dict[str, Any]) -> str:
         ratio = f"{result['ratio_to_best_peer']:.2f}x" if result["ratio_to_best_peer"] else "-"
         lines.append(
             f"{result['workload']:<10} {result['precision']:<5} {name:<38} {result['images_per_second']:>7.2f} "
-            f"{memory:>8} {result['gflops']:>8.1f} {100 * result['matmul_fraction']:>5.0f}% {ratio:>12}"
+            f"{memory:>8} {result['gflops']:>8.1f} {100 * result['matmul_fraction']:>5.0f}% {ratio:>12} "
+            f"{result.get('clean_rounds', 0):>3}/{len(result['rounds'])}"
         )
     lines.append("* not counted as a peer: timm with inductor freezing is this package's technique applied to timm")
+    lines.append(f"clean: rounds whose matmul probes (before and after the sample) ran at >= {CLEAN_FRACTION:.0%} of "
+                 "the fastest probe; medians use those (all rounds when fewer than two)")
     if "pipeline" in report:
         pipe = report["pipeline"]
         lines.append(
