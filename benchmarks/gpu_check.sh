@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The bench on one NVIDIA GPU, in under 5 minutes: this package against transformers and timm on the same R50x1
-# weights, in fp32, TF32 and bf16 (autocast), eager and channels_last, then compiled (optimize() against timm
-# channels_last + torch.compile) for batch-16 inference. Writes gpu_check_eager.json and gpu_check_compiled.json
-# (or under $OUT_DIR) and prints both tables.
+# weights: batch-16 inference and the training step in fp32, TF32 and bf16 (autocast), eager and channels_last;
+# then batch-16 inference compiled (optimize() against timm channels_last + torch.compile) in fp32 and bf16.
+# Writes gpu_check_eager.json and gpu_check_compiled.json (under $OUT_DIR) and prints both tables.
 #
 #   bash benchmarks/gpu_check.sh            # needs: an NVIDIA GPU, a CUDA build of torch, transformers, timm
 #   PYTHON=.venv/bin/python OUT_DIR=/tmp bash benchmarks/gpu_check.sh
@@ -33,11 +33,12 @@ PY
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 
 start=$(date +%s)
-# 1) Eager and channels_last, every workload, three precisions (about a minute on an H100).
-timeout 150 "$PYTHON" -m bigtransfer.cli bench --device cuda --precision fp32,tf32,bf16 --rounds 5 \
-    --no-compile --no-pipeline --json "$OUT_DIR/gpu_check_eager.json"
-# 2) Compiled, batch-16 inference, fp32 and bf16 (compiles dominate: about 30-60 s each).
-timeout 240 "$PYTHON" -m bigtransfer.cli bench --device cuda --precision fp32,bf16 --rounds 5 \
+# 1) Eager and channels_last, batch-16 inference and the training step, three precisions (about 1.5 minutes).
+timeout 130 "$PYTHON" -m bigtransfer.cli bench --device cuda --precision fp32,tf32,bf16 --rounds 3 \
+    --workloads infer-b16,train-b16 --no-compile --no-pipeline --json "$OUT_DIR/gpu_check_eager.json"
+# 2) Compiled, batch-16 inference, fp32 and bf16: optimize() against timm channels_last + torch.compile
+#    (compiles dominate: 30-60 s each).
+timeout 160 "$PYTHON" -m bigtransfer.cli bench --device cuda --precision fp32,bf16 --rounds 3 \
     --workloads infer-b16 --contenders "bigtransfer optimize(),timm channels_last compiled" --no-pipeline \
     --json "$OUT_DIR/gpu_check_compiled.json"
 echo "gpu_check: done in $(( $(date +%s) - start )) s; results in $OUT_DIR/gpu_check_eager.json and $OUT_DIR/gpu_check_compiled.json"
