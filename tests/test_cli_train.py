@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bigtransfer.cli import main
+from bigtransfer.data import FASHION_MNIST_DIR
 from bigtransfer.train import CHECKPOINT_NAME, LOCK_NAME, load_checkpoint
 from test_train import CLASSES, make_image_folder
 
@@ -110,3 +111,22 @@ def test_sigterm_half_way_then_resume_matches_an_uninterrupted_run(folder, tmp_p
     steps = [json.loads(line)["step"] for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 61))
     assert json.loads((tmp_path / "interrupted" / "report.json").read_text())["per_class_accuracy"].keys() == set(CLASSES)
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="apt-get install dataset-fashion-mnist")
+def test_demo_writes_results_with_tables_plots_and_commands(tmp_path, capsys):
+    results = tmp_path / "docs" / "RESULTS.md"
+    arguments = ["demo", "--runs-dir", str(tmp_path / "runs"), "--results", str(results), "--seeds", "2", "--shots", "1",
+                 "--upstream-epochs", "0.01", "--finetune-steps", "2", "--threads", "1"]
+    assert main(arguments) == 0
+    text = results.read_text()
+    assert text.count("| examples per class | transfer (mean ± std) | random init (mean ± std)") == 2
+    assert "bigtransfer pretrain --model tiny --data fashion-mnist --classes 0-4" in text
+    assert "deviations from the rule" in text and "## Time taken" in text
+    for plot in ("transfer_fashion_mnist.png", "transfer_digits.png"):
+        assert (results.parent / plot).read_bytes()[:4] == b"\x89PNG"
+    numbers = json.loads((tmp_path / "runs" / "results.json").read_text())["results"]
+    assert set(numbers) == {"fashion-mnist", "digits"} and len(numbers["digits"]["transfer"]["1"]) == 2
+    # A second invocation reuses every finished run and says so.
+    assert main(arguments) == 0
+    assert "9 finished runs were reused" in results.read_text()  # upstream + 2 tasks x 2 arms x 2 seeds

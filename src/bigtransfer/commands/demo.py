@@ -166,6 +166,7 @@ def run_demo(config: DemoConfig) -> str:
     config.runs_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    reused = 0  # finished runs found from an earlier invocation: their time is not in `timings`
 
     upstream = _upstream_config(config)
     upstream_model = upstream.output / "model"
@@ -180,6 +181,7 @@ def run_demo(config: DemoConfig) -> str:
         from ..report import read_report
 
         upstream_report = read_report(upstream.output / "report.json")
+        reused += 1
     timings["upstream pre-training"] = time.perf_counter() - phase
     print(f"[demo] upstream on held-out classes 0-4: {upstream_report.summary()}", flush=True)
 
@@ -208,6 +210,8 @@ def run_demo(config: DemoConfig) -> str:
                         if result.interrupted:
                             raise KeyboardInterrupt
                         top1 = result.report.top1
+                    else:
+                        reused += 1
                     results[task][arm].setdefault(shots, []).append(top1)
                     print(f"[demo] {task:13s} {arm:11s} {shots:3d}-shot seed {seed}: {100 * top1:.1f} %", flush=True)
                     if seed == config.seeds[0] and shots == config.shots[0]:
@@ -224,7 +228,7 @@ def run_demo(config: DemoConfig) -> str:
         plot_accuracy_vs_shots(results[task], path, title=_title(task))
         plots[task] = path
     (config.runs_dir / "results.json").write_text(json.dumps(dict(results=results, timings=timings), indent=2) + "\n")
-    text = _results_markdown(config, upstream, upstream_report, results, timings, plots, example_commands)
+    text = _results_markdown(config, upstream, upstream_report, results, timings, plots, example_commands, reused)
     config.results.parent.mkdir(parents=True, exist_ok=True)
     from ..files import write_text_atomic
 
@@ -248,7 +252,7 @@ def _table(by_arm: dict[str, dict[int, list[float]]]) -> str:
         a, b = np.asarray(transfer[shots]) * 100, np.asarray(random[shots]) * 100
         margin = a.mean() - b.mean()
         spread = a.std() + b.std()
-        verdict = "yes" if margin > spread else "no"
+        verdict = ("yes" if margin > spread else "no") if min(len(a), len(b)) > 1 else "n/a (1 seed)"
         lines.append(
             f"| {shots} | {a.mean():.1f} ± {a.std():.1f} | {b.mean():.1f} ± {b.std():.1f} | {margin:+.1f} | {verdict} |"
         )
@@ -259,7 +263,7 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def _results_markdown(config, upstream, upstream_report, results, timings, plots, example_commands) -> str:
+def _results_markdown(config, upstream, upstream_report, results, timings, plots, example_commands, reused) -> str:
     import platform
 
     import torch
@@ -273,6 +277,8 @@ def _results_markdown(config, upstream, upstream_report, results, timings, plots
         for s in up_to_ten
     ]
     verdict = (
+        "With one seed there is no spread to compare the margins with; run without --quick for 3 seeds."
+        if seeds < 2 else
         "**Transfer beats random initialisation by more than the seeds' spread at every shot count up to 10.**"
         if all(wins) else
         "**Transfer does not beat random initialisation by more than the seeds' spread at every shot count up to 10** "
@@ -284,7 +290,8 @@ def _results_markdown(config, upstream, upstream_report, results, timings, plots
         "",
         "Produced by `bigtransfer demo" + (" --quick" if config.quick else "") + "`"
         f" on {torch.get_num_threads()} CPU thread(s) ({platform.machine()}, torch {torch.__version__}); "
-        f"took **{_minutes(timings['total'])}** in all.",
+        f"took **{_minutes(timings['total'])}** in all"
+        + (f" ({reused} finished runs were reused from an earlier invocation; their time is not counted)." if reused else "."),
         "",
         "## Setup",
         "",
