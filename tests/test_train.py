@@ -225,7 +225,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_pa
         return loss * math.nan if len(calls) > 3 else loss
 
     monkeypatch.setattr(train, "_loss_sum", exploding)
-    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3.*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 4.*last good checkpoint"):
         finetune(config(folder, tmp_path / "run", save_every=2))
     _, state = load_checkpoint(tmp_path / "run" / train.CHECKPOINT_NAME)
     assert state["step"] == 2

@@ -955,6 +955,13 @@ def _loop(job: _Job, output: Path, signals: _StopSignals) -> RunResult:
     batches = iter(loader)
 
     def checkpoint(step: int) -> None:
+        # A finite loss can still be followed by an update that overflows the weights: never save those over
+        # the last good checkpoint (every rank holds the same weights, so every rank stops here together).
+        if not all(torch.isfinite(parameter).all() for parameter in model.parameters()):
+            raise NonFiniteLossError(
+                f"the weights became NaN or infinite by step {step}; stopped without saving them; "
+                + _kept_checkpoint(checkpoint_path) + ". Try a lower --base-lr or --precision fp32"
+            )
         if context.is_main:
             state = dict(step=step, total_steps=job.total_steps, kind=job.kind, signature=signature,
                          skipped_images=skipped, seconds=elapsed_before + time.perf_counter() - started,
@@ -1105,14 +1112,16 @@ def _train_step(job: _Job, network: nn.Module, model: nn.Module, batches: Iterat
 
 
 def _non_finite_message(loss: float, step: int, lr: float, checkpoint_path: Path) -> str:
-    kept = (
-        f"the last good checkpoint is {checkpoint_path} (resume from it with --resume)"
-        if checkpoint_path.is_file() else "no checkpoint was saved before it"
-    )
     return (
-        f"the training loss became {loss} at step {step} (lr {lr:.3g}); stopped without taking that step; {kept}. "
-        "Try a lower --base-lr or --precision fp32"
+        f"the training loss became {loss} at step {step + 1} (lr {lr:.3g}); stopped without taking that step; "
+        f"{_kept_checkpoint(checkpoint_path)}. Try a lower --base-lr or --precision fp32"
     )
+
+
+def _kept_checkpoint(checkpoint_path: Path) -> str:
+    if checkpoint_path.is_file():
+        return f"the last good checkpoint is {checkpoint_path} (resume from it with --resume)"
+    return "no checkpoint was saved before it"
 
 
 def _truncate_metrics(path: Path, steps: int) -> None:
