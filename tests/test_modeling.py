@@ -9,7 +9,6 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TESTER, relative_error
 
 from bigtransfer import (
     BitBackbone,
@@ -19,6 +18,7 @@ from bigtransfer import (
     CheckpointError,
     UnsafeCheckpointError,
 )
+from conftest import TESTER, relative_error
 
 
 def build(model_class, **overrides):
@@ -92,7 +92,7 @@ def test_backbone_maps_equal_model_hidden_states(pixel_values):
         hidden = backbone.bit(pixel_values, output_hidden_states=True).hidden_states
         maps = backbone(pixel_values).feature_maps
         with_hidden = backbone(pixel_values, output_hidden_states=True)
-    for got, index in zip(maps, [0, 2, 4]):
+    for got, index in zip(maps, [0, 2, 4], strict=True):
         assert torch.equal(got, hidden[index])
     assert len(with_hidden.hidden_states) == 5
 
@@ -165,7 +165,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(pixel_values):
     assert checkpointed.is_gradient_checkpointing
     plain(pixel_values, labels=labels).loss.backward()
     checkpointed(pixel_values, labels=labels).loss.backward()
-    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5), name
 
 
@@ -345,7 +345,7 @@ def test_cached_standardization_follows_weight_updates(pixel_values):
     reference = copy.deepcopy(model)
     with torch.no_grad():
         model(pixel_values)  # fills the caches
-        for p, q in zip(model.parameters(), reference.parameters()):
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
             p.add_(0.01)
             q.add_(0.01)
         torch.manual_seed(3)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import TESTER, relative_error
 
 from bigtransfer import BitBackbone, BitConfig, BitForImageClassification, BitModel
+from conftest import TESTER, relative_error
 
 TOLERANCE = 1e-5
 
@@ -44,7 +44,7 @@ def test_classifier_and_hidden_states_match_transformers(name, size):
         actual = ours(pixels, output_hidden_states=True)
     assert relative_error(actual.logits, expected.logits) < TOLERANCE
     assert len(actual.hidden_states) == len(expected.hidden_states)
-    for got, want in zip(actual.hidden_states, expected.hidden_states):
+    for got, want in zip(actual.hidden_states, expected.hidden_states, strict=True):
         assert got.shape == want.shape
         assert relative_error(got, want) < TOLERANCE
 
@@ -67,7 +67,7 @@ def test_backbone_feature_maps_match_transformers(out_features):
     with torch.no_grad():
         expected, actual = theirs(pixels).feature_maps, ours(pixels).feature_maps
     assert len(actual) == len(expected)
-    for got, want in zip(actual, expected):
+    for got, want in zip(actual, expected, strict=True):
         assert relative_error(got, want) < TOLERANCE
     assert ours.channels == theirs.channels
 
@@ -80,7 +80,7 @@ def test_training_loss_and_gradients_match_transformers():
     expected, actual = theirs(pixels, labels=labels).loss, ours(pixels, labels=labels).loss
     expected.backward(), actual.backward()
     assert abs(expected.item() - actual.item()) < 1e-5
-    for (name, p), q in zip(theirs.named_parameters(), ours.parameters()):
+    for (name, p), q in zip(theirs.named_parameters(), ours.parameters(), strict=True):
         assert relative_error(q.grad, p.grad) < 1e-4, name
 
 
@@ -107,7 +107,7 @@ def test_backbone_directory_loads_in_transformers(tmp_path):
     theirs = transformers.BitBackbone.from_pretrained(tmp_path).eval()
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        for got, want in zip(ours(pixels).feature_maps, theirs(pixels).feature_maps):
+        for got, want in zip(ours(pixels).feature_maps, theirs(pixels).feature_maps, strict=True):
             assert relative_error(got, want) < TOLERANCE
 
 
