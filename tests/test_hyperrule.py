@@ -208,3 +208,18 @@ def test_upstream_lr_base_and_no_warmup():
     assert close(hyperrule.upstream_lr(5, 10, 512, 0, base=0.1), 0.02)  # decay at 3 passed; 0.2 / 10
     with pytest.raises(ValueError):
         hyperrule.upstream_schedule(0, 0)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: hyperrule.lr(-5, 1000),
+        lambda: hyperrule.lr(3, -5),
+        lambda: hyperrule.schedule(0),
+        lambda: hyperrule.mixup_alpha(-1),
+        lambda: hyperrule.resolution(0, 32),
+    ],
+)
+def test_negative_or_empty_sizes_and_steps_are_refused(call):
+    with pytest.raises(ValueError, match="must be"):
+        call()

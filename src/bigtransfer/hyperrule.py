@@ -74,6 +74,12 @@ def _preset(preset: str) -> dict:
     return PRESETS[preset]
 
 
+def _positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return value
+
+
 def resolution(
     height: int, width: int, preset: Preset = "code", variant: str | None = None
 ) -> tuple[int, int]:
@@ -87,7 +93,7 @@ def resolution(
     Evaluation squashes images to ``(crop, crop)``.
     """
     table = _preset(preset)
-    if height * width < SMALL_IMAGE_AREA:
+    if _positive("height", height) * _positive("width", width) < SMALL_IMAGE_AREA:
         return table["small_resolution"]
     if variant is not None and "152x4" in variant.lower():
         return table["large_resolution_r152x4"]
@@ -97,7 +103,7 @@ def resolution(
 def schedule(dataset_size: int, preset: Preset = "code") -> list[int]:
     """Return ``[warmup_end, decay_1, decay_2, decay_3, total]`` in optimizer steps for a dataset size."""
     schedules = _preset(preset)["schedules"]
-    if dataset_size < SMALL_DATASET:
+    if _positive("dataset_size", dataset_size) < SMALL_DATASET:
         return list(schedules[0])
     if dataset_size < MEDIUM_DATASET:
         return list(schedules[1])
@@ -127,13 +133,15 @@ def lr(
     Warmup ``base_lr * step / warmup_end`` (0 at step 0), then ``base_lr`` divided by 10 for each decay
     boundary strictly below ``step``; ``None`` for ``step >= total``. Base 0.003 is for batch 512.
     """
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or step < 0:
+        raise ValueError(f"step must be a non-negative number, got {step!r}")
     warmup_end, *decays, total = schedule(dataset_size, preset)
     return _staircase(step, base_lr, warmup_end, decays, total)
 
 
 def mixup_alpha(dataset_size: int) -> float:
     """MixUp alpha: 0.0 (no MixUp) below 20k examples, else 0.1 (both presets)."""
-    return 0.0 if dataset_size < SMALL_DATASET else 0.1
+    return 0.0 if _positive("dataset_size", dataset_size) < SMALL_DATASET else 0.1
 
 
 def upstream_schedule(total_steps: int, warmup_steps: int) -> list[int]:
