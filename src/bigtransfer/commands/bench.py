@@ -56,6 +56,7 @@ class BenchConfig:
     threads: int | None = None
     json_path: str | None = None
     profile: bool = False
+    quiet_wait: float = 300.0  # seconds per workload the bench may wait for other processes to go quiet
     verbose: bool = True
 
 
@@ -82,7 +83,7 @@ class Result:
     matmul_fraction: float
     ratio_to_best_peer: float | None = None
     setup_seconds: float = 0.0
-    clean_rounds: int = 0  # rounds whose sample the matmul probes found undisturbed (the median uses those)
+    clean_rounds: int = 0  # rounds in which no other process was busy (the median uses those)
     error: str | None = None
 
 
@@ -109,6 +110,10 @@ def register(subparsers) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="3 rounds, batch-16 inference and the training step only, no pipeline")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
+    parser.add_argument("--quiet-wait", type=float, default=300.0, metavar="SECONDS",
+                        help="per workload, how long in all to wait for other processes to go quiet before samples "
+                        "(shared machines; 0: never wait). Samples taken while others were busy are marked and "
+                        "left out of the medians")
     parser.add_argument("--json", dest="json_path", default=None, help="write the results to this JSON file")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, print where the time goes (torch.profiler, top operators) for the "
@@ -133,6 +138,7 @@ def run(args) -> int:
         threads=args.threads,
         json_path=args.json_path,
         profile=args.profile,
+        quiet_wait=args.quiet_wait,
     )
     report = run_bench(config)
     print(format_report(report))
@@ -477,25 +483,30 @@ def _time_workload(config, workload, precision, spec, contenders, flops, matmul_
             log(f"  {contender.name}: failed: {failed[contender.name][:200]}")
         setup[contender.name] = time.perf_counter() - start
     iterations = _iterations(steps, device)
-    # Every timed sample sits between two matmul probes; a sample is clean when neither probe ran slower than
-    # CLEAN_FRACTION of the run's fastest (the machine may be shared: other work only ever slows samples down).
-    probes = [matmul_peak.probe()]
-    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in steps}
+    # The machine may be shared. Other processes only ever slow a sample down, and PyTorch's many short parallel
+    # regions suffer far more than one long matmul (a busy core stalls every barrier): each sample records the CPU
+    # time other processes used while it ran, waits first (within a budget) for the machine to be quiet, and the
+    # medians use the quiet samples.
+    monitor = _ForeignLoad(wait_budget=config.quiet_wait)
+    samples: dict[str, list[tuple[float, bool]]] = {name: [] for name in steps}
     names = list(steps)
     for round_index in range(config.rounds):
+        matmul_peak.probe()
         order = names[round_index % len(names):] + names[:round_index % len(names)] if names else []
         for name in order:
+            monitor.wait_until_quiet()
             _sync(device)
+            monitor.start()
             start = time.perf_counter()
             for _ in range(iterations[name]):
                 steps[name]()
             _sync(device)
-            samples[name].append(((time.perf_counter() - start) / iterations[name], len(probes) - 1))
-            probes.append(matmul_peak.probe())
+            seconds = (time.perf_counter() - start) / iterations[name]
+            samples[name].append((seconds, monitor.quiet()))
         log(f"  round {round_index + 1}: " + ", ".join(
-            f"{n} {batch / samples[n][-1][0]:.2f}{'' if _is_clean(samples[n][-1][1], probes, matmul_peak) else '*'}"
-            for n in names) + " img/s (* disturbed)")
-    times = {name: _clean_times(values, probes, matmul_peak) for name, values in samples.items()}
+            f"{n} {batch / samples[n][-1][0]:.2f}{'' if samples[n][-1][1] else '*'}" for n in names
+        ) + " img/s (* other processes were busy)")
+    times = {name: _quiet_times(values) for name, values in samples.items()}
     memory = {name: None if "onnxruntime" in name else _peak_memory_mb(step, device) for name, step in steps.items()}
     if config.profile and times:
         speed = {name: statistics.median(values) for name, values in times.items()}
@@ -518,24 +529,60 @@ def _time_workload(config, workload, precision, spec, contenders, flops, matmul_
             workload, precision, name, contender.ours, contender.informational, images_per_second, seconds,
             [batch / t for t, _ in samples[name]], memory.get(name), gflops,
             gflops / matmul_peak.gflops if matmul_peak.gflops else 0.0, setup_seconds=setup[name],
-            clean_rounds=sum(_is_clean(i, probes, matmul_peak) for _, i in samples[name]),
+            clean_rounds=sum(quiet for _, quiet in samples[name]),
         ))
     steps.clear()
     gc.collect()
     return results
 
 
-CLEAN_FRACTION = 0.85
+FOREIGN_LOAD_LIMIT = 0.1  # a sample is quiet when other processes used under 10 % of the machine's CPU time
 
 
-def _is_clean(index: int, probes: list[float], matmul_peak: _MatmulPeak) -> bool:
-    return min(probes[index], probes[index + 1]) >= CLEAN_FRACTION * matmul_peak.best
+class _ForeignLoad:
+    """CPU time used by other processes, from /proc/stat and /proc/self/stat (Linux; elsewhere all is quiet)."""
+
+    def __init__(self, wait_budget: float = 0.0):
+        self.wait_budget = wait_budget
+        self.available = os.path.exists("/proc/stat") and os.path.exists("/proc/self/stat")
+        self._start: tuple[int, int] | None = None
+
+    @staticmethod
+    def _snapshot() -> tuple[int, int, int]:
+        with open("/proc/stat") as handle:
+            ticks = [int(value) for value in handle.readline().split()[1:9]]
+        with open("/proc/self/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        own = int(fields[11]) + int(fields[12])  # utime + stime of this process (all its threads)
+        return sum(ticks) - ticks[3] - ticks[4], own, sum(ticks)  # busy, own, total (idle and iowait excluded)
+
+    def start(self) -> None:
+        self._start = self._snapshot() if self.available else None
+
+    def fraction(self) -> float:
+        if self._start is None:
+            return 0.0
+        busy, own, total = self._snapshot()
+        elapsed = total - self._start[2]
+        return max(0.0, (busy - self._start[0]) - (own - self._start[1])) / elapsed if elapsed > 0 else 0.0
+
+    def quiet(self) -> bool:
+        return self.fraction() < FOREIGN_LOAD_LIMIT
+
+    def wait_until_quiet(self, probe_seconds: float = 0.5) -> None:
+        """Sleep while others are busy, up to what is left of the wait budget (then measure anyway)."""
+        while self.available and self.wait_budget > 0:
+            self.start()
+            time.sleep(probe_seconds)
+            if self.quiet():
+                return
+            self.wait_budget -= probe_seconds
 
 
-def _clean_times(samples: list[tuple[float, int]], probes: list[float], matmul_peak: _MatmulPeak) -> list[float]:
-    """The clean samples' times, or all of them when fewer than two are clean (then the row is marked)."""
-    clean = [seconds for seconds, index in samples if _is_clean(index, probes, matmul_peak)]
-    return clean if len(clean) >= 2 else [seconds for seconds, _ in samples]
+def _quiet_times(samples: list[tuple[float, bool]]) -> list[float]:
+    """The quiet samples' times, or all of them when fewer than two were quiet."""
+    quiet = [seconds for seconds, ok in samples if ok]
+    return quiet if len(quiet) >= 2 else [seconds for seconds, _ in samples]
 
 
 def _iterations(steps: dict[str, Callable[[], Any]], device: torch.device) -> dict[str, int]:
@@ -617,8 +664,8 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 class _MatmulPeak:
-    """A square matmul in the working dtype (2048 on CPU, 8192 on GPU), timed between samples: its speed is the
-    reference "peak" and tells which samples ran while something else loaded the machine."""
+    """A square matmul in the working dtype (2048 on CPU, 8192 on GPU), timed once per round: the reference
+    "peak" for the fraction column."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32):
         size = 8192 if device.type == "cuda" else 2048
@@ -642,8 +689,8 @@ class _MatmulPeak:
 
     @property
     def gflops(self) -> float:
-        """Median of the undisturbed probes."""
-        clean = [value for value in self.samples if value >= CLEAN_FRACTION * self.best]
+        """Median of the probes within 15 % of the fastest (a busy machine only slows a probe down)."""
+        clean = [value for value in self.samples if value >= 0.85 * self.best]
         return statistics.median(clean) if clean else 0.0
 
 
@@ -804,8 +851,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"{result.get('clean_rounds', 0):>3}/{len(result['rounds'])}"
         )
     lines.append("* not counted as a peer: timm with inductor freezing is this package's technique applied to timm")
-    lines.append(f"clean: rounds whose matmul probes (before and after the sample) ran at >= {CLEAN_FRACTION:.0%} of "
-                 "the fastest probe; medians use those (all rounds when fewer than two)")
+    lines.append(f"clean: rounds in which other processes used < {FOREIGN_LOAD_LIMIT:.0%} of the CPU; medians use "
+                 "those (all rounds when fewer than two)")
     if "pipeline" in report:
         pipe = report["pipeline"]
         lines.append(
