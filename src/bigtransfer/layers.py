@@ -37,52 +37,24 @@ def standardize_weight(weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (weight - mean) * torch.rsqrt(variance + eps)
 
 
-class _StandardizeWeight(torch.autograd.Function):
-    """Weight Standardization with a hand-written backward, for eager training.
+def standardize_weight_for_training(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`standardize_weight` for eager training: the same values, with a faster gradient.
 
-    Autograd through var_mean, sub, rsqrt and mul runs about ten passes over every weight per step, and CPU
-    var_mean alone is slow (Welford, about 0.3 G elements/s); this makes five fast passes per direction: the mean,
-    the centred rows, their squared norms by a batched matmul, one in-place scale. With w_hat = (w - mean) * r
-    and r = 1 / sqrt(var + eps), the gradient is r * (g - mean(g) - w_hat * mean(g * w_hat)) per output channel.
-    Values equal the plain computation up to rounding (both variances are two-pass exact).
+    Per output channel this is exactly a training-mode batch norm over the rows of the weight, and ATen's batch
+    norm kernels (forward and backward, vectorised, one pass each) are several times faster on CPU than autograd
+    through var_mean / sub / rsqrt / mul (CPU var_mean alone runs at about 0.3 G elements/s). Rows are read in
+    the weight's own memory order, so channels_last weights are not copied. Only eager autograd uses this:
+    compiled, traced and exported graphs get the plain reductions of `standardize_weight`, so no training-mode
+    BatchNorm ever reaches an exported graph.
     """
-
-    @staticmethod
-    def forward(weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        channels_last = _is_channels_last(weight)
-        rows = _rows(weight, channels_last)
-        centered = rows - rows.mean(1, keepdim=True)
-        variance = _row_dots(centered, centered).div_(rows.shape[1])
-        rstd = torch.rsqrt(variance.add_(eps))
-        return _unrows(centered.mul_(rstd), weight.shape, channels_last), rstd
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        standardized, rstd = output
-        ctx.save_for_backward(standardized, rstd)
-        ctx.mark_non_differentiable(rstd)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor, _grad_rstd: torch.Tensor | None):
-        standardized, rstd = ctx.saved_tensors
-        # Rows of (in, kh, kw) in the weight's own memory order, so channels_last weights need no copy.
-        channels_last = _is_channels_last(standardized)
-        flat_grad, flat_standardized = _rows(grad, channels_last), _rows(standardized, channels_last)
-        grad_mean = flat_grad.mean(1, keepdim=True)
-        projection = _row_dots(flat_grad, flat_standardized).div_(flat_grad.shape[1]).mul_(rstd)
-        # One allocation: -r * mean(g) - w_hat * r * mean(g * w_hat), then + r * g in place.
-        grad_weight = torch.addcmul(grad_mean.mul_(rstd).neg_(), flat_standardized, projection, value=-1.0)
-        return _unrows(grad_weight.addcmul_(flat_grad, rstd), standardized.shape, channels_last), None
+    channels_last = _is_channels_last(weight)
+    rows = _rows(weight, channels_last)
+    standardized = F.batch_norm(rows.unsqueeze(0), None, None, training=True, momentum=0.0, eps=eps)
+    return _unrows(standardized[0], weight.shape, channels_last)
 
 
 def _is_channels_last(weight: torch.Tensor) -> bool:
     return not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
-
-
-def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(out, 1) dot products of matching rows, by a batched matmul: no (out, fan_in) temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1, 1)
 
 
 def _unrows(rows: torch.Tensor, shape: torch.Size, channels_last: bool) -> torch.Tensor:
@@ -140,8 +112,8 @@ class StdConv2d(nn.Conv2d):
     shape, device and dtype, so an optimizer step, `load_state_dict`, `.to()` or assigning a new parameter is
     never missed. A forward that builds a gradient, and `train()` / `eval()`, drop the cache (so optimizers that
     skip the version counter, such as fused AdamW, are safe too). Only writes through `weight.data` bypass the
-    version counter: call `model.eval()` again after those. Training recomputes it every call, with a fused
-    backward in eager mode.
+    version counter: call `model.eval()` again after those. Training recomputes it every call (in eager mode
+    through ATen's batch-norm kernels, see `standardize_weight_for_training`).
     """
 
     def __init__(
@@ -172,7 +144,9 @@ class StdConv2d(nn.Conv2d):
         builds_graph = torch.is_grad_enabled() and weight.requires_grad
         if self.training or builds_graph:
             self._cache = None  # the weight is being trained: a cached copy would go stale and waste memory
-            return _StandardizeWeight.apply(weight, self.eps)[0] if builds_graph else standardize_weight(weight, self.eps)
+            if builds_graph:
+                return standardize_weight_for_training(weight, self.eps)
+            return standardize_weight(weight, self.eps)
         key = (weight._version, weight.data_ptr(), weight.shape, weight.device, weight.dtype, self.eps)
         cache = self._cache
         if cache is None or cache[0]() is not weight or cache[1] != key:
