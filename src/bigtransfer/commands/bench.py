@@ -3,7 +3,9 @@
 Every contender gets the same R50x1 weights (checked: outputs agree), the same inputs and the same optimizer.
 Contenders are timed interleaved (A B C, B C A, ...) after warm-up, and the median of the rounds is reported
 with images/s, peak memory, GFLOP/s and the fraction of the measured matmul peak, and each result's ratio to
-the best peer. transformers and timm are dev dependencies: they are imported here only, lazily.
+the best peer. On a shared machine each sample first waits (within a budget) for other processes to go quiet,
+and samples during which they were busy anyway are marked and left out of the medians. transformers and timm
+are dev dependencies: they are imported here only, lazily.
 
 Benchmarks are never timed tests: tests check correctness, this reports speed.
 """
