@@ -3,6 +3,7 @@
 from .checkpoints import convert_checkpoint, load_checkpoint
 from .config import VARIANTS, BitConfig
 from .errors import CheckpointError, UnsafeCheckpointError
+from .export import ExportReport, export
 from .modeling import (
     BackboneOutput,
     BaseModelOutputWithPoolingAndNoAttention,
@@ -12,6 +13,7 @@ from .modeling import (
     BitPreTrainedModel,
     ImageClassifierOutputWithNoAttention,
 )
+from .optimize import OptimizedModel, optimize, predict_images, prepare_for_training
 from .processing import BitImageProcessor
 
 __version__ = "0.1.0"
@@ -27,8 +29,14 @@ __all__ = [
     "BitModel",
     "BitPreTrainedModel",
     "CheckpointError",
+    "ExportReport",
     "ImageClassifierOutputWithNoAttention",
+    "OptimizedModel",
     "UnsafeCheckpointError",
     "convert_checkpoint",
+    "export",
     "load_checkpoint",
+    "optimize",
+    "predict_images",
+    "prepare_for_training",
 ]
