@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..files import write_text_atomic
+
 # name -> (batch, image size, training step?)
 WORKLOADS: dict[str, tuple[int, int, bool]] = {
     "infer-b1": (1, 224, False),
@@ -145,7 +147,7 @@ def run(args) -> int:
     report = run_bench(config)
     print(format_report(report))
     if config.json_path:
-        Path(config.json_path).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomic(config.json_path, json.dumps(report, indent=2) + "\n")
         print(f"wrote {config.json_path}")
     return 0
 
