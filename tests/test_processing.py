@@ -573,3 +573,13 @@ def test_invalid_settings_raise_clear_errors(kwargs, error, message):
     if not per_call_only & set(kwargs) and kwargs.get("image_mean") != [0.5, 0.5]:  # a length needs the image
         with pytest.raises(error, match=message):
             BitImageProcessor(**kwargs)
+
+
+def test_image_helpers_stay_importable_from_processing():
+    # open_image and rgb_array moved to bigtransfer.images; user code imports them from processing.
+    import bigtransfer.images
+    import bigtransfer.processing
+
+    assert bigtransfer.processing.open_image is bigtransfer.images.open_image
+    assert bigtransfer.processing.rgb_array is bigtransfer.images.rgb_array
+    assert {"open_image", "rgb_array"} <= set(bigtransfer.processing.__all__)

@@ -397,7 +397,7 @@ def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None
             image.load()
             if image.mode == "RGB":
                 return image
-            from .processing import rgb_array
+            from .images import rgb_array
 
             return PIL.Image.fromarray(rgb_array(image))
     except Exception:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BadImageError
-from ..processing import open_image, rgb_array
+from ..images import open_image, rgb_array
 from .sampling import stratified_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")

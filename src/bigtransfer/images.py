@@ -1,0 +1,281 @@
+"""Images in, pixel arrays out: safe decoding of image files and conversion of user input to tensors.
+
+Everything the image processor accepts (PIL images in any mode, numpy arrays, torch tensors, paths of
+local image files, and lists or 4-D batches of them) becomes one `(C, H, W)` tensor per image here, uint8
+or float32 on the 0..255 scale, before any resizing or normalization (`bigtransfer.processing`).
+
+Conversion rules, shared by the processor, the data sources and the fast decoder in `optimize`:
+16-bit images are scaled to the 8-bit range (65535 -> 255) instead of clipped; transparency is composited
+onto white, as transformers does; integer arrays outside 0..255 and NaN/Inf values raise; files over
+`PIL.Image.MAX_IMAGE_PIXELS` pixels are refused before they are decoded (decompression bombs).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .errors import BadImageError
+
+__all__ = ["open_image", "rgb_array", "flatten_images", "image_to_tensor"]
+
+
+def open_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """Open and fully decode a local image file (the first frame of an animation); the file is closed.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        BadImageError (a ValueError) naming the file: it is not an image PIL can read, it is truncated
+            or corrupt, or it has more pixels than `PIL.Image.MAX_IMAGE_PIXELS` (Pillow's guard against
+            decompression bombs; raise that limit, or set it to None, to read such images).
+    """
+    _check_local(path)
+    try:
+        with PIL.Image.open(path) as image:
+            limit = PIL.Image.MAX_IMAGE_PIXELS  # Pillow only warns between 1x and 2x this: refuse it all
+            if limit is not None and image.width * image.height > limit:
+                raise PIL.Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
+            image.load()  # decodes now, so truncation and corruption are reported here, with the path
+            return image
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {os.fspath(path)!r}") from None
+    except PIL.UnidentifiedImageError:
+        raise BadImageError(os.fspath(path), "not an image file PIL can read") from None
+    except PIL.Image.DecompressionBombError as error:
+        raise BadImageError(
+            os.fspath(path),
+            f"more pixels than PIL.Image.MAX_IMAGE_PIXELS = {PIL.Image.MAX_IMAGE_PIXELS}, refused as a possible "
+            f"decompression bomb ({error}); raise that limit to read it",
+        ) from None
+    except (SyntaxError, EOFError, ValueError) as error:
+        raise BadImageError(os.fspath(path), f"{type(error).__name__}: {error}") from None
+    except OSError as error:
+        if error.filename is not None:  # the file system's own error (permission, a directory, ...)
+            raise
+        raise BadImageError(os.fspath(path), f"{type(error).__name__}: {error}") from None
+
+
+def _check_local(path: str | os.PathLike) -> None:
+    """Raise ValueError for a URL: only local files are read."""
+    if isinstance(path, str) and "://" in path:
+        raise ValueError(f"only local image files are read, got the URL {path!r}; download it first")
+
+
+def rgb_array(image: PIL.Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a PIL image in any mode, converted as the processor converts it.
+
+    16-bit images are scaled to 8 bits (65535 -> 255) rather than clipped; transparency is composited
+    onto white; CMYK, palette, 1-bit and float images go through PIL's conversion.
+    """
+    if image.mode == "RGB":
+        return np.array(image)
+    pixels = image_to_tensor(image, None, do_convert_rgb=True, do_rescale=False)
+    if pixels.dtype != torch.uint8:
+        pixels = pixels.round().clamp_(0, 255).to(torch.uint8)
+    return np.ascontiguousarray(pixels.expand(3, -1, -1).permute(1, 2, 0).numpy())
+
+
+# --------------------------------------------------------------------------- user input -> single images
+
+
+def flatten_images(images: Any) -> list:
+    """Flat list of single images from an image, a 4-D batch, or (nested) lists of them.
+
+    Paths are checked (local files only) but not opened yet; arrays and tensors are not copied.
+
+    Raises:
+        ValueError: an empty list or batch, an array of the wrong number of dimensions, or a URL.
+        TypeError: something that is not an image, a path or a list of them.
+    """
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("images is an empty list; pass at least one image")
+        flat = []
+        for item in images:
+            if isinstance(item, (list, tuple)):
+                flat.extend(flatten_images(item))
+            else:
+                flat.extend(_flatten_one(item))
+        return flat
+    return _flatten_one(images)
+
+
+def _flatten_one(image: Any) -> list:
+    """The single images of one non-list input (a batch array gives one per entry)."""
+    if isinstance(image, (str, os.PathLike)):
+        _check_local(image)
+        return [image]  # decoded one at a time in `image_to_tensor`, so a long list holds no open files
+    if isinstance(image, PIL.Image.Image):
+        return [image]
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        if image.ndim == 4:
+            if image.shape[0] == 0:
+                raise ValueError(f"images is an empty batch of shape {tuple(image.shape)}")
+            return list(image)
+        if image.ndim in (2, 3):
+            return [image]
+        raise ValueError(
+            f"an image array must have 2 (H, W), 3 (C, H, W or H, W, C) or 4 (a batch) dimensions, "
+            f"got shape {tuple(image.shape)}"
+        )
+    raise TypeError(
+        "images must be PIL images, numpy arrays, torch tensors, file paths, or lists of them; "
+        f"got {type(image).__module__}.{type(image).__qualname__}"
+    )
+
+
+# --------------------------------------------------------------------------- single image -> tensor
+
+
+def image_to_tensor(image: Any, layout: str | None, do_convert_rgb: bool, do_rescale: bool) -> torch.Tensor:
+    """(C, H, W) uint8 or float32 tensor, values on the 0..255 scale, of one image from `flatten_images`.
+
+    Args:
+        image: a path, a PIL image, or a 2-D / 3-D numpy array or torch tensor.
+        layout: "first" or "last", the channel axis of a 3-D array; None infers it as transformers does.
+        do_convert_rgb: make C 1 (grayscale, broadcast to RGB by the caller) or 3, compositing alpha
+            onto white; without it the channels are kept as they are.
+        do_rescale: only decides whether a float image already in [0, 1] draws a warning.
+
+    Shares memory with an array or tensor input where it can.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        with open_image(image) as decoded:
+            return _array_to_tensor(
+                _pil_to_array(decoded, do_convert_rgb), "last", do_convert_rgb, do_rescale
+            )
+    if isinstance(image, PIL.Image.Image):
+        array, layout = _pil_to_array(image, do_convert_rgb), "last"
+    elif isinstance(image, torch.Tensor):
+        if image.is_complex() or image.dtype == torch.bool:
+            raise TypeError(
+                f"unsupported image dtype {image.dtype}; expected uint8, an integer or a float dtype"
+            )
+        image = image.detach().cpu()
+        if image.dtype in (torch.float16, torch.bfloat16):
+            image = image.float()
+        array = image.numpy()
+    else:
+        array = image
+    return _array_to_tensor(array, layout, do_convert_rgb, do_rescale)
+
+
+def _pil_to_array(image: PIL.Image.Image, do_convert_rgb: bool) -> np.ndarray:
+    """HWC (or HW) array of a PIL image, RGB-converted the way transformers does it."""
+    mode = image.mode
+    if mode.startswith("I;16"):
+        return np.asarray(image).astype(np.uint16)  # native byte order, so it is seen as 16-bit
+    if mode == "I":  # 32-bit ints; PIL also decodes some 16-bit files to this mode
+        array = np.asarray(image)
+        is_16_bit = array.size and array.max() > 255 and array.min() >= 0 and array.max() <= 65535
+        return array.astype(np.uint16) if is_16_bit else array
+    if mode == "F" or not do_convert_rgb:
+        return np.array(image)  # values kept; _array_to_tensor scales or rejects them
+    if mode in ("RGB", "L"):  # no conversion needed; L stays one channel and is broadcast later
+        return np.array(image)
+    bands = image.getbands()
+    if "A" in bands or "a" in bands or image.info.get("transparency") is not None:
+        rgba = image if mode == "RGBA" else image.convert("RGBA")
+        return _composite_on_white(rgba)
+    try:
+        return np.array(image.convert("RGB"))
+    except ValueError as err:
+        raise ValueError(f"cannot convert a PIL image of mode {mode!r} to RGB: {err}") from None
+
+
+def _composite_on_white(rgba: PIL.Image.Image) -> np.ndarray:
+    """RGBA over an opaque white background; equals transformers' PIL.Image.alpha_composite."""
+    canvas = PIL.Image.new("RGB", rgba.size, (255, 255, 255))
+    canvas.paste(rgba, (0, 0), rgba)
+    return np.array(canvas)
+
+
+def _array_to_tensor(
+    array: np.ndarray, layout: str | None, do_convert_rgb: bool, do_rescale: bool
+) -> torch.Tensor:
+    """(C, H, W) uint8 or float32 tensor (values on the 0..255 scale) from any supported array.
+
+    Shares memory with `array` where it can. With do_convert_rgb, C is 1 (grayscale, broadcast to
+    RGB at normalization time) or 3; 4-channel arrays are composited onto white.
+    """
+    if array.dtype == np.bool_ or not (
+        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    ):
+        raise TypeError(
+            f"unsupported image dtype {array.dtype}; expected uint8, uint16, another integer type with "
+            "values in 0..255, or a float type (convert booleans with `.astype(np.uint8) * 255`)"
+        )
+    if array.size == 0:
+        raise ValueError(f"image is empty: shape {array.shape}")
+    if array.ndim == 2:
+        array, layout = array[:, :, None], "last"
+    elif layout is None:
+        # transformers' infer_channel_dimension_format: channels first wins when both could be channels.
+        if array.shape[0] in (1, 3, 4):
+            layout = "first"
+        elif array.shape[-1] in (1, 3, 4):
+            layout = "last"
+        else:
+            raise ValueError(
+                f"cannot tell the channel axis of an image of shape {array.shape}: expected 1, 3 or 4 "
+                "channels on the first or last axis; pass input_data_format='channels_first' or "
+                "'channels_last' if the layout is unusual"
+            )
+    if layout == "first":
+        array = array.transpose(1, 2, 0)  # work channels-last: the layout interpolate is fastest on
+    channels = array.shape[-1]
+    if do_convert_rgb and channels not in (1, 3, 4):
+        raise ValueError(
+            f"image has {channels} channels (shape {array.shape} read as "
+            f"{'channels_first' if layout == 'first' else 'channels_last'}); expected 1 (grayscale), "
+            "3 (RGB) or 4 (RGBA)"
+        )
+
+    if array.dtype != np.uint8:
+        array = _to_8bit_scale(array, do_rescale)
+    if do_convert_rgb and channels == 4:
+        array = _composite_array_on_white(array)
+    if any(stride < 0 for stride in array.strides) or not array.flags.writeable:
+        array = np.array(array)  # torch.from_numpy refuses negative strides and warns on read-only
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _to_8bit_scale(array: np.ndarray, do_rescale: bool) -> np.ndarray:
+    """uint8 or float32 array on the 0..255 scale from any integer or float array."""
+    if np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32, copy=False)
+        if not np.isfinite(array).all():
+            raise ValueError("image contains NaN or Inf values")
+        if do_rescale and array.max(initial=0.0) <= 1.0:
+            warnings.warn(
+                "a float image with all values in [0, 1] is rescaled by rescale_factor (1/255 by default), "
+                "as transformers does; pass do_rescale=False if it is already scaled",
+                UserWarning,
+                # Past _array_to_tensor, image_to_tensor and BitImageProcessor.preprocess to its caller.
+                stacklevel=5,
+            )
+        return array
+    low, high = int(array.min()), int(array.max())
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16 in either byte order
+        # 16-bit data: 0..65535 -> 0..255 (65535 / 257 = 255) in float, rather than clipping to white.
+        return array.astype(np.float32) * np.float32(1 / 257)
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"integer image values must lie in 0..255 (8-bit) or be uint16 (16-bit), got {array.dtype} "
+            f"values in [{low}, {high}]; scale them or pass a float array"
+        )
+    return array.astype(np.uint8)
+
+
+def _composite_array_on_white(array: np.ndarray) -> np.ndarray:
+    """(H, W, 4) -> (H, W, 3) over white. uint8: PIL's exact blend; float: alpha in [0, 1] or 0..255."""
+    if array.dtype == np.uint8:
+        return _composite_on_white(PIL.Image.fromarray(np.ascontiguousarray(array), "RGBA"))
+    white = np.float32(1.0 if array.max() <= 1.0 else 255.0)  # transformers composites [0, 1] floats onto 1
+    alpha = array[..., 3:] / white
+    return array[..., :3] * alpha + white * (1 - alpha)
