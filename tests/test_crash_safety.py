@@ -140,6 +140,7 @@ def test_sigkill_during_checkpoint_writes_then_resume_finishes_the_run(folder, t
     assert [record["step"] for record in records if "loss" in record] == list(range(1, steps + 1))
     assert all(np.isfinite(record["loss"]) for record in records if "loss" in record)
     assert not (output / LOCK_NAME).exists()
+    assert not _temporaries(output, CHECKPOINT_NAME)  # the killed writes' leftovers are removed on resume
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_with_data_loader_workers(folder, tmp_path):

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -19,7 +20,9 @@ from PIL import Image
 
 from bigtransfer import BitForImageClassification, hyperrule, train
 from bigtransfer.data import BadImageError
+from bigtransfer.files import atomic_path
 from bigtransfer.report import EvaluationReport, read_metrics
+from bigtransfer.run_state import remove_stale_temporaries
 from bigtransfer.train import (
     BatchPlan,
     FinetuneConfig,
@@ -237,7 +240,7 @@ def test_a_live_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(folder, 
     run.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (run / train.LOCK_NAME).write_text(f"{sleeper.pid} {train.socket.gethostname()}\n")
+        (run / train.LOCK_NAME).write_text(f"{sleeper.pid} {socket.gethostname()}\n")
         with pytest.raises(RunLockedError, match=f"in use by process {sleeper.pid}"):
             finetune(config(folder, run))
     finally:
@@ -245,6 +248,39 @@ def test_a_live_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(folder, 
         sleeper.wait()
     finetune(config(folder, run))  # the lock's owner is dead now
     assert not (run / train.LOCK_NAME).exists()
+
+
+def test_a_run_removes_the_temporaries_a_killed_write_left_once_it_holds_the_lock(folder, tmp_path):
+    run = tmp_path / "run"
+    finetune(config(folder, run))
+    checkpoint = (run / train.CHECKPOINT_NAME).read_bytes()
+    # What a SIGKILL in the middle of `save_checkpoint` (or of run.json, metrics.jsonl) leaves behind.
+    stale = [run / f".{train.CHECKPOINT_NAME}.k1ll_3d0.tmp", run / ".run.json.a0b1c2d3.tmp",
+             run / ".metrics.jsonl.zz_9y8x7.tmp"]
+    stale[0].write_bytes(checkpoint[: len(checkpoint) // 2])
+    # Not this run's temporaries: `bigtransfer evaluate --output` writes report.json without the lock, and
+    # nothing outside the run directory itself is touched.
+    kept = [run / ".report.json.a0b1c2d3.tmp", run / f".{train.CHECKPOINT_NAME}.tmp",
+            run / f"{train.CHECKPOINT_NAME}.a0b1c2d3.tmp", run / "model" / f".{train.CHECKPOINT_NAME}.a0b1c2d3.tmp"]
+    for path in stale[1:] + kept:
+        path.write_text("partial")
+
+    again = finetune(config(folder, run, resume=True))
+    assert again.steps == 6
+    assert not [path for path in stale if path.exists()]
+    assert all(path.exists() for path in kept)
+    assert (run / train.CHECKPOINT_NAME).read_bytes() == checkpoint
+    _, state = load_checkpoint(run / train.CHECKPOINT_NAME)
+    assert state["step"] == 6
+
+
+def test_the_sweep_recognises_the_temporary_atomic_path_creates(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with atomic_path(tmp_path / train.CHECKPOINT_NAME) as temporary:
+        os.link(temporary, elsewhere / temporary.name)  # the name a write killed now would leave
+    assert remove_stale_temporaries(elsewhere, [train.CHECKPOINT_NAME]) == [elsewhere / temporary.name]
+    assert not list(elsewhere.iterdir())
 
 
 def test_out_of_memory_suggests_batch_split(folder, tmp_path, monkeypatch):

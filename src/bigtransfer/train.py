@@ -12,7 +12,8 @@ What a run directory holds (only rank 0 writes; every file is written atomically
 `model/` (config.json, model.safetensors, preprocessor_config.json: loadable here and by transformers),
 `report.json` (top-1, top-5, loss, per-class accuracy, confusion matrix, skipped images), the PNG plots,
 `checkpoint.safetensors` (model, optimizer, step, RNG states and the run's settings, for `resume`),
-`run.json` (the settings) and, while running, `.lock`.
+`run.json` (the settings) and, while running, `.lock`. The checkpoint, the lock and stopping on a signal are
+`bigtransfer.run_state`; the torch.distributed helpers are `bigtransfer.distributed`.
 
 Reproducibility: the order of examples is a function of (seed, epoch), each example's augmentation of
 (seed, epoch, position) and MixUp of (seed, step), so a resumed run replays exactly what an uninterrupted one
@@ -23,16 +24,12 @@ would have done, and a global batch is the same whether one process or N (Distri
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
-import random
-import signal
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,10 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from . import hyperrule
@@ -61,16 +55,34 @@ from .data import (
     open_source,
     select_classes,
 )
+from .distributed import (
+    Context,
+    all_gather,
+    all_sum,
+    barrier,
+    cuda_devices,
+    distributed,
+    gather_paths,
+    gather_rows,
+)
 from .files import atomic_path, write_text_atomic
 from .modeling import BitForImageClassification
 from .report import METRICS_NAME, REPORT_NAME, EvaluationReport, plot_run, read_metrics, write_report
+from .run_state import (  # the checkpoint names and functions and RunLockedError are public here too
+    CHECKPOINT_NAME,
+    LOCK_NAME,  # noqa: F401 (re-exported)
+    RunLock,
+    RunLockedError,  # noqa: F401 (re-exported)
+    StopSignals,
+    load_checkpoint,
+    remove_stale_temporaries,
+    restore_checkpoint,
+    save_checkpoint,
+)
 
 logger = logging.getLogger("bigtransfer")
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
-CHECKPOINT_FORMAT = "bigtransfer-checkpoint-1"
 MODEL_DIRNAME = "model"
-LOCK_NAME = ".lock"
 RUN_NAME = "run.json"
 
 BadImagePolicy = Literal["fail", "skip"]
@@ -79,10 +91,6 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stopped without taking that step."""
-
-
-class RunLockedError(RuntimeError):
-    """Another live process is training into the same output directory."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,7 +195,7 @@ def finetune(config: FinetuneConfig) -> RunResult:
     settings, NonFiniteLossError when the loss diverges, RunLockedError when the output is in use.
     """
     _check_settings(config)
-    with _distributed(config.device) as context:
+    with distributed(config.device) as context:
         source = _open(config.data, "train", config.classes)
         eval_source = _open(config.eval_data or config.data, "test", config.classes)
         _check_same_classes(source, eval_source)
@@ -223,7 +231,7 @@ def pretrain(config: PretrainConfig) -> RunResult:
     _check_settings(config)
     if config.epochs <= 0 and not config.max_steps:
         raise ValueError(f"epochs must be positive, got {config.epochs}")
-    with _distributed(config.device) as context:
+    with distributed(config.device) as context:
         source = _open(config.data, "train", config.classes)
         eval_source = _open(config.eval_data or config.data, "test", config.classes)
         _check_same_classes(source, eval_source)
@@ -266,7 +274,7 @@ def evaluate(
 
     Example: ``evaluate("runs/ft/model", "fashion-mnist", classes=[5, 6, 7, 8, 9]).top1``.
     """
-    with _distributed(device) as context:
+    with distributed(device) as context:
         network, transform = _load_for_inference(model)
         source = _open(data, split, classes)
         network = network.to(context.device)
@@ -294,7 +302,7 @@ def extract_features(
 
     Unreadable images are dropped with `on_bad_image="skip"`, so N can be below the data set's size.
     """
-    with _distributed(device) as context:
+    with distributed(device) as context:
         network, transform = _load_for_inference(model)
         source = _open(data, split, classes)
         network = network.to(context.device).eval()
@@ -307,7 +315,7 @@ def extract_features(
             labels.append(batch_labels.numpy())
         features_array = np.concatenate(features) if features else np.zeros((0, network.config.num_features), np.float32)
         labels_array = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-        return _gather_rows(context, features_array, labels_array)
+        return gather_rows(context, features_array, labels_array)
 
 
 def predict(
@@ -511,71 +519,6 @@ def _label_map(data_classes: Sequence[str], model_classes: Sequence[str]) -> np.
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Distributed context.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Context:
-    world_size: int
-    rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-@contextlib.contextmanager
-def _distributed(device: str | None) -> Iterator[_Context]:
-    """One process, or the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
-
-    NCCL on GPUs, gloo on CPUs. The group is created once and lives as long as the process: destroying and
-    re-creating it between two commands run in one process (finetune, then features) can pair a rank with the
-    previous group's leftover rendezvous keys in torchrun's store and hang both ranks.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    wants_cuda = (device is None and torch.cuda.is_available()) or (device or "").startswith("cuda")
-    if wants_cuda:
-        chosen = torch.device(device if device and ":" in device else f"cuda:{local_rank if world_size > 1 else 0}")
-        torch.cuda.set_device(chosen)
-    else:
-        chosen = torch.device(device or "cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
-        atexit.register(_destroy_process_group)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    yield _Context(world_size, rank, chosen)
-
-
-def _destroy_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _all_sum(context: _Context, values: list[float]) -> list[float]:
-    if context.world_size == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _barrier(context: _Context) -> None:
-    if context.world_size > 1:
-        dist.barrier()
-
-
-def _broadcast_object(context: _Context, value: Any) -> Any:
-    if context.world_size == 1:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Which examples each step sees.
 
 
@@ -657,167 +600,6 @@ def _mixup_partners(seed: int, step: int, offset: int, count: int) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
-    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().contiguous()
-            else:
-                plain["state"].setdefault(str(index), {})[key] = value
-    return tensors, plain
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {int(index): dict(values) for index, values in plain["state"].items()}
-    for name, value in tensors.items():
-        if name.startswith("optimizer/"):
-            _, index, key = name.split("/", 2)
-            state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": plain["param_groups"]}
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"rng/torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{index}"] = state
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
-    python_state = random.getstate()
-    plain = {"numpy": [kind, int(position), int(has_gauss), float(gauss)],
-             "python": [python_state[0], list(python_state[1]), python_state[2]]}
-    return tensors, plain
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng/torch"])
-    cuda = [tensors[key] for key in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-    kind, position, has_gauss, gauss = plain["numpy"]
-    np.random.set_state((kind, tensors["rng/numpy"].numpy().astype(np.uint32), position, has_gauss, gauss))
-    version, internal, gauss_next = plain["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], scaler: torch.amp.GradScaler | None = None) -> Path:
-    """Write model, optimizer, RNG states and `state` (JSON) to one safetensors file, atomically."""
-    tensors = {f"model/{key}": value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    optimizer_tensors, optimizer_plain = _flatten_optimizer(optimizer)
-    rng_tensors, rng_plain = _rng_state()
-    tensors.update(optimizer_tensors)
-    tensors.update(rng_tensors)
-    full_state = dict(state, optimizer=optimizer_plain, rng=rng_plain)
-    if scaler is not None and scaler.is_enabled():
-        full_state["scaler"] = {key: (value.item() if isinstance(value, torch.Tensor) else value)
-                                for key, value in scaler.state_dict().items()}
-    metadata = {"format": CHECKPOINT_FORMAT, "state": json.dumps(full_state)}
-    path = Path(path)
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, state) of a checkpoint written by `save_checkpoint`; ValueError for anything else."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"{path} is not a bigtransfer training checkpoint")
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (OSError, RuntimeError) as error:
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
-    return tensors, json.loads(metadata["state"])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Run directory: lock, signals.
-
-
-class _RunLock:
-    """`.lock` created with O_EXCL holding `pid host`; a lock left by a dead process on this host is taken over."""
-
-    def __init__(self, directory: Path):
-        self.path = directory / LOCK_NAME
-        self.owned = False
-
-    def __enter__(self) -> _RunLock:
-        host = socket.gethostname()
-        for _ in range(2):
-            try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and owner[1] == host and not _alive(owner[0]):
-                    logger.warning("taking over the stale lock %s of dead process %d", self.path, owner[0])
-                    self.path.unlink(missing_ok=True)
-                    continue
-                who = f"process {owner[0]} on {owner[1]}" if owner else "another process"
-                raise RunLockedError(
-                    f"{self.path.parent} is in use by {who} (lock file {self.path}); wait for it, choose another "
-                    "output directory, or delete the lock if that process is gone"
-                ) from None
-            with os.fdopen(handle, "w") as file:
-                file.write(f"{os.getpid()} {host}\n")
-            self.owned = True
-            return self
-        raise RunLockedError(f"could not take the lock {self.path}")
-
-    def _owner(self) -> tuple[int, str] | None:
-        try:
-            pid, host = self.path.read_text().split()
-            return int(pid), host
-        except (OSError, ValueError):
-            return None
-
-    def __exit__(self, *exc) -> None:
-        if self.owned and self._owner() == (os.getpid(), socket.gethostname()):
-            self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class _StopSignals:
-    """Turns the first SIGINT / SIGTERM into a flag checked after each step; a second one interrupts at once."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __enter__(self) -> _StopSignals:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                break
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -838,7 +620,7 @@ class _Job:
     weight_decay: float
     mixup_alpha: float
     loss: str
-    context: _Context
+    context: Context
     description: dict[str, Any]
 
 
@@ -880,18 +662,16 @@ def _run(job: _Job) -> RunResult:
     output = Path(settings.output)
     if context.is_main:
         output.mkdir(parents=True, exist_ok=True)
-    _barrier(context)
-    lock = _RunLock(output) if context.is_main else contextlib.nullcontext()
-    with lock, _StopSignals() as signals, torch.random.fork_rng(devices=_cuda_devices(context)):
+    barrier(context)
+    lock = RunLock(output) if context.is_main else contextlib.nullcontext()
+    with lock, StopSignals() as signals, torch.random.fork_rng(devices=cuda_devices(context)):
+        if context.is_main:  # holds the lock: no live process writes these files
+            remove_stale_temporaries(output, (CHECKPOINT_NAME, RUN_NAME, METRICS_NAME))
         torch.manual_seed(settings.seed + context.rank)  # only stochastic layers (drop path) draw from it
         return _loop(job, output, signals)
 
 
-def _cuda_devices(context: _Context) -> list[int]:
-    return [context.device.index or 0] if context.device.type == "cuda" else []
-
-
-def _loop(job: _Job, output: Path, signals: _StopSignals) -> RunResult:
+def _loop(job: _Job, output: Path, signals: StopSignals) -> RunResult:
     settings, context, model = job.settings, job.context, job.model
     started = time.perf_counter()
     checkpoint_path = output / CHECKPOINT_NAME
@@ -920,11 +700,7 @@ def _loop(job: _Job, output: Path, signals: _StopSignals) -> RunResult:
         if differing:
             changes = ", ".join(f"{k}: {state['signature'].get(k)!r} -> {signature.get(k)!r}" for k in sorted(differing))
             raise ValueError(f"cannot resume {output}: settings differ from the checkpoint's ({changes})")
-        model.load_state_dict({key[len("model/"):]: value for key, value in tensors.items() if key.startswith("model/")})
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
-        _set_rng_state(tensors, state["rng"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
+        restore_checkpoint(tensors, state, model, optimizer, scaler)
         start_step, skipped, elapsed_before = state["step"], list(state["skipped_images"]), state["seconds"]
         if context.is_main:
             logger.info("resuming %s at step %d of %d", output, start_step, job.total_steps)
@@ -967,7 +743,7 @@ def _loop(job: _Job, output: Path, signals: _StopSignals) -> RunResult:
                          skipped_images=skipped, seconds=elapsed_before + time.perf_counter() - started,
                          epoch=plan.epoch(step))
             save_checkpoint(checkpoint_path, model, optimizer, state, scaler)
-        _barrier(context)
+        barrier(context)
 
     progress = _progress(settings.progress and context.is_main, job.total_steps, start_step, job.kind)
     metrics_file = open(metrics_path, "a", encoding="utf-8") if context.is_main else None
@@ -984,10 +760,10 @@ def _loop(job: _Job, output: Path, signals: _StopSignals) -> RunResult:
             loss_sum, good, step_skipped = _train_step(
                 job, network, model, batches, plan, step, lam, autocast, scaler
             )
-            loss_total, good_total, skipped_total, stop = _all_sum(
+            loss_total, good_total, skipped_total, stop = all_sum(
                 context, [loss_sum, float(good), float(len(step_skipped)), float(signals.received or 0)]
             )
-            skipped.extend(_gather_paths(context, step_skipped) if skipped_total else [])
+            skipped.extend(gather_paths(context, step_skipped) if skipped_total else [])
             if good_total == 0:
                 raise RuntimeError(f"every image of step {step} was unreadable (skipped {int(skipped_total)})")
             mean_loss = loss_total / good_total
@@ -1066,7 +842,7 @@ def _loop(job: _Job, output: Path, signals: _StopSignals) -> RunResult:
         write_report(report, output / REPORT_NAME)
         if settings.plots:
             plot_run(output, report)
-    _barrier(context)
+    barrier(context)
     return RunResult(output, completed, job.total_steps, elapsed_before + time.perf_counter() - started, report,
                      model_dir, skipped_images=report.skipped_images)
 
@@ -1170,7 +946,7 @@ def _evaluate_job(job: _Job, model: nn.Module, skipped: list[str]) -> Evaluation
     return EvaluationReport.from_predictions(topk, labels, losses, list(job.eval_source.classes), skipped + bad)
 
 
-def _inference_batches(dataset: TransformedDataset, batch_size: int, context: _Context, progress: bool):
+def _inference_batches(dataset: TransformedDataset, batch_size: int, context: Context, progress: bool):
     """This rank's share (every world_size-th image) of a data set, in batches of (images, labels, skipped)."""
     positions = list(range(context.rank, len(dataset), context.world_size))
     batches = [positions[index : index + batch_size] for index in range(0, len(positions), batch_size)]
@@ -1184,7 +960,7 @@ def _inference_batches(dataset: TransformedDataset, batch_size: int, context: _C
         bar.close()
 
 
-def _predict(model: nn.Module, dataset: TransformedDataset, batch_size: int, context: _Context, autocast,
+def _predict(model: nn.Module, dataset: TransformedDataset, batch_size: int, context: Context, autocast,
              label_map: np.ndarray | None, progress: bool):
     """(top-k indices, labels, per-image losses, skipped paths) over a whole data set, gathered from all ranks."""
     was_training = model.training
@@ -1212,38 +988,12 @@ def _predict(model: nn.Module, dataset: TransformedDataset, batch_size: int, con
     labels_array = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     losses_array = np.concatenate(losses) if losses else np.zeros(0, np.float32)
     if context.world_size > 1:
-        gathered = [None] * context.world_size
-        dist.all_gather_object(gathered, (topk_array, labels_array, losses_array, skipped))
+        gathered = all_gather(context, (topk_array, labels_array, losses_array, skipped))
         topk_array = np.concatenate([part[0] for part in gathered])
         labels_array = np.concatenate([part[1] for part in gathered])
         losses_array = np.concatenate([part[2] for part in gathered])
         skipped = [path for part in gathered for path in part[3]]
     return topk_array, labels_array, losses_array, skipped
-
-
-def _gather_rows(context: _Context, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Re-interleave per-rank rows (rank r holds items r, r + world, ...) into the data set's order."""
-    if context.world_size == 1:
-        return arrays
-    gathered = [None] * context.world_size
-    dist.all_gather_object(gathered, arrays)
-    result = []
-    for column in range(len(arrays)):
-        parts = [part[column] for part in gathered]
-        total = sum(len(part) for part in parts)
-        merged = np.empty((total,) + parts[0].shape[1:], dtype=parts[0].dtype)
-        for rank, part in enumerate(parts):
-            merged[rank :: context.world_size][: len(part)] = part
-        result.append(merged)
-    return tuple(result)
-
-
-def _gather_paths(context: _Context, paths: list[str]) -> list[str]:
-    if context.world_size == 1:
-        return paths
-    gathered = [None] * context.world_size
-    dist.all_gather_object(gathered, paths)
-    return [path for part in gathered for path in part]
 
 
 def write_features(path: str | os.PathLike, features: np.ndarray, labels: np.ndarray) -> tuple[Path, Path]:

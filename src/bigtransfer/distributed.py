@@ -1,0 +1,111 @@
+"""One process or a torchrun process group, behind one small interface. Internal: used by `bigtransfer.train`.
+
+Every helper takes the `Context` that `distributed()` yields and is a no-op (returns its input) in a single
+process, so the training and evaluation code reads the same for one process and for N.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Where this process runs: its rank among `world_size` processes and its device."""
+
+    world_size: int
+    rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def distributed(device: str | None) -> Iterator[Context]:
+    """One process, or the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    NCCL on GPUs, gloo on CPUs. The group is created once and lives as long as the process: destroying and
+    re-creating it between two commands run in one process (finetune, then features) can pair a rank with the
+    previous group's leftover rendezvous keys in torchrun's store and hang both ranks.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    wants_cuda = (device is None and torch.cuda.is_available()) or (device or "").startswith("cuda")
+    if wants_cuda:
+        chosen = torch.device(device if device and ":" in device else f"cuda:{local_rank if world_size > 1 else 0}")
+        torch.cuda.set_device(chosen)
+    else:
+        chosen = torch.device(device or "cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+        atexit.register(_destroy_process_group)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    yield Context(world_size, rank, chosen)
+
+
+def _destroy_process_group() -> None:
+    """Tear the group down at interpreter exit (registered by `distributed`)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def cuda_devices(context: Context) -> list[int]:
+    """The CUDA device indices this process uses (for `torch.random.fork_rng`); empty on CPU."""
+    return [context.device.index or 0] if context.device.type == "cuda" else []
+
+
+def barrier(context: Context) -> None:
+    """Wait until every rank gets here."""
+    if context.world_size > 1:
+        dist.barrier()
+
+
+def all_sum(context: Context, values: list[float]) -> list[float]:
+    """Element-wise sums of `values` over all ranks (float64)."""
+    if context.world_size == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_gather(context: Context, value: Any) -> list[Any]:
+    """Every rank's `value` (any picklable object), in rank order."""
+    if context.world_size == 1:
+        return [value]
+    gathered = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def gather_paths(context: Context, paths: list[str]) -> list[str]:
+    """Every rank's `paths`, concatenated in rank order."""
+    return [path for part in all_gather(context, paths) for path in part]
+
+
+def gather_rows(context: Context, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Re-interleave per-rank rows (rank r holds items r, r + world, ...) into the data set's order."""
+    if context.world_size == 1:
+        return arrays
+    gathered = all_gather(context, arrays)
+    result = []
+    for column in range(len(arrays)):
+        parts = [part[column] for part in gathered]
+        total = sum(len(part) for part in parts)
+        merged = np.empty((total,) + parts[0].shape[1:], dtype=parts[0].dtype)
+        for rank, part in enumerate(parts):
+            merged[rank :: context.world_size][: len(part)] = part
+        result.append(merged)
+    return tuple(result)

@@ -1,0 +1,242 @@
+"""What a training run keeps in its directory to survive being stopped. Internal: used by `bigtransfer.train`.
+
+- the training checkpoint (`checkpoint.safetensors`): model, optimizer, RNG states, the loss scaler and the
+  loop's own state, in one safetensors file written atomically, so a run resumes exactly where it stopped;
+- the run lock (`.lock`), so two processes never train into one directory;
+- SIGINT / SIGTERM turned into a flag the loop checks after each step, so a stop saves a checkpoint first;
+- the sweep of temporaries that a SIGKILL in the middle of an atomic write leaves behind.
+
+Model weight *formats* (timm, .npz, the original code) are another matter: see `bigtransfer.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import signal
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .files import atomic_path
+
+logger = logging.getLogger("bigtransfer")
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "bigtransfer-checkpoint-1"
+LOCK_NAME = ".lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is training into the same output directory."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training checkpoint.
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], scaler: torch.amp.GradScaler | None = None) -> Path:
+    """Write model, optimizer, RNG states and `state` (JSON) to one safetensors file, atomically."""
+    tensors = {f"model/{key}": value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    optimizer_tensors, optimizer_plain = _flatten_optimizer(optimizer)
+    rng_tensors, rng_plain = _rng_state()
+    tensors.update(optimizer_tensors)
+    tensors.update(rng_tensors)
+    full_state = dict(state, optimizer=optimizer_plain, rng=rng_plain)
+    if scaler is not None and scaler.is_enabled():
+        full_state["scaler"] = {key: (value.item() if isinstance(value, torch.Tensor) else value)
+                                for key, value in scaler.state_dict().items()}
+    metadata = {"format": CHECKPOINT_FORMAT, "state": json.dumps(full_state)}
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, state) of a checkpoint written by `save_checkpoint`; ValueError for anything else."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"{path} is not a bigtransfer training checkpoint")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, RuntimeError) as error:
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
+    return tensors, json.loads(metadata["state"])
+
+
+def restore_checkpoint(tensors: dict[str, torch.Tensor], state: dict[str, Any], model: nn.Module,
+                       optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Put what `load_checkpoint` returned back into the model, the optimizer, the global RNGs and the scaler."""
+    model.load_state_dict({key[len("model/"):]: value for key, value in tensors.items() if key.startswith("model/")})
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    _set_rng_state(tensors, state["rng"])
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer's state dict split into tensors (`optimizer/<param>/<key>`) and JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain["state"].setdefault(str(index), {})[key] = value
+    return tensors, plain
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `_flatten_optimizer`: an optimizer state dict."""
+    state: dict[int, dict[str, Any]] = {int(index): dict(values) for index, values in plain["state"].items()}
+    for name, value in tensors.items():
+        if name.startswith("optimizer/"):
+            _, index, key = name.split("/", 2)
+            state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The torch (CPU and initialised CUDA), NumPy and Python global RNG states, as tensors and JSON-able rest."""
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{index}"] = state
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
+    python_state = random.getstate()
+    plain = {"numpy": [kind, int(position), int(has_gauss), float(gauss)],
+             "python": [python_state[0], list(python_state[1]), python_state[2]]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    """The inverse of `_rng_state`; CUDA states beyond this machine's devices are dropped."""
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = [tensors[key] for key in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    kind, position, has_gauss, gauss = plain["numpy"]
+    np.random.set_state((kind, tensors["rng/numpy"].numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = plain["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run directory: lock, stale temporaries.
+
+
+class RunLock:
+    """`.lock` created with O_EXCL holding `pid host`; a lock left by a dead process on this host is taken over."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / LOCK_NAME
+        self.owned = False
+
+    def __enter__(self) -> RunLock:
+        host = socket.gethostname()
+        for _ in range(2):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner[1] == host and not _alive(owner[0]):
+                    logger.warning("taking over the stale lock %s of dead process %d", self.path, owner[0])
+                    self.path.unlink(missing_ok=True)
+                    continue
+                who = f"process {owner[0]} on {owner[1]}" if owner else "another process"
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by {who} (lock file {self.path}); wait for it, choose another "
+                    "output directory, or delete the lock if that process is gone"
+                ) from None
+            with os.fdopen(handle, "w") as file:
+                file.write(f"{os.getpid()} {host}\n")
+            self.owned = True
+            return self
+        raise RunLockedError(f"could not take the lock {self.path}")
+
+    def _owner(self) -> tuple[int, str] | None:
+        """(pid, host) written in the lock file, or None when it is missing or unreadable."""
+        try:
+            pid, host = self.path.read_text().split()
+            return int(pid), host
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        if self.owned and self._owner() == (os.getpid(), socket.gethostname()):
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path, names: Iterable[str]) -> list[Path]:
+    """Delete the temporaries `files.atomic_path` left beside `directory/<name>` for each of `names`; returns them.
+
+    Such a file outlives its writer only when the writer was killed mid-write (SIGKILL, power loss). Call this
+    only while holding the run lock: then no live process is writing these names, so none of them is in use.
+    """
+    # `atomic_path` names its temporary with tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp"): the random
+    # part is drawn from [a-z0-9_]. Match exactly that, so no other file is ever removed.
+    patterns = [re.compile(re.escape(f".{name}.") + r"[a-z0-9_]+\.tmp") for name in names]
+    removed = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False) and any(pattern.fullmatch(entry.name) for pattern in patterns):
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append(Path(entry.path))
+    for path in removed:
+        logger.info("removed %s, left by a run killed while writing it", path)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stopping on a signal.
+
+
+class StopSignals:
+    """Turns the first SIGINT / SIGTERM into a flag checked after each step; a second one interrupts at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                break
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
