@@ -36,6 +36,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from .files import read_json, write_text_atomic
 from .images import flatten_images, image_to_tensor, open_image, rgb_array  # the last two re-exported
 
 __all__ = [
@@ -587,7 +588,7 @@ class BitImageProcessor:
         if path.is_dir():
             nested = path / PROCESSOR_CONFIG_NAME
             if nested.is_file():
-                processor_config = _read_json(nested)
+                processor_config = read_json(nested)
                 if isinstance(processor_config.get("image_processor"), Mapping):
                     return cls.from_dict(processor_config["image_processor"], **overrides)
             file = path / IMAGE_PROCESSOR_CONFIG_NAME
@@ -599,7 +600,7 @@ class BitImageProcessor:
             raise OSError(
                 f"{str(path)!r} is neither a directory holding {IMAGE_PROCESSOR_CONFIG_NAME} nor a config file"
             )
-        return cls.from_dict(_read_json(file), **overrides)
+        return cls.from_dict(read_json(file), **overrides)
 
     def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
         """Write `directory/preprocessor_config.json` (created if needed); returns the written paths."""
@@ -608,21 +609,11 @@ class BitImageProcessor:
             raise NotADirectoryError(f"save_pretrained needs a directory, {str(directory)!r} is a file")
         directory.mkdir(parents=True, exist_ok=True)
         file = directory / IMAGE_PROCESSOR_CONFIG_NAME
-        file.write_text(self.to_json_string(), encoding="utf-8")
+        write_text_atomic(file, self.to_json_string())
         return [str(file)]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{str(file)!r} is not a valid JSON file: {err}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{str(file)!r} must hold a JSON object, got {type(config).__name__}")
-    return config
 
 
 def _affine(
