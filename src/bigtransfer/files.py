@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 
 _UMASK = os.umask(0o022)  # reading the umask means setting it: restore it at once (at import, one thread)
 os.umask(_UMASK)
+_TEMPORARY_SUFFIX = ".tmp"
+_RANDOM_PART = re.compile(r"[a-z0-9_]+")  # the characters tempfile.mkstemp draws names from
 
 
 @contextlib.contextmanager
@@ -21,7 +24,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Readers see the old file or the new one, never a partial write, even if the process is killed.
     """
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX, dir=path.parent)
     os.close(handle)
     temporary = Path(temporary)
     try:
@@ -39,6 +42,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (see `atomic_path`)."""
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
+
+
+def is_atomic_temporary(filename: str, name: str) -> bool:
+    """Whether `filename` is a temporary `atomic_path` made for a file called `name` (outlives only a killed writer)."""
+    prefix = f".{name}."
+    if not (filename.startswith(prefix) and filename.endswith(_TEMPORARY_SUFFIX)):
+        return False
+    return _RANDOM_PART.fullmatch(filename[len(prefix):-len(_TEMPORARY_SUFFIX)]) is not None
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import random
-import re
 import signal
 import socket
 from collections.abc import Iterable
@@ -28,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import atomic_path
+from .files import atomic_path, is_atomic_temporary
 
 logger = logging.getLogger("bigtransfer")
 
@@ -199,13 +198,11 @@ def remove_stale_temporaries(directory: Path, names: Iterable[str]) -> list[Path
     Such a file outlives its writer only when the writer was killed mid-write (SIGKILL, power loss). Call this
     only while holding the run lock: then no live process is writing these names, so none of them is in use.
     """
-    # `atomic_path` names its temporary with tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp"): the random
-    # part is drawn from [a-z0-9_]. Match exactly that, so no other file is ever removed.
-    patterns = [re.compile(re.escape(f".{name}.") + r"[a-z0-9_]+\.tmp") for name in names]
+    names = list(names)
     removed = []
     with os.scandir(directory) as entries:
         for entry in entries:
-            if entry.is_file(follow_symlinks=False) and any(pattern.fullmatch(entry.name) for pattern in patterns):
+            if entry.is_file(follow_symlinks=False) and any(is_atomic_temporary(entry.name, name) for name in names):
                 Path(entry.path).unlink(missing_ok=True)
                 removed.append(Path(entry.path))
     for path in removed:
