@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..files import write_text_atomic
+from . import positive_int
 
 # name -> (batch, image size, training step?)
 WORKLOADS: dict[str, tuple[int, int, bool]] = {
@@ -103,7 +104,7 @@ def register(subparsers) -> None:
     parser.add_argument("--variant", default="BiT-S-R50x1", help="model shape, e.g. BiT-S-R50x1 (random weights)")
     parser.add_argument("--workloads", default=None,
                         help=f"comma-separated, from {', '.join(WORKLOADS)} (default: all)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per contender (default 5, --quick 3)")
+    parser.add_argument("--rounds", type=positive_int, default=None, help="timed rounds per contender (default 5, --quick 3)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="fp32",
                         help=f"comma-separated, from {', '.join(PRECISIONS)} (tf32/bf16/fp16 are for GPUs)")
@@ -113,7 +114,7 @@ def register(subparsers) -> None:
     parser.add_argument("--no-pipeline", action="store_true", help="skip the JPEG-to-prediction pipeline")
     parser.add_argument("--quick", action="store_true",
                         help="3 rounds, batch-16 inference and the training step only, no pipeline")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads for this run")
     parser.add_argument("--quiet-wait", type=float, default=300.0, metavar="SECONDS",
                         help="per workload, how long in all to wait for other processes to go quiet before samples "
                         "(shared machines; 0: never wait). Samples taken while others were busy are marked and "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import non_negative_int, positive_int
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -16,9 +18,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("source", metavar="SRC", help="weights file, directory, Google BiT name or Hub name")
     parser.add_argument("output_dir", metavar="OUT_DIR", help="directory to write (created if needed)")
-    parser.add_argument("--num-labels", type=int, metavar="N", help="replace the head with a fresh zero-initialised N-class head")
+    parser.add_argument("--num-labels", type=non_negative_int, metavar="N", help="replace the head with a fresh zero-initialised N-class head")
     parser.add_argument("--labels", metavar="FILE", help="class names, one per line (a new head if their count differs)")
-    parser.add_argument("--image-size", type=int, metavar="N", help="evaluation resolution for the preprocessor config")
+    parser.add_argument("--image-size", type=positive_int, metavar="N", help="evaluation resolution for the preprocessor config")
     parser.set_defaults(func=run)
 
 

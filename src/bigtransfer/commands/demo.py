@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from . import positive_int
+
 SOURCE_CLASSES = "0-4"  # T-shirt/top, Trouser, Pullover, Dress, Coat
 TARGET_CLASSES = "5-9"  # Sandal, Shirt, Sneaker, Bag, Ankle boot
 
@@ -63,11 +65,11 @@ def register(subparsers) -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, shots 1/5/10, short upstream (a few minutes)")
     parser.add_argument("--runs-dir", type=Path, help="where the runs go (default runs/demo, runs/demo-quick)")
     parser.add_argument("--results", type=Path, help="the RESULTS.md to write (default docs/RESULTS.md; quick: in runs-dir)")
-    parser.add_argument("--seeds", type=int, help="number of seeds (default 3; quick 1)")
+    parser.add_argument("--seeds", type=positive_int, help="number of seeds (default 3; quick 1)")
     parser.add_argument("--shots", help="comma-separated examples per class (default 1,2,5,10,25; quick 1,5,10)")
     parser.add_argument("--upstream-epochs", type=float, help="pre-training epochs (default 24; quick 3)")
-    parser.add_argument("--finetune-steps", type=int, help="fine-tuning steps (default 100)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+    parser.add_argument("--finetune-steps", type=positive_int, help="fine-tuning steps (default 100)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     parser.set_defaults(func=run)
 
 

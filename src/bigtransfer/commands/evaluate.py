@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from . import positive_int
 from .finetune import DATA_HELP, parse_classes
 
 
@@ -16,7 +17,7 @@ def register(subparsers) -> None:
     parser.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP)
     parser.add_argument("--split", choices=("train", "test"), default="test")
     parser.add_argument("--classes", type=parse_classes, metavar="LIST", help="keep only these classes, e.g. 5-9")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--device")
     parser.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail")
     parser.add_argument("--output", metavar="DIR", help="write report.json, accuracy.png and confusion_matrix.png here")

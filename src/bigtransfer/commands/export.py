@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import non_negative_int, positive_int
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -14,14 +16,14 @@ def register(subparsers) -> None:
     parser.add_argument("--model", required=True, help="model directory (config.json + weights) or Hub name")
     parser.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "exported-program"))
     parser.add_argument("--output", required=True, help="file to write (.onnx, .pt, .pt2)")
-    parser.add_argument("--image-size", type=int, default=224, help="example image size for tracing (>= 64)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    parser.add_argument("--image-size", type=positive_int, default=224, help="example image size for tracing (>= 64)")
+    parser.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default 18)")
     parser.add_argument("--no-fold", action="store_true", help="keep Weight Standardization as graph ops")
     parser.add_argument("--no-check", action="store_true", help="skip comparing outputs with PyTorch")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed relative output difference")
-    parser.add_argument("--time", type=int, default=5, metavar="ROUNDS",
+    parser.add_argument("--time", type=non_negative_int, default=5, metavar="ROUNDS",
                         help="ONNX only: time onnxruntime beside eager PyTorch for ROUNDS rounds (0: skip)")
-    parser.add_argument("--batch-size", type=int, default=1, help="batch size for --time")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size for --time")
     parser.set_defaults(func=run)
 
 

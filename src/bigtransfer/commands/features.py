@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import positive_int
 from .finetune import DATA_HELP, parse_classes
 
 
@@ -14,7 +15,7 @@ def register(subparsers) -> None:
     parser.add_argument("--output", required=True, metavar="FILE.npy", help="features; labels go to FILE.labels.npy")
     parser.add_argument("--split", choices=("train", "test"), default="train")
     parser.add_argument("--classes", type=parse_classes, metavar="LIST")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--device")
     parser.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail")
     parser.set_defaults(func=run)

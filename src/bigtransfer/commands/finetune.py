@@ -8,6 +8,7 @@ import os
 import sys
 
 from .. import hyperrule
+from . import non_negative_int, positive_int
 
 DATA_HELP = (
     "an image folder (one sub-folder per class), a CSV file of path,label rows, digits, fashion-mnist, "
@@ -41,22 +42,22 @@ def add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--output", required=True, metavar="RUN_DIR", help="run directory (metrics, model, report, plots, checkpoint)")
     parser.add_argument("--classes", type=parse_classes, metavar="LIST", help="keep only these classes, e.g. 5-9 or 0,1,2 or Sandal,Shirt")
     parser.add_argument("--eval-data", metavar="SPEC", help="evaluation data (default: the test split of --data)")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"global batch size (default {batch_size})")
-    parser.add_argument("--batch-split", type=int, default=1, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"global batch size (default {batch_size})")
+    parser.add_argument("--batch-split", type=positive_int, default=1, metavar="N",
                         help="compute each batch in N micro-batches (same result, less memory)")
-    parser.add_argument("--max-steps", type=int, metavar="N", help="train for N optimizer steps (the whole learning-rate schedule is scaled to fit)")
+    parser.add_argument("--max-steps", type=positive_int, metavar="N", help="train for N optimizer steps (the whole learning-rate schedule is scaled to fit)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resize", type=int, metavar="PX", help="training squash-resize before the random crop")
-    parser.add_argument("--crop", type=int, metavar="PX", help="training crop and evaluation size")
-    parser.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (always at the end)")
-    parser.add_argument("--eval-every", type=int, default=0, metavar="N", help="evaluate every N steps")
+    parser.add_argument("--resize", type=positive_int, metavar="PX", help="training squash-resize before the random crop")
+    parser.add_argument("--crop", type=positive_int, metavar="PX", help="training crop and evaluation size")
+    parser.add_argument("--save-every", type=non_negative_int, default=0, metavar="N", help="checkpoint every N steps (always at the end)")
+    parser.add_argument("--eval-every", type=non_negative_int, default=0, metavar="N", help="evaluate every N steps")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
     parser.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
                         help="unreadable images: stop with an error naming the file, or skip and list them in the report")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="auto: bf16 (or fp16) mixed precision on GPUs, fp32 on CPUs")
-    parser.add_argument("--workers", type=int, default=0, help="data loading processes")
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="data loading processes")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNG plots")
@@ -99,7 +100,7 @@ def register(subparsers) -> None:
                         help="a model directory, a hub id, or a variant name (tiny, BiT-M-R50x1, ...) for random init")
     add_run_arguments(parser, hyperrule.DEFAULT_BATCH_SIZE)
     parser.add_argument("--base-lr", type=float, default=hyperrule.DEFAULT_BASE_LR, help="peak learning rate (default 0.003)")
-    parser.add_argument("--shots", type=int, metavar="K", help="train on K examples per class (chosen with --seed)")
+    parser.add_argument("--shots", type=positive_int, metavar="K", help="train on K examples per class (chosen with --seed)")
     parser.add_argument("--preset", choices=sorted(hyperrule.PRESETS), default="code", help="HyperRule variant")
     parser.add_argument("--freeze-backbone", action="store_true", help="train the head only (linear probe)")
     parser.add_argument("--mixup-alpha", type=float, help="override the rule's MixUp alpha (0 disables)")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from . import positive_int
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("predict", help="classify image files")
     parser.add_argument("--model", required=True, metavar="DIR", help="model directory (or hub id)")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--top-k", type=positive_int, default=5)
     parser.add_argument("--device")
     parser.add_argument("--json", action="store_true", help="one JSON object per image: {image, predictions: [{label, score}]}")
     parser.set_defaults(func=run)
@@ -19,8 +21,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import predict
 
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     for image, predictions in zip(args.images, predict(args.model, args.images, args.top_k, args.device), strict=True):
         if args.json:
             print(json.dumps({"image": image, "predictions": [{"label": label, "score": score} for label, score in predictions]}))

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from .. import hyperrule
+from . import non_negative_int
 from .finetune import add_run_arguments, finish, run_settings
 
 
@@ -20,7 +21,7 @@ def register(subparsers) -> None:
     add_run_arguments(parser, 4096)
     parser.add_argument("--epochs", type=float, default=90.0, help="passes over the data (default 90; --max-steps wins)")
     parser.add_argument("--base-lr", type=float, default=hyperrule.UPSTREAM_BASE_LR, help="lr per 256 images (default 0.03)")
-    parser.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 5 %% of training)")
+    parser.add_argument("--warmup-steps", type=non_negative_int, help="linear warmup steps (default 5 %% of training)")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--loss", choices=("softmax", "sigmoid"), default="softmax", help="cross-entropy kind")
     parser.set_defaults(func=run)
