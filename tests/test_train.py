@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bigtransfer import BitForImageClassification, hyperrule, train
+from bigtransfer import BitForImageClassification, hyperrule, run_state, train
 from bigtransfer.data import BadImageError
 from bigtransfer.files import atomic_path
 from bigtransfer.report import EvaluationReport, read_metrics
@@ -363,3 +363,16 @@ def test_model_names_choose_between_random_init_and_pretrained_weights(tmp_path)
     (tmp_path / "tiny").mkdir()
     assert not train._is_random_init(str(tmp_path / "tiny"), google_names_are_weights=False)
     assert not train._is_random_init("no-such-model", google_names_are_weights=True)
+
+
+def test_resume_restores_cuda_generators_in_device_order(monkeypatch):
+    # Machines with more than 10 GPUs: "rng/cuda/10" must not be given to device 2.
+    tensors, plain = run_state._rng_state()
+    for index in range(12):
+        tensors[f"rng/cuda/{index}"] = torch.full((4,), index, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(int(s[0]) for s in states))
+    run_state._set_rng_state(tensors, plain)
+    assert restored == list(range(12))

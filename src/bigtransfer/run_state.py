@@ -126,7 +126,8 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
     """The inverse of `_rng_state`; CUDA states beyond this machine's devices are dropped."""
     torch.set_rng_state(tensors["rng/torch"])
-    cuda = [tensors[key] for key in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
+    cuda_keys = sorted((key for key in tensors if key.startswith("rng/cuda/")), key=lambda key: int(key.rsplit("/", 1)[1]))
+    cuda = [tensors[key] for key in cuda_keys]  # in device order: "rng/cuda/10" sorts before "rng/cuda/2" as text
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
     kind, position, has_gauss, gauss = plain["numpy"]
