@@ -406,7 +406,7 @@ def test_predict_images_matches_per_image_predictions(tmp_path):
 
 def test_timm_key_mapping_loads_into_timm():
     timm = pytest.importorskip("timm")
-    from bigtransfer.commands.bench import _timm_state_dict
+    from bigtransfer.benchmark import _timm_state_dict
 
     ours = BitForImageClassification(BitConfig.from_variant("BiT-S-R50x1", num_labels=7)).eval()
     theirs = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=7).eval()
@@ -417,7 +417,7 @@ def test_timm_key_mapping_loads_into_timm():
 
 
 def test_bench_ratios_and_table():
-    from bigtransfer.commands.bench import Result, _add_ratios, format_report
+    from bigtransfer.benchmark import Result, _add_ratios, format_report
 
     def result(name, ours, speed, informational=False):
         return Result("infer-b16", "fp32", name, ours, informational, speed, 16 / speed, [speed], 100.0,
@@ -439,7 +439,7 @@ def test_bench_ratios_and_table():
 def test_bench_reports_missing_peers(monkeypatch):
     import builtins
 
-    from bigtransfer.commands import bench
+    from bigtransfer import benchmark as bench
 
     real_import = builtins.__import__
 
