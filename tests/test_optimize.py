@@ -56,6 +56,19 @@ def test_cache_is_used_in_inference_and_equals_the_plain_computation():
         assert torch.equal(layer.standardized_weight(), standardize_weight(layer.weight, layer.eps))
 
 
+def test_input_gradients_through_a_frozen_model_after_inference_mode(pixel_values):
+    # Saliency maps, adversarial examples, trainable layers before frozen ones: the cache built under
+    # inference_mode must serve a later forward that autograd records.
+    model = build().requires_grad_(False)
+    with torch.inference_mode():
+        expected = model(pixel_values).logits
+    pixels = pixel_values.clone().requires_grad_(True)
+    logits = model(pixels).logits
+    logits.sum().backward()
+    assert torch.equal(logits.detach(), expected)
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("make_optimizer", [
     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=False),
     lambda p: torch.optim.SGD(p, lr=0.1, foreach=True),

@@ -150,7 +150,9 @@ class StdConv2d(nn.Conv2d):
         key = (weight._version, weight.data_ptr(), weight.shape, weight.device, weight.dtype, self.eps)
         cache = self._cache
         if cache is None or cache[0]() is not weight or cache[1] != key:
-            with torch.no_grad():
+            # A normal tensor even when first built under inference_mode: a later forward outside it may need
+            # the weight saved for backward (input gradients through a frozen model), which inference tensors refuse.
+            with torch.no_grad(), torch.inference_mode(False):
                 cache = self._cache = (weakref.ref(weight), key, standardize_weight(weight, self.eps))
         return cache[2]
 
