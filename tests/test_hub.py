@@ -62,12 +62,13 @@ class FakeHub:
     """Stands in for huggingface_hub.hf_hub_download: repositories are local folders; no network."""
 
     def __init__(self, repos: dict[str, Path], network: bool = True):
-        self.repos, self.network, self.calls = repos, network, []
+        self.repos, self.network, self.calls, self.revisions = repos, network, [], []
 
     def __call__(self, repo_id, filename, revision=None, cache_dir=None, local_files_only=False, **kwargs):
         from huggingface_hub import errors
 
         self.calls.append((repo_id, filename, local_files_only))
+        self.revisions.append(revision)
         if local_files_only or not self.network:
             raise errors.LocalEntryNotFoundError(f"{filename} of {repo_id} is not cached")
         path = self.repos[repo_id] / filename
@@ -97,6 +98,14 @@ def test_transformers_repository_name_resolves(tmp_path, fake_hub):
     assert [call[1] for call in fake.calls] == ["config.json", "model.safetensors", "preprocessor_config.json"]
     assert not any(call[2] for call in fake.calls)  # online: the cache is not forced
     assert torch.equal(logits(load_checkpoint("google/bit-50")), logits(source))
+
+
+def test_revision_and_dtype_reach_a_hub_load(tmp_path, fake_hub):
+    small_model().save_pretrained(tmp_path / "bit-50")
+    fake = fake_hub({"google/bit-50": tmp_path / "bit-50"})
+    model = BitForImageClassification.from_pretrained("google/bit-50", revision="v2.0", dtype="bfloat16")
+    assert set(fake.revisions) == {"v2.0"}
+    assert model.dtype == torch.bfloat16
 
 
 def timm_repository(directory: Path, model: BitForImageClassification, tag="goog_in21k_ft_in1k") -> Path:

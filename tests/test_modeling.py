@@ -355,3 +355,59 @@ def test_cached_standardization_follows_weight_updates(pixel_values):
             if hasattr(module, "_cache"):
                 module._cache = None
         assert relative_error(model(pixel_values).logits, reference(pixel_values).logits) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# from_pretrained's transformers arguments: dtype / torch_dtype, device_map, and no silently ignored keywords.
+
+
+@pytest.fixture
+def saved_bf16(tmp_path):
+    torch.manual_seed(0)
+    model = BitForImageClassification(BitConfig(**TESTER)).to(torch.bfloat16).eval()
+    model.save_pretrained(tmp_path / "bf16")
+    return model, tmp_path / "bf16"
+
+
+def test_dtype_auto_is_the_saved_dtype_as_in_transformers(saved_bf16, pixel_values):
+    import transformers
+
+    model, directory = saved_bf16
+    loaded = BitForImageClassification.from_pretrained(directory)
+    assert loaded.dtype == torch.bfloat16
+    assert transformers.BitForImageClassification.from_pretrained(directory).dtype == torch.bfloat16
+    with torch.no_grad():  # the processor's float32 pixels are taken by a bf16 model
+        assert torch.equal(loaded(pixel_values).logits, model(pixel_values.to(torch.bfloat16)).logits)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(dtype=torch.float32), torch.float32),
+    (dict(dtype="float16"), torch.float16),
+    (dict(torch_dtype=torch.float32), torch.float32),
+    (dict(torch_dtype="torch.float64"), torch.float64),
+    (dict(dtype="auto", device_map="cpu"), torch.bfloat16),
+    (dict(device_map="auto"), torch.bfloat16),
+])
+def test_dtype_and_device_map(saved_bf16, kwargs, expected):
+    loaded = BitForImageClassification.from_pretrained(saved_bf16[1], **kwargs)
+    assert loaded.dtype == expected and not loaded.training
+    assert {parameter.dtype for parameter in loaded.parameters()} == {expected}
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(dtype="int8"), ValueError, "dtype must be a floating torch dtype.*got 'int8'"),
+    (dict(dtype=torch.float16, torch_dtype=torch.float16), TypeError, "not both"),
+    (dict(device_map={"bit": 0, "classifier": 1}), ValueError, "fits one device"),
+    (dict(device_map="gpu-please"), ValueError, "device_map must be a device"),
+    (dict(num_lables=5), TypeError, r"unexpected keyword arguments \['num_lables'\]"),
+    (dict(cache_dir="/tmp/hub"), TypeError, "cache_dir \\(set HF_HUB_CACHE\\)"),
+])
+def test_from_pretrained_refuses_what_it_would_ignore(saved_bf16, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BitForImageClassification.from_pretrained(saved_bf16[1], **kwargs)
+
+
+def test_pixel_values_on_another_device_are_named(pixel_values):
+    model = BitModel(BitConfig(**TESTER)).eval()
+    with pytest.raises(ValueError, match="pixel_values is on meta but the model is on cpu"):
+        model(pixel_values.to("meta"))

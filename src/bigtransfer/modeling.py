@@ -311,7 +311,8 @@ class BitPreTrainedModel(nn.Module):
     def _base(self) -> BitModel:
         return self if isinstance(self, BitModel) else self.bit
 
-    def _check_pixel_values(self, pixel_values: Any) -> None:
+    def _checked_pixel_values(self, pixel_values: Any) -> torch.Tensor:
+        """`pixel_values` validated, and in the weights' dtype (under autocast the convolutions pick their own)."""
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
         if pixel_values.ndim != 4:
@@ -331,10 +332,17 @@ class BitPreTrainedModel(nn.Module):
             )
         if batch == 0 or height == 0 or width == 0:
             raise ValueError(f"pixel_values is empty: shape {tuple(pixel_values.shape)}")
+        weight = next(self.parameters(), None)
+        if weight is not None and pixel_values.device != weight.device:
+            raise ValueError(
+                f"pixel_values is on {pixel_values.device} but the model is on {weight.device}; move one of them "
+                "(pixel_values.to(model.device))"
+            )
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()):
             # A sum is one pass with no temporary; only a non-finite sum (or an overflow) needs the exact check.
             if not torch.isfinite(pixel_values.sum()) and not torch.isfinite(pixel_values).all():
                 raise ValueError("pixel_values contains NaN or infinite values")
+        return pixel_values if weight is None else pixel_values.to(weight.dtype)  # a bf16 model takes float32
 
     # -- persistence (file handling lives in bigtransfer.pretrained) --------------------------------------------
     @classmethod
@@ -343,9 +351,12 @@ class BitPreTrainedModel(nn.Module):
         a Hub name (`google/bit-50`, `timm/resnetv2_50x1_bit.goog_in21k`), a single weights file in any supported
         format (timm, Google .npz, original big_transfer) or a Google name (`BiT-M-R50x1`).
 
-        Keyword arguments override config fields (`num_labels=10`, `out_features=[...]`); with
-        `ignore_mismatched_sizes=True` a head whose shape no longer matches is re-initialised (zeros, as the
-        BiT recipe does) and a warning says so; without it a mismatch raises ValueError naming key and shapes.
+        Keyword arguments override config fields (`num_labels=10`, `out_features=[...]`; any other name raises
+        TypeError); with `ignore_mismatched_sizes=True` a head whose shape no longer matches is re-initialised
+        (zeros, as the BiT recipe does) and a warning says so; without it a mismatch raises ValueError naming
+        key and shapes. As in transformers, `dtype` (or `torch_dtype`: a torch dtype, "bfloat16", ... or "auto"
+        for the stored weights' dtype) casts the model, `device_map` ("cuda:0", 0, "auto") moves it to one
+        device, and `revision` picks a Hub branch, tag or commit.
 
         Example:
             >>> model = BitForImageClassification.from_pretrained("runs/pets/model", num_labels=37,
@@ -395,7 +406,7 @@ class BitModel(BitPreTrainedModel):
         hidden_states: the stem output and the output of every stage (the last one before the final norm)."""
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        self._check_pixel_values(pixel_values)
+        pixel_values = self._checked_pixel_values(pixel_values)
         x, hidden_states = self.encoder(self.embedder(pixel_values), output_hidden_states=output_hidden_states)
         last_hidden_state = self.norm(x)
         pooled = self.pooler(last_hidden_state)
@@ -515,7 +526,7 @@ class BitBackbone(BitPreTrainedModel):
     ) -> BackboneOutput | tuple:
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        self._check_pixel_values(pixel_values)
+        pixel_values = self._checked_pixel_values(pixel_values)
         wanted = {index % len(self.stage_names) for index in self.config.out_indices}
         x = self.bit.embedder(pixel_values)
         feature_maps = (x,) if 0 in wanted else ()

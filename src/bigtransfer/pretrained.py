@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -21,17 +22,29 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "pytorch_model.bin"
 HEAD_PREFIX = "classifier."
+CONFIG_FIELDS = frozenset(inspect.signature(BitConfig.__init__).parameters) - {"self", "kwargs"}
+# transformers' Hub arguments and the environment variables huggingface_hub reads instead (set those).
+HUB_ENVIRONMENT = {
+    "cache_dir": "HF_HUB_CACHE", "token": "HF_TOKEN", "use_auth_token": "HF_TOKEN",
+    "local_files_only": "HF_HUB_OFFLINE=1", "proxies": "HTTPS_PROXY",
+}
+DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64, "double": torch.float64,
+}
 
 
-def resolve_pretrained(path_or_name: str | os.PathLike) -> Path:
-    """A local directory holding config.json and weights; Hub names are downloaded (huggingface_hub extra)."""
+def resolve_pretrained(path_or_name: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory holding config.json and weights; Hub names are downloaded (huggingface_hub extra) at
+    `revision` (a branch, tag or commit; the default branch when None; local directories ignore it)."""
     path = Path(path_or_name)
     if path.is_dir():
         return path
     from .checkpoints import hub
 
     if not path.exists() and hub.is_hub_name(str(path_or_name)):
-        return hub.snapshot(str(path_or_name))
+        return hub.snapshot(str(path_or_name), revision)
     problem = "is a file, not a model directory" if path.exists() else "does not exist"
     raise OSError(
         f"{path_or_name} {problem}: expected a directory with {CONFIG_NAME} and weights, or a Hugging Face Hub "
@@ -67,22 +80,83 @@ def read_directory_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def load_pretrained(
     model_class: type, path_or_name: str | os.PathLike, ignore_mismatched_sizes: bool = False,
-    config: BitConfig | None = None, **config_overrides: Any,
+    config: BitConfig | None = None, *, dtype: Any = "auto", torch_dtype: Any = None, device_map: Any = None,
+    revision: str | None = None, **config_overrides: Any,
 ):
     """Build `model_class` from a directory, weights file or name; see `BitPreTrainedModel.from_pretrained`."""
+    _check_overrides(model_class, config_overrides)
+    if torch_dtype is not None:
+        if dtype != "auto":
+            raise TypeError("pass dtype or its older name torch_dtype, not both")
+        dtype = torch_dtype
+    device = _device(device_map)
     if config is None and is_single_checkpoint(path_or_name):
         from .checkpoints.convert import load_checkpoint
 
         # A new `num_labels` always starts a fresh zero head here, so ignore_mismatched_sizes has nothing to add.
-        return load_checkpoint(path_or_name, model_class, **config_overrides)
-    directory = resolve_pretrained(path_or_name)
+        model = load_checkpoint(path_or_name, model_class, **config_overrides)
+        return _placed(model, _dtype(dtype, stored=torch.float32), device)
+    directory = resolve_pretrained(path_or_name, revision)
     if config is None:
         config = BitConfig.from_pretrained(directory, **config_overrides)
     elif config_overrides:
         raise ValueError(f"pass either config or config overrides, not both (got {sorted(config_overrides)})")
     model = model_class(config)
-    load_state(model, read_directory_weights(directory), ignore_mismatched_sizes=ignore_mismatched_sizes, source=directory)
-    return model.eval()
+    state = read_directory_weights(directory)
+    # "auto" as in transformers: the dtype config.json records, else the first floating weight's.
+    recorded = str(config.extra.get("dtype") or config.extra.get("torch_dtype")).removeprefix("torch.")
+    stored = next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
+    load_state(model, state, ignore_mismatched_sizes=ignore_mismatched_sizes, source=directory)
+    return _placed(model, _dtype(dtype, DTYPES.get(recorded, stored)), device)
+
+
+def _check_overrides(model_class: type, overrides: dict[str, Any]) -> None:
+    """Keyword arguments of from_pretrained must be config fields: a typo must not vanish into the config."""
+    unknown = sorted(set(overrides) - CONFIG_FIELDS)
+    if not unknown:
+        return
+    hub = [f"{name} (set {HUB_ENVIRONMENT[name]})" for name in unknown if name in HUB_ENVIRONMENT]
+    hint = f"; for the Hub's {', '.join(hub)}" if hub else ""
+    raise TypeError(
+        f"{model_class.__name__}.from_pretrained got unexpected keyword arguments {unknown}: it takes BitConfig "
+        f"fields ({', '.join(sorted(CONFIG_FIELDS))}) and ignore_mismatched_sizes, config, dtype, torch_dtype, "
+        f"device_map, revision{hint}"
+    )
+
+
+def _dtype(dtype: Any, stored: torch.dtype) -> torch.dtype:
+    """The floating dtype asked for; "auto" (and None) is `stored`, the dtype the weights were saved in."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if dtype is None:
+        return stored
+    if dtype == "auto":
+        return stored
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype must be a floating torch dtype, one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+
+
+def _device(device_map: Any) -> torch.device | None:
+    """One device for the whole model ("auto": the first GPU when there is one); BiT is never split."""
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, dict):
+        raise ValueError(
+            "device_map as a dict (layers spread over devices) is not supported: a BiT model fits one device, "
+            "pass that device instead, e.g. device_map='cuda:0'"
+        )
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map must be a device such as 'cpu', 'cuda:0' or 0, or 'auto', got {device_map!r}") from None
+
+
+def _placed(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | None) -> torch.nn.Module:
+    """The loaded model in eval mode, cast and moved as asked."""
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def load_state(
@@ -162,6 +236,9 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, s
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     config.extra["architectures"] = [type(model).__name__]
+    parameter = next(model.parameters(), None)  # recorded as transformers does, for dtype="auto"
+    config.extra["dtype"] = str(parameter.dtype if parameter is not None else torch.float32).removeprefix("torch.")
+    config.extra.pop("torch_dtype", None)
     config.save_pretrained(directory)
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     if safe_serialization:

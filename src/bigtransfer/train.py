@@ -429,8 +429,8 @@ def _training_model(name: str, classes: Sequence[str], seed: int, fine_tune: boo
 
         source = name if is_single_checkpoint(name) else resolve_pretrained(name)
         with _quiet_head_warning():
-            model = BitForImageClassification.from_pretrained(
-                source, num_labels=len(classes), ignore_mismatched_sizes=True
+            model = BitForImageClassification.from_pretrained(  # float32 master weights; --precision autocasts
+                source, num_labels=len(classes), ignore_mismatched_sizes=True, dtype=torch.float32
             )
         # A directory says how it was trained; converted files (timm, .npz, original code) all expect [-1, 1].
         mean, std = _processor_normalisation(source) if isinstance(source, Path) else (BIT_MEAN, BIT_STD)
@@ -497,7 +497,7 @@ def _load_for_inference(model: str | os.PathLike | nn.Module):
     from .processing import IMAGE_PROCESSOR_CONFIG_NAME, BitImageProcessor
 
     directory = resolve_pretrained(model)
-    network = BitForImageClassification.from_pretrained(directory).eval()
+    network = BitForImageClassification.from_pretrained(directory, dtype=torch.float32).eval()  # --precision autocasts
     if network.config.num_labels == 0:
         raise ValueError(f"{directory} has no classification head (num_labels=0)")
     if (directory / IMAGE_PROCESSOR_CONFIG_NAME).is_file():

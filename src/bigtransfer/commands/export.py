@@ -52,6 +52,8 @@ def run(args) -> int:
 
 def load_model(path: str):
     """The model class named in config.json's `architectures` (BitForImageClassification by default)."""
+    import torch
+
     from .. import BitBackbone, BitConfig, BitForImageClassification, BitModel
     from ..pretrained import resolve_pretrained
 
@@ -63,4 +65,4 @@ def load_model(path: str):
         model_class = next((classes[name] for name in names if name in classes), None) or (
             BitForImageClassification if config.num_labels > 0 else BitModel
         )
-    return model_class.from_pretrained(path).eval()
+    return model_class.from_pretrained(path, dtype=torch.float32).eval()  # exports are float32 graphs
