@@ -411,3 +411,13 @@ def test_pixel_values_on_another_device_are_named(pixel_values):
     model = BitModel(BitConfig(**TESTER)).eval()
     with pytest.raises(ValueError, match="pixel_values is on meta but the model is on cpu"):
         model(pixel_values.to("meta"))
+
+
+@pytest.mark.parametrize("name, error, match", [
+    ("", ValueError, "model name or path is empty"),
+    ("BiT-M-R50x2", OSError, r"BiT-M-R50x2 does not exist: .*Google released BiT-S-R50x1, .*BiT-M-R152x4, each also -ILSVRC2012"),
+])
+def test_names_that_cannot_load_say_why(name, error, match, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(error, match=match):
+        BitForImageClassification.from_pretrained(name)

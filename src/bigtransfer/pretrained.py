@@ -38,6 +38,8 @@ DTYPES = {
 def resolve_pretrained(path_or_name: str | os.PathLike, revision: str | None = None) -> Path:
     """A local directory holding config.json and weights; Hub names are downloaded (huggingface_hub extra) at
     `revision` (a branch, tag or commit; the default branch when None; local directories ignore it)."""
+    if not str(path_or_name).strip():
+        raise ValueError("the model name or path is empty")
     path = Path(path_or_name)
     if path.is_dir():
         return path
@@ -46,9 +48,12 @@ def resolve_pretrained(path_or_name: str | os.PathLike, revision: str | None = N
     if not path.exists() and hub.is_hub_name(str(path_or_name)):
         return hub.snapshot(str(path_or_name), revision)
     problem = "is a file, not a model directory" if path.exists() else "does not exist"
+    hint = ""
+    if not path.exists() and str(path_or_name).lower().startswith("bit-"):
+        hint = f" (Google released {', '.join(name for name in hub.GOOGLE_FILES if '/' not in name and '-ILSVRC' not in name)}, each also -ILSVRC2012)"
     raise OSError(
         f"{path_or_name} {problem}: expected a directory with {CONFIG_NAME} and weights, or a Hugging Face Hub "
-        "name such as google/bit-50"
+        f"name such as google/bit-50{hint}"
     )
 
 
