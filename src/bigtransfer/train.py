@@ -342,6 +342,8 @@ def predict(
 def _check_settings(config: _RunSettings) -> None:
     if not str(config.output):
         raise ValueError("an output directory is required")
+    if Path(config.output).exists() and not Path(config.output).is_dir():
+        raise ValueError(f"output {config.output} is a file: a run needs a directory (new or a previous run's)")
     if isinstance(config.data, ImageSource) and config.eval_data is None:
         raise ValueError("data is an ImageSource object: pass the evaluation set as eval_data too")
     for name in ("batch_size", "batch_split"):
