@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("--rounds", type=positive_int, default=None, help="timed rounds per contender (default 5, --quick 3)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="fp32",
-                        help=f"comma-separated, from {', '.join(PRECISIONS)} (tf32/bf16/fp16 are for GPUs)")
+                        help=f"comma-separated, from {', '.join(PRECISIONS)} (tf32/fp16 are for GPUs; bf16 runs on CPUs with AVX512-BF16 or AMX fast)")
     parser.add_argument("--contenders", default=None, help="comma-separated substrings of contender names to keep")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile contenders (saves minutes)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime contender")
