@@ -471,4 +471,5 @@ def test_bench_cli_validates_before_building(capsys):
 
     assert main(["bench", "--workloads", "infer-b99"]) == 2
     assert "infer-b99" in capsys.readouterr().err
-    assert main(["bench", "--precision", "bf16"]) == 2
+    assert main(["bench", "--precision", "fp16"]) == 2  # GPU-only precisions are refused on a CPU
+    assert "tf32 / fp16 are measured on a GPU only" in capsys.readouterr().err
