@@ -31,6 +31,7 @@ from bigtransfer import (
     UnsafeCheckpointError,
 )
 from bigtransfer.checkpoints import (
+    imagenet21k_labels,
     imagenet_labels,
     keymaps,
     load_checkpoint,
@@ -603,6 +604,22 @@ def test_preprocessing_follows_the_source():
     config = original_preprocessing("BiT-M-R50x1-ILSVRC2012.npz", 1000).to_preprocessor_config()
     assert config["size"] == {"height": 480, "width": 480} and config["do_center_crop"] is False
     assert config["image_mean"] == [0.5] * 3 and config["rescale_factor"] == 1 / 255
+
+
+def test_imagenet21k_labels_follow_timm_and_reach_converted_21k_heads(tmp_path):
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo("imagenet-21k-goog")  # Google's class order, as timm's goog_in21k heads use it
+    labels = imagenet21k_labels()
+    assert len(labels) == 21843 == len(set(labels))
+    for index, label in enumerate(labels):
+        lemma = info.index_to_description(index)
+        assert label in (lemma, f"{lemma} ({info.index_to_label_name(index)})"), index
+    torch.manual_seed(0)
+    config = BitConfig(embedding_size=32, hidden_sizes=[128, 256, 512, 1024], depths=[1, 1, 1, 1], num_labels=21843)
+    save_timm(BitForImageClassification(config), tmp_path / "in21k.safetensors")
+    id2label = load_checkpoint(tmp_path / "in21k.safetensors").config.id2label
+    assert id2label[2397] == "tabby, tabby cat" and id2label == dict(enumerate(labels))
 
 
 def test_imagenet_labels_and_labels_files(tmp_path):

@@ -8,6 +8,7 @@ writes anything; the output directory is created only after the source has been 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 from importlib import resources
@@ -34,6 +35,17 @@ def imagenet_labels() -> list[str]:
     """
     text = resources.files("bigtransfer").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
     return text.splitlines()
+
+
+def imagenet21k_labels() -> list[str]:
+    """The 21843 ImageNet-21k class names, in the order of the BiT-M (and timm `goog_in21k`) 21843-class head.
+
+    Generated once from timm's `imagenet21k_goog_synsets.txt` (Google's class order) and WordNet lemmas, like
+    `imagenet_labels`. 1,128 classes share their lemmas with another class (525 names); those get the synset
+    id, so every name is unique and label2id stays a bijection: "crane (n02012849)", "crane (n03126707)".
+    """
+    packed = resources.files("bigtransfer").joinpath("imagenet21k_classes.txt.gz").read_bytes()
+    return gzip.decompress(packed).decode("utf-8").splitlines()
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
@@ -153,6 +165,8 @@ def _checkpoint_labels(checkpoint: Checkpoint) -> list[str] | None:
         return [id2label[index] for index in range(len(id2label))]
     if checkpoint.config.num_labels == 1000:
         return imagenet_labels()
+    if checkpoint.config.num_labels == 21843:
+        return imagenet21k_labels()
     return None
 
 
