@@ -411,6 +411,10 @@ def test_predict_images_matches_per_image_predictions(tmp_path):
     assert [t[0][0] for t in skipped.top_k[:2]] == [t[0][0] for t in result.top_k[:2]]
     with pytest.raises(BadImageError):
         predict_images(model, [tmp_path / "bad.jpg"], processor, num_workers=0)
+    with pytest.raises(TypeError, match="paths must be a list of image files, got one str"):
+        predict_images(model, str(paths[0]), processor)  # would otherwise read one "file" per character
+    with pytest.raises(ValueError, match="top_k must be positive, got 0"):
+        predict_images(model, paths, processor, top_k=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -501,8 +501,12 @@ def predict_images(
         >>> result = predict_images(optimize(model), paths, BitImageProcessor.from_pretrained(directory))
         >>> result.top_k[0][0], result.images_per_second
     """
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError(f"paths must be a list of image files, got one {type(paths).__name__}: pass [{paths!r}]")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be positive, got {top_k}")
     transform = _processor_transform(processor)
     min_size = processor_min_size(processor) if reduced_decode else None
     shape = _output_shape(processor)
