@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import GroupNormAct, StdConv2d, standardize_weight
+from .processing import ProcessorTransform
 
 logger = logging.getLogger("bigtransfer")
 
@@ -511,11 +512,11 @@ def predict_images(
     min_size = processor_min_size(processor) if reduced_decode else None
     shape = _output_shape(processor)
     dataset = ImageFiles(paths, transform, min_size, on_bad_image, shape)
+    device = torch.device(getattr(model, "device", None) or _module_device(model))
     if num_workers is None:
         # Workers only on spare cores: a decoder sharing a core with the model's threads stalls them all (on a
         # 2-core CPU one worker made the pipeline 15 % slower than decoding in between batches).
-        device = getattr(model, "device", None) or _module_device(model)
-        busy = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+        busy = torch.get_num_threads() if device.type == "cpu" else 1
         num_workers = max(0, min(4, (os.cpu_count() or 1) - busy))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
@@ -532,7 +533,7 @@ def predict_images(
         if pad and count < batch_size:
             pixels = torch.cat([pixels, pixels.new_zeros((batch_size - count,) + tuple(pixels.shape[1:]))])
         with torch.inference_mode():
-            logits = model(pixels).logits[:count].float()
+            logits = model(pixels.to(device, non_blocking=True)).logits[:count].float()
         probabilities = logits.softmax(-1)
         scores, indices = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
         for row, good in enumerate(ok.tolist()):
@@ -545,19 +546,9 @@ def predict_images(
     return Predictions(results, len(results), time.perf_counter() - start)
 
 
-class _ProcessorTransform:
-    """A picklable PIL image -> (C, H, W) tensor through a BitImageProcessor."""
-
-    def __init__(self, processor: Any):
-        self.processor = processor
-
-    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        return self.processor(image, return_tensors="pt")["pixel_values"][0]
-
-
 def _processor_transform(processor: Any) -> Callable[[PIL.Image.Image], torch.Tensor]:
     if hasattr(processor, "preprocess"):
-        return _ProcessorTransform(processor)
+        return ProcessorTransform(processor)
     if callable(processor):
         return processor
     raise TypeError(f"processor must be a BitImageProcessor or a callable, got {type(processor).__name__}")
@@ -573,5 +564,5 @@ def _output_shape(processor: Any) -> tuple[int, ...] | None:
         return (3, int(size["height"]), int(size["width"]))
     if hasattr(processor, "preprocess"):
         blank = PIL.Image.fromarray(np.zeros((64, 64, 3), np.uint8))
-        return tuple(_ProcessorTransform(processor)(blank).shape)
+        return tuple(ProcessorTransform(processor)(blank).shape)
     return None

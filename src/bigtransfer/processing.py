@@ -616,6 +616,17 @@ class BitImageProcessor:
         return f"{type(self).__name__} {self.to_json_string()}"
 
 
+class ProcessorTransform:
+    """One PIL image -> its (C, H, W) tensor through a BitImageProcessor: a picklable per-image transform for
+    DataLoader workers (the `generator` argument that training transforms take is accepted and unused)."""
+
+    def __init__(self, processor: BitImageProcessor):
+        self.processor = processor
+
+    def __call__(self, image: PIL.Image.Image, generator: Any = None) -> torch.Tensor:
+        return self.processor(image, return_tensors="pt")["pixel_values"][0]
+
+
 def _affine(
     channels: int,
     do_rescale: bool,

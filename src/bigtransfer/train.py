@@ -51,7 +51,6 @@ from .data import (
     TransformedDataset,
     collate_skip_bad,
     few_shot_indices,
-    load_image,
     open_source,
     select_classes,
 )
@@ -321,18 +320,12 @@ def extract_features(
 def predict(
     model: str | os.PathLike, images: Sequence[str | os.PathLike], top_k: int = 5, device: str | None = None
 ) -> list[list[tuple[str, float]]]:
-    """Top-k (label, probability) for each image file, best first."""
+    """Top-k (label, probability) for each image file, best first (batched, see `optimize.predict_images`)."""
+    from .optimize import predict_images
+
     network, transform = _load_for_inference(model)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    network = network.to(device).eval()
-    results = []
-    for path in images:
-        pixels = transform(load_image(path)).unsqueeze(0).to(device)
-        with torch.no_grad():
-            probabilities = network(pixels).logits.float().softmax(-1)[0]
-        scores, indices = probabilities.topk(min(top_k, probabilities.numel()))
-        results.append([(network.config.id2label[int(i)], float(s)) for s, i in zip(scores, indices, strict=True)])
-    return results
+    return predict_images(network.to(device), images, transform, top_k=top_k).top_k
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -481,29 +474,19 @@ def _processor(crop: int, mean: Sequence[float], std: Sequence[float]):
     )
 
 
-class _ProcessorTransform:
-    """Adapts a BitImageProcessor to the `transform(image, generator)` interface of TransformedDataset."""
-
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, image, generator=None) -> torch.Tensor:
-        return self.processor(image, return_tensors="pt")["pixel_values"][0]
-
-
 def _load_for_inference(model: str | os.PathLike | nn.Module):
     """(classifier in eval mode, transform) for a directory / hub id, or a model object with BiT's transform."""
     if isinstance(model, nn.Module):
         raise TypeError("pass the model's directory, so its preprocessing (preprocessor_config.json) is known")
     from .pretrained import resolve_pretrained
-    from .processing import IMAGE_PROCESSOR_CONFIG_NAME, BitImageProcessor
+    from .processing import IMAGE_PROCESSOR_CONFIG_NAME, BitImageProcessor, ProcessorTransform
 
     directory = resolve_pretrained(model)
     network = BitForImageClassification.from_pretrained(directory, dtype=torch.float32).eval()  # --precision autocasts
     if network.config.num_labels == 0:
         raise ValueError(f"{directory} has no classification head (num_labels=0)")
     if (directory / IMAGE_PROCESSOR_CONFIG_NAME).is_file():
-        return network, _ProcessorTransform(BitImageProcessor.from_pretrained(directory))
+        return network, ProcessorTransform(BitImageProcessor.from_pretrained(directory))
     logger.warning("%s has no %s; using BiT's 128x128 [-1, 1] evaluation transform", directory, IMAGE_PROCESSOR_CONFIG_NAME)
     return network, EvalTransform(128)
 
