@@ -114,3 +114,13 @@ def test_export_cli(tmp_path, capsys):
     with torch.no_grad():
         expected = model(torch.from_numpy(pixels)).logits
     assert relative_error(torch.from_numpy(session.run(None, {"pixel_values": pixels})[0]), expected) < 1e-4
+
+
+def test_a_bf16_model_exports_a_float32_graph(tmp_path):
+    torch.manual_seed(0)
+    model = BitForImageClassification(BitConfig(**TESTER)).to(torch.bfloat16).train()
+    report = export(model, tmp_path / "model.pt", format="torchscript", image_size=64)
+    assert report.max_relative_difference < 1e-4  # against the float32 version of the same weights
+    assert model.training and next(model.parameters()).dtype == torch.bfloat16  # the user's model is untouched
+    traced = torch.jit.load(str(tmp_path / "model.pt"))
+    assert traced(torch.randn(1, 3, 64, 64))[0].dtype == torch.float32

@@ -81,7 +81,8 @@ def export(
     """Export `model` to `path` as "onnx", "torchscript" or "exported-program" (a torch.export .pt2 file).
 
     Args:
-        model: a BitModel, BitForImageClassification or BitBackbone (not modified: a copy is exported).
+        model: a BitModel, BitForImageClassification or BitBackbone (not modified: a copy is exported), on any
+            device and in any dtype; the graph is float32 (check it against the float32 model).
         path: the output file (its directory is created).
         format: "onnx" (dynamic batch, height and width), "torchscript" (a trace: any batch and image size, as
             the model has no shape-dependent Python control flow without SAME padding) or "exported-program"
@@ -99,8 +100,10 @@ def export(
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     start = time.perf_counter()
-    reference = model.eval()
-    prepared = copy.deepcopy(model).eval().requires_grad_(False)
+    # Exported graphs are float32 and traced on the CPU, whatever the model's device and dtype.
+    on_cpu_in_float32 = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+    reference = model if on_cpu_in_float32 else copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
+    prepared = copy.deepcopy(reference).eval().requires_grad_(False)
     if fold:
         fold_weight_standardization(prepared)
     wrapped = ExportedOutputs(prepared).eval()
@@ -127,7 +130,11 @@ def export(
         program = torch.export.export(wrapped, (example,), dynamic_shapes={"pixel_values": _dynamic_axes()})
         torch.export.save(program, str(path))
     if check:
-        _check(report, reference, path, format, prepared.config.num_channels, tolerance)
+        training = reference.training
+        try:
+            _check(report, reference.eval(), path, format, prepared.config.num_channels, tolerance)
+        finally:
+            reference.train(training)
     report.seconds = time.perf_counter() - start
     return report
 
