@@ -229,10 +229,11 @@ def optimize(
     Args:
         model: a BitModel / BitForImageClassification / BitBackbone (or any module using `StdConv2d`).
         device: where to run (default: where the model is).
-        dtype: None for float32, or "bf16" / "fp16" (a torch dtype works too) to run under autocast, with
-            GroupNorm and the reductions kept in float32 by autocast; outputs are returned as float32. Expect
-            logits within 5e-2 of float32 for bf16 and 5e-3 for fp16 (relative to the largest logit). bf16
-            pays on GPUs and on CPUs with AVX512-BF16 or AMX (1.6-2.4x float32 on a Zen 4; elsewhere it is slower).
+        dtype: None to run in the model's own dtype (float32 unless loaded otherwise), or "bf16" / "fp16" (a
+            torch dtype works too) to run under autocast, with GroupNorm and the reductions kept in float32 by
+            autocast; outputs are then returned as float32. Expect logits within 5e-2 of float32 for bf16 and
+            5e-3 for fp16 (relative to the largest logit). bf16 pays on GPUs and on CPUs with AVX512-BF16 or
+            AMX (1.6-2.4x float32 on a Zen 4; elsewhere it is slower).
         channels_last: keep activations in NHWC (the fast layout of oneDNN and of tensor cores).
         compile: True, False or "auto" (compile when TorchInductor can: a C++ compiler on CPU, Triton on GPU;
             if compiling fails on the first call "auto" warns and runs eager, True raises). Each new input shape
