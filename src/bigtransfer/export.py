@@ -85,7 +85,8 @@ def export(
             device and in any dtype; the graph is float32 (check it against the float32 model).
         path: the output file (its directory is created).
         format: "onnx" (dynamic batch, height and width), "torchscript" (a trace: any batch and image size, as
-            the model has no shape-dependent Python control flow without SAME padding) or "exported-program"
+            the model has no shape-dependent Python control flow without SAME padding; PyTorch deprecates
+            TorchScript and warns, so prefer "exported-program" unless a runtime needs it) or "exported-program"
             (dynamic batch, height and width).
         image_size: height and width of the example input used to trace (at least 64; exported graphs take
             any batch and any height and width from 64 up).
