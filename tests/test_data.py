@@ -218,6 +218,14 @@ def test_csv_with_names_header_and_relative_paths(photo_folder, tmp_path):
     assert Path(source.path(0)).resolve() == (photo_folder / "cat" / "chelsea.png").resolve()
 
 
+def test_csv_saved_by_a_spreadsheet_with_a_byte_order_mark_and_crlf(photo_folder, tmp_path):
+    csv_path = tmp_path / "list.csv"
+    rows = ["path,label", f"{photo_folder / 'cat' / 'chelsea.png'},cat", f"{photo_folder / 'coffee' / 'coffee.jpeg'},coffee"]
+    csv_path.write_bytes(("\r\n".join(rows) + "\r\n").encode("utf-8-sig"))  # Excel's "CSV UTF-8"
+    source = CsvSource(csv_path, val_fraction=0)
+    assert source.classes == ["cat", "coffee"] and source.labels.tolist() == [0, 1]
+
+
 def test_csv_integer_labels_without_header(photo_folder, tmp_path):
     csv_path = tmp_path / "list.csv"
     csv_path.write_text(

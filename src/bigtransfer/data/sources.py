@@ -240,7 +240,7 @@ class ImageFolderSource(FileSource):
 def _read_csv_rows(csv_path: Path) -> list[tuple[int, str, str]]:
     """``(line number, path, label)`` rows; a first row naming the columns is skipped."""
     rows = []
-    with open(csv_path, newline="", encoding="utf-8") as file:
+    with open(csv_path, newline="", encoding="utf-8-sig") as file:  # -sig: spreadsheets write a BOM
         for line_number, row in enumerate(csv.reader(file), start=1):
             if not row or all(not cell.strip() for cell in row):
                 continue
