@@ -626,6 +626,8 @@ def test_imagenet_labels_and_labels_files(tmp_path):
     labels = imagenet_labels()
     assert len(labels) == 1000 and all(labels) and labels[0] == "tench, Tinca tinca"
     assert labels[999] == "toilet tissue, toilet paper, bathroom tissue"
+    (tmp_path / "excel.txt").write_bytes("cat\r\ndog\r\n".encode("utf-8-sig"))  # a byte-order mark, CRLF
+    assert read_labels(tmp_path / "excel.txt") == ["cat", "dog"]
     (tmp_path / "bad.txt").write_text("a\n\nb\n")
     with pytest.raises(ValueError, match="line 2 is empty"):
         read_labels(tmp_path / "bad.txt")

@@ -50,7 +50,7 @@ def imagenet21k_labels() -> list[str]:
 
 def read_labels(path: str | os.PathLike) -> list[str]:
     """Class names from a text file, one per line (surrounding whitespace and trailing blank lines ignored)."""
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     blank = [number for number, line in enumerate(lines, start=1) if not line]
