@@ -376,3 +376,13 @@ def test_resume_restores_cuda_generators_in_device_order(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(int(s[0]) for s in states))
     run_state._set_rng_state(tensors, plain)
     assert restored == list(range(12))
+
+
+def test_class_names_that_match_nothing_are_matched_by_index_with_a_warning(caplog):
+    assert train._label_map(["cat", "dog"], ["dog", "cat"]).tolist() == [1, 0]  # by name
+    with caplog.at_level("WARNING", logger="bigtransfer"):
+        assert train._label_map(["a", "b"], ["LABEL_0", "LABEL_1"]) is None  # a generic head: by index, quietly
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="bigtransfer"):
+        assert train._label_map(["a", "b"], ["cat", "dog"]) is None
+    assert "matching classes by index (a -> cat, b -> dog, ...)" in caplog.text

@@ -500,6 +500,13 @@ def _label_map(data_classes: Sequence[str], model_classes: Sequence[str]) -> np.
         return np.array([position[name] for name in data_classes], dtype=np.int64)
     if len(data_classes) > len(model_classes):
         raise ValueError(f"the data has {len(data_classes)} classes but the model only {len(model_classes)}")
+    if any(name != f"LABEL_{index}" for index, name in enumerate(model_classes)):
+        unknown = [name for name in data_classes if name not in position]
+        pairs = ", ".join(f"{data} -> {model}" for data, model in zip(data_classes[:5], model_classes[:5], strict=False))
+        logger.warning(
+            "data classes %s are not among the model's class names: matching classes by index (%s, ...)",
+            unknown[:5], pairs,
+        )
     return None
 
 
