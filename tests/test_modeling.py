@@ -374,6 +374,7 @@ def test_dtype_auto_is_the_saved_dtype_as_in_transformers(saved_bf16, pixel_valu
 
     model, directory = saved_bf16
     loaded = BitForImageClassification.from_pretrained(directory)
+    assert loaded.name_or_path == str(directory) and loaded.supports_gradient_checkpointing
     assert loaded.dtype == torch.bfloat16
     assert transformers.BitForImageClassification.from_pretrained(directory).dtype == torch.bfloat16
     with torch.no_grad():  # the processor's float32 pixels are taken by a bf16 model

@@ -258,6 +258,8 @@ class BitPreTrainedModel(nn.Module):
     config_class = BitConfig
     base_model_prefix = "bit"
     main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True  # transformers' BiT says False
+    name_or_path = ""  # what from_pretrained loaded, as in transformers
 
     def __init__(self, config: BitConfig):
         super().__init__()

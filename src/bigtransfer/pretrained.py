@@ -100,7 +100,7 @@ def load_pretrained(
 
         # A new `num_labels` always starts a fresh zero head here, so ignore_mismatched_sizes has nothing to add.
         model = load_checkpoint(path_or_name, model_class, **config_overrides)
-        return _placed(model, _dtype(dtype, stored=torch.float32), device)
+        return _placed(model, _dtype(dtype, stored=torch.float32), device, path_or_name)
     directory = resolve_pretrained(path_or_name, revision)
     if config is None:
         config = BitConfig.from_pretrained(directory, **config_overrides)
@@ -112,7 +112,7 @@ def load_pretrained(
     recorded = str(config.extra.get("dtype") or config.extra.get("torch_dtype")).removeprefix("torch.")
     stored = next((value.dtype for value in state.values() if value.is_floating_point()), torch.float32)
     load_state(model, state, ignore_mismatched_sizes=ignore_mismatched_sizes, source=directory)
-    return _placed(model, _dtype(dtype, DTYPES.get(recorded, stored)), device)
+    return _placed(model, _dtype(dtype, DTYPES.get(recorded, stored)), device, path_or_name)
 
 
 def _check_overrides(model_class: type, overrides: dict[str, Any]) -> None:
@@ -159,8 +159,9 @@ def _device(device_map: Any) -> torch.device | None:
         raise ValueError(f"device_map must be a device such as 'cpu', 'cuda:0' or 0, or 'auto', got {device_map!r}") from None
 
 
-def _placed(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | None) -> torch.nn.Module:
-    """The loaded model in eval mode, cast and moved as asked."""
+def _placed(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | None, source: Any) -> torch.nn.Module:
+    """The loaded model in eval mode, cast and moved as asked, and named after its source."""
+    model.name_or_path = os.fspath(source)
     return model.to(device=device, dtype=dtype).eval()
 
 
