@@ -200,3 +200,17 @@ def test_every_variant_builds():
     for name in VARIANTS:
         with torch.device("meta"):
             BitForImageClassification(BitConfig.from_variant(name))
+
+
+def test_update_to_json_file_and_extra_keys_as_attributes(tmp_path):
+    config = BitConfig(num_labels=3, architectures=["BitForImageClassification"])
+    assert config.architectures == ["BitForImageClassification"]  # a config.json key with no field, as transformers
+    with pytest.raises(AttributeError, match="no attribute 'num_label'"):
+        config.num_label  # noqa: B018 (a typo stays an error)
+    config.update({"num_labels": 5, "out_features": ["stage1"]})
+    assert config.num_labels == 5 and config.out_indices == [1]
+    with pytest.raises(ValueError, match="one entry per stage"):
+        config.update({"depths": [1, 2]})
+    assert config.depths == [3, 4, 6, 3] and config.num_labels == 5  # a refused update changes nothing
+    config.to_json_file(tmp_path / "config.json")
+    assert BitConfig.from_pretrained(tmp_path / "config.json") == config

@@ -256,6 +256,22 @@ class BitConfig:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write `to_json_string()` to `path`, atomically."""
+        write_text_atomic(path, self.to_json_string())
+
+    def update(self, values: dict[str, Any]) -> None:
+        """Set several fields at once, validated as the constructor validates them (derived fields follow)."""
+        self.__dict__.update(type(self).from_dict(self.to_dict(), **values).__dict__)
+
+    def __getattr__(self, name: str) -> Any:
+        # Keys of config.json this class has no field for (architectures, dtype, ...) read as attributes, as
+        # in transformers; anything else is still an AttributeError, so typos are not hidden.
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> BitConfig:
         """Build from a dict (a parsed config.json); `overrides` win over its values."""

@@ -566,6 +566,10 @@ class BitImageProcessor:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write `to_json_string()` to `path`, atomically."""
+        write_text_atomic(path, self.to_json_string())
+
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], **overrides: Any) -> BitImageProcessor:
         """Build from a config dict (transformers' schema); `overrides` replace its keys."""
