@@ -364,6 +364,25 @@ def test_decode_image_reduces_jpegs_but_never_below_the_target(tmp_path):
     assert np.abs(resized_full - np.asarray(reduced, dtype=np.float32)).mean() < 4.0
 
 
+def test_photos_with_an_exif_orientation_come_out_upright_from_every_decoder(tmp_path):
+    from bigtransfer.images import open_image
+
+    upright = _photo(600, 800)  # 800 wide, 600 high as shown
+    stored = upright.transpose(PIL.Image.Transpose.ROTATE_90)  # a phone's sensor-order pixels: 600 wide
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "phone.jpg"
+    stored.save(path, quality=95, exif=exif)
+    full = open_image(path)
+    assert full.size == (800, 600)
+    assert np.abs(np.asarray(full, np.float32) - np.asarray(upright, np.float32)).mean() < 2.0
+    assert decode_image(path).size == (800, 600)
+    assert decode_image(path, 224).size == (400, 300)  # reduced on the displayed sides
+    assert decode_image(path, (128, 160)).size == (200, 150)  # (height, width) as displayed
+    reduced = np.asarray(decode_image(path, 224), np.float32)
+    assert np.abs(np.asarray(upright.resize((400, 300), PIL.Image.Resampling.BILINEAR), np.float32) - reduced).mean() < 4.0
+
+
 def test_decode_image_other_formats_and_errors(tmp_path):
     png, gray, broken = tmp_path / "a.png", tmp_path / "g.jpg", tmp_path / "broken.jpg"
     _photo().save(png)

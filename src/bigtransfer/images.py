@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 from .errors import BadImageError
@@ -27,6 +28,9 @@ __all__ = ["open_image", "rgb_array", "flatten_images", "image_to_tensor"]
 
 def open_image(path: str | os.PathLike) -> PIL.Image.Image:
     """Open and fully decode a local image file (the first frame of an animation); the file is closed.
+
+    An EXIF orientation tag is applied, so photos come out upright as viewers show them (as transformers'
+    `load_image` does; torchvision's and timm's loaders leave them as stored).
 
     Raises:
         FileNotFoundError: there is no such file.
@@ -41,6 +45,7 @@ def open_image(path: str | os.PathLike) -> PIL.Image.Image:
             if limit is not None and image.width * image.height > limit:
                 raise PIL.Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
             image.load()  # decodes now, so truncation and corruption are reported here, with the path
+            PIL.ImageOps.exif_transpose(image, in_place=True)  # phone photos: upright, as they are displayed
             return image
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {os.fspath(path)!r}") from None

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -389,6 +390,9 @@ def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None
             limit = PIL.Image.MAX_IMAGE_PIXELS
             if image.format != "JPEG" or (limit is not None and width * height > limit):
                 raise _FullDecode
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # stored on its side
+            if turned and not isinstance(min_size, int):
+                min_size = (min_size[1], min_size[0])  # the request is in stored orientation
             if isinstance(min_size, int):
                 scale = min_size / max(min(width, height), 1)
                 request = (math.ceil(width * scale), math.ceil(height * scale))
@@ -398,6 +402,7 @@ def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None
                 raise _FullDecode
             image.draft("RGB" if image.mode in ("RGB", "YCbCr") else image.mode, request)
             image.load()
+            PIL.ImageOps.exif_transpose(image, in_place=True)  # upright, as `open_image` returns it
             if image.mode == "RGB":
                 return image
             from .images import rgb_array
@@ -406,6 +411,9 @@ def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None
     except Exception:
         # Anything unusual (other formats, bombs, corrupt files) takes the full decode, with its precise errors.
         return load_image(path)
+
+
+EXIF_ORIENTATION = 0x0112
 
 
 class _FullDecode(Exception):
