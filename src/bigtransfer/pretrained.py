@@ -50,7 +50,8 @@ def resolve_pretrained(path_or_name: str | os.PathLike, revision: str | None = N
     problem = "is a file, not a model directory" if path.exists() else "does not exist"
     hint = ""
     if not path.exists() and str(path_or_name).lower().startswith("bit-"):
-        hint = f" (Google released {', '.join(name for name in hub.GOOGLE_FILES if '/' not in name and '-ILSVRC' not in name)}, each also -ILSVRC2012)"
+        released = [name for name in hub.GOOGLE_FILES if "/" not in name and "-ILSVRC" not in name]
+        hint = f" (Google released {', '.join(released)}, each also -ILSVRC2012)"
     raise OSError(
         f"{path_or_name} {problem}: expected a directory with {CONFIG_NAME} and weights, or a Hugging Face Hub "
         f"name such as google/bit-50{hint}"
@@ -133,9 +134,7 @@ def _dtype(dtype: Any, stored: torch.dtype) -> torch.dtype:
     """The floating dtype asked for; "auto" (and None) is `stored`, the dtype the weights were saved in."""
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
-    if dtype is None:
-        return stored
-    if dtype == "auto":
+    if dtype is None or dtype == "auto":
         return stored
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]
