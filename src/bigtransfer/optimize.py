@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import PIL.ExifTags
 import PIL.Image
 import PIL.ImageOps
 import torch
@@ -390,7 +391,7 @@ def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None
             limit = PIL.Image.MAX_IMAGE_PIXELS
             if image.format != "JPEG" or (limit is not None and width * height > limit):
                 raise _FullDecode
-            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # stored on its side
+            turned = image.getexif().get(PIL.ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # stored on its side
             if turned and not isinstance(min_size, int):
                 min_size = (min_size[1], min_size[0])  # the request is in stored orientation
             if isinstance(min_size, int):
@@ -411,9 +412,6 @@ def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None
     except Exception:
         # Anything unusual (other formats, bombs, corrupt files) takes the full decode, with its precise errors.
         return load_image(path)
-
-
-EXIF_ORIENTATION = 0x0112
 
 
 class _FullDecode(Exception):
