@@ -386,3 +386,18 @@ def test_class_names_that_match_nothing_are_matched_by_index_with_a_warning(capl
     with caplog.at_level("WARNING", logger="bigtransfer"):
         assert train._label_map(["a", "b"], ["cat", "dog"]) is None
     assert "matching classes by index (a -> cat, b -> dog, ...)" in caplog.text
+
+
+@pytest.mark.parametrize("run, field, value, match", [
+    (finetune, "base_lr", math.nan, "base_lr must be a finite number > 0, got nan"),
+    (finetune, "base_lr", math.inf, "base_lr must be a finite number > 0, got inf"),
+    (finetune, "mixup_alpha", -1.0, "mixup_alpha must be a finite number >= 0, got -1.0"),
+    (pretrain, "weight_decay", math.nan, "weight_decay must be a finite number >= 0, got nan"),
+    (pretrain, "epochs", math.nan, "epochs must be a finite number > 0, got nan"),
+])
+def test_numbers_that_would_poison_training_are_refused_before_it_starts(tmp_path, run, field, value, match):
+    # NaN passes `<= 0` checks: before, these surfaced steps later as a NaN loss blamed on the learning rate.
+    settings = FinetuneConfig if run is finetune else PretrainConfig
+    with pytest.raises(ValueError, match=match):
+        run(settings(model="tiny", data="digits", output=tmp_path / "run", max_steps=None, **{field: value}))
+    assert not (tmp_path / "run").exists()

@@ -228,8 +228,8 @@ def finetune(config: FinetuneConfig) -> RunResult:
 def pretrain(config: PretrainConfig) -> RunResult:
     """Pre-train (upstream) with the paper's recipe and write a run directory; see `PretrainConfig`."""
     _check_settings(config)
-    if config.epochs <= 0 and not config.max_steps:
-        raise ValueError(f"epochs must be positive, got {config.epochs}")
+    if not config.max_steps and not (math.isfinite(config.epochs) and config.epochs > 0):
+        raise ValueError(f"epochs must be a finite number > 0, got {config.epochs}")
     with distributed(config.device) as context:
         source = _open(config.data, "train", config.classes)
         eval_source = _open(config.eval_data or config.data, "test", config.classes)
@@ -350,8 +350,10 @@ def _check_settings(config: _RunSettings) -> None:
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {config.precision!r}")
     if getattr(config, "shots", None) is not None and config.shots < 1:
         raise ValueError(f"shots must be >= 1, got {config.shots}")
-    if getattr(config, "base_lr", 1.0) <= 0:
-        raise ValueError(f"base_lr must be positive, got {config.base_lr}")
+    for name, low, inclusive in (("base_lr", 0.0, False), ("weight_decay", 0.0, True), ("mixup_alpha", 0.0, True)):
+        value = getattr(config, name, None)
+        if value is not None and not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+            raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, got {value}")
 
 
 def _policy(on_bad_image: str) -> str:
