@@ -93,6 +93,9 @@ def test_export_rejects_bad_arguments(tmp_path):
         export(build(), tmp_path / "x", "tflite")
     with pytest.raises(ValueError, match="image_size"):
         export(build(), tmp_path / "x.onnx", image_size=32)
+    with pytest.raises(ValueError, match="tolerance must be a finite number > 0, got nan"):
+        export(build(), tmp_path / "x.onnx", tolerance=float("nan"))  # would let any difference pass
+    assert not (tmp_path / "x.onnx").exists()
     with pytest.raises(TypeError, match="BitModel"):
         export(torch.nn.Conv2d(3, 3, 1), tmp_path / "x.onnx")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import statistics
 import time
@@ -100,6 +101,10 @@ def export(
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+    if not (math.isfinite(tolerance) and tolerance > 0):  # NaN would let every check pass
+        raise ValueError(f"tolerance must be a finite number > 0, got {tolerance}")
     start = time.perf_counter()
     # Exported graphs are float32 and traced on the CPU, whatever the model's device and dtype.
     on_cpu_in_float32 = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
@@ -110,8 +115,6 @@ def export(
     wrapped = ExportedOutputs(prepared).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
     # Batch 2, not 1: exporters specialise dimensions whose example size is 1.
     example = torch.randn(2, prepared.config.num_channels, image_size, image_size)
     report = ExportReport(str(path), format, wrapped.output_names)
