@@ -494,5 +494,8 @@ def test_bench_cli_validates_before_building(capsys):
 
     assert main(["bench", "--workloads", "infer-b99"]) == 2
     assert "infer-b99" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: a NaN wait budget would never end or never wait
+        main(["bench", "--quiet-wait", "nan"])
+    assert "argument --quiet-wait: must be a finite number >= 0, got nan" in capsys.readouterr().err
     assert main(["bench", "--precision", "fp16"]) == 2  # GPU-only precisions are refused on a CPU
     assert "tf32 / fp16 are measured on a GPU only" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import json
 
 from ..benchmark import PRECISIONS, WORKLOADS, BenchConfig, format_report, run_bench
 from ..files import write_text_atomic
-from . import positive_int
+from . import non_negative_float, positive_int
 
 
 def register(subparsers) -> None:
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="3 rounds, batch-16 inference and the training step only, no pipeline")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads for this run")
-    parser.add_argument("--quiet-wait", type=float, default=300.0, metavar="SECONDS",
+    parser.add_argument("--quiet-wait", type=non_negative_float, default=300.0, metavar="SECONDS",
                         help="per workload, how long in all to wait for other processes to go quiet before samples "
                         "(shared machines; 0: never wait). Samples taken while others were busy are marked and "
                         "left out of the medians")
