@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .optimize import REDUCED_PRECISION, autocast_for
+
 # name -> (batch, image size, training step?)
 WORKLOADS: dict[str, tuple[int, int, bool]] = {
     "infer-b1": (1, 224, False),
@@ -116,7 +118,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     results: list[Result] = []
     built: dict[str, Any] = {}
     for precision in config.precisions:
-        matmul_peak = matmul_peaks[precision] = _MatmulPeak(device, _autocast_dtype(precision) or torch.float32)
+        matmul_peak = matmul_peaks[precision] = _MatmulPeak(device, REDUCED_PRECISION.get(precision, torch.float32))
         with _precision(precision, device):
             for workload in config.workloads:
                 spec = WORKLOADS[workload]
@@ -255,7 +257,7 @@ def _format_parity(parity: dict[str, float]) -> str:
 def _contenders(config, spec, precision, weights, transformers, timm, built) -> list[Contender]:
     _, _, training = spec
     device = torch.device(config.device)
-    autocast = _autocast_dtype(precision)
+    autocast = REDUCED_PRECISION.get(precision)
 
     def peer_model(kind: str, channels_last: bool) -> nn.Module:
         model = (_build_transformers(transformers, weights, config.variant) if kind == "transformers"
@@ -279,7 +281,7 @@ def _contenders(config, spec, precision, weights, transformers, timm, built) -> 
             freezing = _inductor_freezing if compiled == "frozen" else nullcontext
 
             def step():
-                with torch.inference_mode(), _autocast(device, autocast), freezing():
+                with torch.inference_mode(), autocast_for(device, autocast), freezing():
                     return call(pixels)
 
             return step
@@ -327,7 +329,7 @@ def _contenders(config, spec, precision, weights, transformers, timm, built) -> 
 
             def step():
                 optimizer.zero_grad(set_to_none=True)
-                with _autocast(device, autocast):
+                with autocast_for(device, autocast):
                     loss = F.cross_entropy(_logits(model(pixels)), labels)
                 loss.backward()
                 optimizer.step()
@@ -385,14 +387,6 @@ def _inductor_freezing() -> Iterator[None]:
 
     with inductor_config.patch(freezing=True):
         yield
-
-
-def _autocast_dtype(precision: str) -> torch.dtype | None:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @contextmanager

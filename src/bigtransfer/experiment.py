@@ -17,11 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .files import read_json, write_text_atomic
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)  # T-shirt/top, Trouser, Pullover, Dress, Coat
 TARGET_CLASSES = (5, 6, 7, 8, 9)  # Sandal, Shirt, Sneaker, Bag, Ankle boot
@@ -104,13 +107,13 @@ def _finished(run_dir: Path, settings) -> float | None:
     report, description = run_dir / "report.json", run_dir / "run.json"
     if not (report.is_file() and description.is_file()):
         return None
-    stored = json.loads(description.read_text())["settings"]
+    stored = read_json(description)["settings"]
     stored_signature = {key: stored.get(key) for key in _signature(settings)}
     current = json.loads(json.dumps(_signature(settings), default=str))
     current["data"], current["model"] = str(settings.data), str(settings.model)
     if stored_signature != current:
         return None
-    return json.loads(report.read_text())["top1"]
+    return read_json(report)["top1"]
 
 
 def run_demo(config: DemoConfig) -> str:
@@ -162,8 +165,6 @@ def run_demo(config: DemoConfig) -> str:
                     top1 = _finished(output, settings)
                     if top1 is None:
                         if output.exists():
-                            import shutil
-
                             shutil.rmtree(output)  # a run with other settings or one that did not finish
                         result = finetune(settings)
                         if result.interrupted:
@@ -186,11 +187,9 @@ def run_demo(config: DemoConfig) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         plot_accuracy_vs_shots(results[task], path, title=_title(task))
         plots[task] = path
-    (config.runs_dir / "results.json").write_text(json.dumps(dict(results=results, timings=timings), indent=2) + "\n")
+    write_text_atomic(config.runs_dir / "results.json", json.dumps(dict(results=results, timings=timings), indent=2) + "\n")
     text = _results_markdown(config, upstream, upstream_report, results, timings, plots, example_commands, reused)
     config.results.parent.mkdir(parents=True, exist_ok=True)
-    from .files import write_text_atomic
-
     write_text_atomic(config.results, text)
     return "\n".join(_table(results[task]) for task in tasks)
 

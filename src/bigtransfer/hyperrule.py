@@ -75,8 +75,13 @@ def _preset(preset: str) -> dict:
 
 
 def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return _at_least(name, value, 1, "a positive")
+
+
+def _at_least(name: str, value: int, low: int, kind: str) -> int:
+    # `not value >= low` rather than `value < low`: NaN fails it too.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+        raise ValueError(f"{name} must be {kind} number, got {value!r}")
     return value
 
 
@@ -133,8 +138,7 @@ def lr(
     Warmup ``base_lr * step / warmup_end`` (0 at step 0), then ``base_lr`` divided by 10 for each decay
     boundary strictly below ``step``; ``None`` for ``step >= total``. Base 0.003 is for batch 512.
     """
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or step < 0:
-        raise ValueError(f"step must be a non-negative number, got {step!r}")
+    _at_least("step", step, 0, "a non-negative")
     warmup_end, *decays, total = schedule(dataset_size, preset)
     return _staircase(step, base_lr, warmup_end, decays, total)
 

@@ -178,7 +178,7 @@ class OptimizedModel(nn.Module):
             if pixel_values.ndim == 4:
                 pixel_values = pixel_values.contiguous(memory_format=self.memory_format)
         chunk = self.micro_batch_size(pixel_values)
-        with torch.inference_mode(), _autocast(self.device, self.autocast_dtype):
+        with torch.inference_mode(), autocast_for(self.device, self.autocast_dtype):
             if chunk and not args and "labels" not in kwargs and pixel_values.shape[0] > chunk:
                 output = _concatenate([self._run(part, **kwargs) for part in pixel_values.split(chunk)])
             else:
@@ -314,7 +314,8 @@ def _autocast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return dtype
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast_for(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`'s type; None runs the model's own dtype (autocast switched off)."""
     if dtype is None:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
