@@ -401,3 +401,15 @@ def test_numbers_that_would_poison_training_are_refused_before_it_starts(tmp_pat
     with pytest.raises(ValueError, match=match):
         run(settings(model="tiny", data="digits", output=tmp_path / "run", max_steps=None, **{field: value}))
     assert not (tmp_path / "run").exists()
+
+
+def test_precision_settings_on_a_cpu():
+    cpu = torch.device("cpu")
+    a = torch.randn(4, 4)
+    with train._autocast(cpu, "bf16"):  # was silently float32 on CPUs
+        assert torch.mm(a, a).dtype == torch.bfloat16
+    for precision in ("auto", "fp32"):
+        with train._autocast(cpu, precision):
+            assert torch.mm(a, a).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision fp16 needs a GPU"):
+        train._autocast(cpu, "fp16")

@@ -66,6 +66,7 @@ from .distributed import (
 )
 from .files import atomic_path, write_text_atomic
 from .modeling import BitForImageClassification
+from .optimize import REDUCED_PRECISION, autocast_for
 from .report import METRICS_NAME, REPORT_NAME, EvaluationReport, plot_run, read_metrics, write_report
 from .run_state import (  # the checkpoint names and functions and RunLockedError are public here too
     CHECKPOINT_NAME,
@@ -115,7 +116,7 @@ class _RunSettings:
     resume: bool = False
     on_bad_image: BadImagePolicy = "fail"
     device: str | None = None  # default: cuda when available (cuda:LOCAL_RANK under torchrun), else cpu
-    precision: Precision = "auto"  # auto: bf16 autocast on GPUs that have it, fp16 on other GPUs, fp32 on CPU
+    precision: Precision = "auto"  # auto: bf16 autocast on GPUs that have it, fp16 on other GPUs, fp32 on CPU; bf16 runs on CPUs too
     workers: int = 0  # DataLoader worker processes (0: load in the training process)
     gradient_checkpointing: bool = False
     progress: bool = True
@@ -631,11 +632,13 @@ def _signature(settings: _RunSettings) -> dict[str, Any]:
 
 
 def _autocast(device: torch.device, precision: str):
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
+    """Autocast for a `precision` setting: "auto" is bf16 (fp16 where unsupported) on GPUs and float32 on CPUs;
+    "bf16" runs on CPUs too (fast with AVX512-BF16 or AMX); "fp16" needs a GPU (and its loss scaler)."""
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a GPU (it trains with loss scaling there); on a CPU use bf16 or fp32")
+    return autocast_for(device, REDUCED_PRECISION.get(precision))
 
 
 def _loss_sum(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:

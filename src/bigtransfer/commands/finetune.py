@@ -56,7 +56,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
                         help="unreadable images: stop with an error naming the file, or skip and list them in the report")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                        help="auto: bf16 (or fp16) mixed precision on GPUs, fp32 on CPUs")
+                        help="auto: bf16 (or fp16) mixed precision on GPUs, fp32 on CPUs; bf16 also runs on CPUs "
+                        "(fast with AVX512-BF16 or AMX); fp16 needs a GPU")
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loading processes")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
