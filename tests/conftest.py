@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import pytest
 import torch
 
@@ -27,3 +29,22 @@ def pixel_values() -> torch.Tensor:
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Max absolute difference scaled by the reference's magnitude (activations grow to tens with random init)."""
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()
+
+
+# Differences the parity tests measured, printed at the end of the run: the README's parity figures come from here.
+MEASURED: dict[str, list[float]] = defaultdict(list)
+
+
+def record(name: str, value: float) -> float:
+    """Keep a measured difference for the end-of-run summary; returns it, so `assert record(...) < bound`."""
+    MEASURED[name].append(float(value))
+    return value
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MEASURED:
+        terminalreporter.section("measured differences (largest, mean, count)")
+        for name, values in sorted(MEASURED.items()):
+            terminalreporter.write_line(
+                f"{name}: largest {max(values):.2g}, mean {sum(values) / len(values):.2g}, {len(values)} comparisons"
+            )

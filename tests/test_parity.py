@@ -8,9 +8,14 @@ import torch
 import transformers
 
 from bigtransfer import BitBackbone, BitConfig, BitForImageClassification, BitModel
-from conftest import TESTER, relative_error
+from conftest import TESTER, record, relative_error
 
 TOLERANCE = 1e-5
+
+
+def _measured(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """`relative_error`, recorded for the end-of-run summary (the README's parity figure)."""
+    return record("model parity vs transformers / timm, relative to the output's scale", relative_error(actual, expected))
 
 CONFIGURATIONS = {
     "preactivation": dict(),
@@ -42,11 +47,11 @@ def test_classifier_and_hidden_states_match_transformers(name, size):
     with torch.no_grad():
         expected = theirs(pixels, output_hidden_states=True)
         actual = ours(pixels, output_hidden_states=True)
-    assert relative_error(actual.logits, expected.logits) < TOLERANCE
+    assert _measured(actual.logits, expected.logits) < TOLERANCE
     assert len(actual.hidden_states) == len(expected.hidden_states)
     for got, want in zip(actual.hidden_states, expected.hidden_states, strict=True):
         assert got.shape == want.shape
-        assert relative_error(got, want) < TOLERANCE
+        assert _measured(got, want) < TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["preactivation", "bottleneck", "same-padding"])
@@ -56,8 +61,8 @@ def test_base_model_outputs_match_transformers(name):
     with torch.no_grad():
         expected, actual = theirs(pixels), ours(pixels)
     assert actual.pooler_output.shape == expected.pooler_output.shape == (3, 64, 1, 1)
-    assert relative_error(actual.last_hidden_state, expected.last_hidden_state) < TOLERANCE
-    assert relative_error(actual.pooler_output, expected.pooler_output) < TOLERANCE
+    assert _measured(actual.last_hidden_state, expected.last_hidden_state) < TOLERANCE
+    assert _measured(actual.pooler_output, expected.pooler_output) < TOLERANCE
 
 
 @pytest.mark.parametrize("out_features", [["stage2", "stage3", "stage4"], ["stem", "stage1"], None])
@@ -68,7 +73,7 @@ def test_backbone_feature_maps_match_transformers(out_features):
         expected, actual = theirs(pixels).feature_maps, ours(pixels).feature_maps
     assert len(actual) == len(expected)
     for got, want in zip(actual, expected, strict=True):
-        assert relative_error(got, want) < TOLERANCE
+        assert _measured(got, want) < TOLERANCE
     assert ours.channels == theirs.channels
 
 
@@ -81,7 +86,7 @@ def test_training_loss_and_gradients_match_transformers():
     expected.backward(), actual.backward()
     assert abs(expected.item() - actual.item()) < 1e-5
     for (name, p), q in zip(theirs.named_parameters(), ours.parameters(), strict=True):
-        assert relative_error(q.grad, p.grad) < 1e-4, name
+        assert _measured(q.grad, p.grad) < 1e-4, name
 
 
 @pytest.mark.parametrize("safe", [True, False])
@@ -96,8 +101,8 @@ def test_directories_load_both_ways(tmp_path, safe):
     assert loaded_there.config.id2label == {0: "a", 1: "b", 2: "c", 3: "d"}
     with torch.no_grad():
         reference = theirs(pixels).logits
-        assert relative_error(loaded_here(pixels).logits, reference) < TOLERANCE
-        assert relative_error(loaded_there(pixels).logits, reference) < TOLERANCE
+        assert _measured(loaded_here(pixels).logits, reference) < TOLERANCE
+        assert _measured(loaded_there(pixels).logits, reference) < TOLERANCE
 
 
 def test_backbone_directory_loads_in_transformers(tmp_path):
@@ -108,7 +113,7 @@ def test_backbone_directory_loads_in_transformers(tmp_path):
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         for got, want in zip(ours(pixels).feature_maps, theirs(pixels).feature_maps, strict=True):
-            assert relative_error(got, want) < TOLERANCE
+            assert _measured(got, want) < TOLERANCE
 
 
 def test_base_model_directory_from_transformers_has_no_prefix(tmp_path):
@@ -119,7 +124,7 @@ def test_base_model_directory_from_transformers_has_no_prefix(tmp_path):
     classifier = BitForImageClassification.from_pretrained(tmp_path, num_labels=3)  # fresh zero head
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert relative_error(ours(pixels).pooler_output, theirs(pixels).pooler_output) < TOLERANCE
+        assert _measured(ours(pixels).pooler_output, theirs(pixels).pooler_output) < TOLERANCE
         assert torch.count_nonzero(classifier(pixels).logits) == 0
 
 
@@ -134,7 +139,7 @@ def test_r50x1_matches_transformers_at_full_size():
     ours.load_state_dict(theirs.state_dict())
     pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        assert relative_error(ours(pixels).logits, theirs(pixels).logits) < TOLERANCE
+        assert _measured(ours(pixels).logits, theirs(pixels).logits) < TOLERANCE
 
 
 # -- timm: the wide and dilated BiTs transformers cannot run -------------------------------------------------------
@@ -171,8 +176,8 @@ def test_wide_bit_matches_timm(width_factor):
     theirs, ours = timm_pair(width_factor=width_factor)
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        assert relative_error(ours(pixels).logits, theirs(pixels)) < TOLERANCE
-        assert relative_error(ours.bit(pixels).last_hidden_state, theirs.forward_features(pixels)) < TOLERANCE
+        assert _measured(ours(pixels).logits, theirs(pixels)) < TOLERANCE
+        assert _measured(ours.bit(pixels).last_hidden_state, theirs.forward_features(pixels)) < TOLERANCE
 
 
 @pytest.mark.parametrize("output_stride", [16, 8])
@@ -183,7 +188,7 @@ def test_dilated_bit_matches_timm(output_stride):
         expected = theirs.forward_features(pixels)
         actual = ours.bit(pixels).last_hidden_state
     assert actual.shape == expected.shape and actual.shape[-1] == 64 // output_stride
-    assert relative_error(actual, expected) < TOLERANCE
+    assert _measured(actual, expected) < TOLERANCE
 
 
 @pytest.mark.slow
@@ -200,7 +205,7 @@ def test_r50x3_matches_timm_resnetv2_50x3_bit():
     ours.load_state_dict(to_transformers(theirs.state_dict(), "timm"), strict=True)
     pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        assert relative_error(ours(pixels).logits, theirs(pixels)) < TOLERANCE
+        assert _measured(ours(pixels).logits, theirs(pixels)) < TOLERANCE
 
 
 def test_from_pretrained_takes_a_single_timm_weights_file(tmp_path):
@@ -212,5 +217,5 @@ def test_from_pretrained_takes_a_single_timm_weights_file(tmp_path):
     base = BitModel.from_pretrained(tmp_path / "timm.safetensors")
     pixels = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
-        assert relative_error(ours(pixels).logits, theirs(pixels)) < TOLERANCE
-        assert relative_error(base(pixels).last_hidden_state, theirs.forward_features(pixels)) < TOLERANCE
+        assert _measured(ours(pixels).logits, theirs(pixels)) < TOLERANCE
+        assert _measured(base(pixels).last_hidden_state, theirs.forward_features(pixels)) < TOLERANCE
