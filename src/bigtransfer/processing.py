@@ -302,14 +302,12 @@ def _resize_and_crop(
             (src_left + cols) * col_scale,
             (src_top + rows) * row_scale,
         )
-        # In float ("F" bands), then rounded and clipped once, as torch's uint8 kernel does: PIL's own uint8
-        # path clips bicubic / lanczos ringing at other points, up to 2 levels away from the full resize.
-        bands = image.numpy().astype(np.float32, copy=False)
         window = np.stack(
-            [np.array(PIL.Image.fromarray(band).resize((cols, rows), resample, box=box)) for band in bands]
+            [
+                np.array(PIL.Image.fromarray(band).resize((cols, rows), resample, box=box))
+                for band in image.numpy()
+            ]
         )
-        if image.dtype == torch.uint8:
-            window = np.clip(np.rint(window), 0, 255).astype(np.uint8)
     padded = np.zeros(image.shape[:-2] + (crop_height, crop_width), dtype=window.dtype)
     padded[..., dst_top : dst_top + rows, dst_left : dst_left + cols] = window
     return torch.from_numpy(padded)
