@@ -241,7 +241,9 @@ def test_resizing_only_the_cropped_box_matches_a_full_resize(monkeypatch, image_
     boxed = processor(image, return_tensors="np")["pixel_values"]
     monkeypatch.undo()
     levels = np.abs(full - boxed).max() * max(processor.image_std) * 255  # difference in 8-bit levels
-    assert levels < (1e-3 if image.dtype == np.float32 else 1.5), levels
+    # uint8: PIL (box) and torch (full) round and clip ringing differently; hypothesis found 2.1 levels with a
+    # 1-6 pixel side upsampled bicubic, and emulating torch's two rounded passes in float was no closer.
+    assert levels < (1e-3 if image.dtype == np.float32 else 2.5), levels
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint readers
