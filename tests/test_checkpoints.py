@@ -29,12 +29,12 @@ from bigtransfer import (
     BitForImageClassification,
     CheckpointError,
     UnsafeCheckpointError,
+    load_checkpoint,
 )
 from bigtransfer.checkpoints import (
     imagenet21k_labels,
     imagenet_labels,
     keymaps,
-    load_checkpoint,
     read_checkpoint,
     read_labels,
     save_big_transfer,

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bigtransfer import BitConfig, BitForImageClassification, CheckpointError, load_checkpoint
+from bigtransfer import checkpoints
 from bigtransfer.checkpoints import hub, save_npz, save_timm
 from bigtransfer.cli import main
 
@@ -126,21 +127,16 @@ def timm_repository(directory: Path, model: BitForImageClassification, tag="goog
     return directory
 
 
-def test_timm_repository_name_is_converted_once(tmp_path, fake_hub, monkeypatch):
+def test_timm_repository_name_loads_as_published(tmp_path, fake_hub, isolated_cache):
     source = small_model()
     name = "timm/resnetv2_50x1_bit.goog_in21k_ft_in1k"
     fake_hub({name: timm_repository(tmp_path / "timm-repo", source)})
     model = BitForImageClassification.from_pretrained(name)
     assert torch.allclose(logits(model), logits(source), atol=1e-6)
     assert model.config.ws_eps == 1e-8 and model.config.id2label == {0: "red", 1: "green", 2: "blue"}
-    converted = hub.snapshot(name)
-    preprocessor = json.loads((converted / "preprocessor_config.json").read_text())
+    preprocessor = checkpoints.read(name).preprocessor_dict()  # timm's pretrained_cfg, read from the snapshot
     assert preprocessor["size"] == {"shortest_edge": 448} and preprocessor["resample"] == 2
-
-    from bigtransfer.checkpoints import convert
-
-    monkeypatch.setattr(convert, "convert_checkpoint", lambda *a, **k: pytest.fail("converted twice"))
-    assert hub.snapshot(name) == converted  # the converted copy in the cache is reused
+    assert not (isolated_cache / "bigtransfer").exists()  # nothing converted or copied into the cache
 
 
 def test_cli_converts_a_timm_hub_name(tmp_path, fake_hub, capsys):

@@ -1,7 +1,7 @@
 """bigtransfer: Big Transfer (BiT) models, checkpoints and the BiT-HyperRule."""
 
-from .checkpoints import convert_checkpoint, load_checkpoint
 from .config import VARIANTS, BitConfig
+from .convert import convert_checkpoint, load_checkpoint
 from .errors import CheckpointError, UnsafeCheckpointError
 from .export import ExportReport, export
 from .modeling import (

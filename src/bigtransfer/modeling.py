@@ -1,6 +1,7 @@
 """BiT models: stem -> bottleneck layers -> stages -> encoder -> BitModel / BitForImageClassification / BitBackbone.
 
 Module and parameter names follow transformers exactly, so its checkpoints load here and ours load there.
+`from_pretrained` / `save_pretrained` delegate to `bigtransfer.checkpoints` (the model code opens no files).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .checkpoints import loader, writers
 from .config import BitConfig, make_divisible
 from .layers import DropPath, GroupNormAct, MaxPool2dSame, StdConv2d, activation
 
@@ -346,7 +348,7 @@ class BitPreTrainedModel(nn.Module):
                 raise ValueError("pixel_values contains NaN or infinite values")
         return pixel_values if weight is None else pixel_values.to(weight.dtype)  # a bf16 model takes float32
 
-    # -- persistence (file handling lives in bigtransfer.pretrained) --------------------------------------------
+    # -- persistence (file handling lives in bigtransfer.checkpoints) ------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike, **kwargs: Any):
         """Load a model from a transformers-layout directory (config.json + model.safetensors or pytorch_model.bin),
@@ -360,19 +362,18 @@ class BitPreTrainedModel(nn.Module):
         for the stored weights' dtype) casts the model, `device_map` ("cuda:0", 0, "auto") moves it to one
         device, and `revision` picks a Hub branch, tag or commit.
 
+        A weights file or Google name has no config.json: its architecture is read off the tensors, and a
+        `num_labels` other than its head's starts a new zero head (no flag needed).
+
         Example:
             >>> model = BitForImageClassification.from_pretrained("runs/pets/model", num_labels=37,
             ...                                                   ignore_mismatched_sizes=True)
         """
-        from .pretrained import load_pretrained
-
-        return load_pretrained(cls, path_or_name, **kwargs)
+        return loader.load(cls, path_or_name, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True) -> None:
         """Write config.json and model.safetensors (or pytorch_model.bin) atomically, loadable by transformers."""
-        from .pretrained import save_pretrained
-
-        save_pretrained(self, save_directory, safe_serialization=safe_serialization)
+        writers.save_transformers(self, save_directory, safe_serialization=safe_serialization)
 
 
 class BitModel(BitPreTrainedModel):

@@ -40,6 +40,8 @@ from .files import read_json, write_text_atomic
 from .images import flatten_images, image_to_tensor, open_image, rgb_array  # the last two re-exported
 
 __all__ = [
+    "BIT_MEAN",
+    "BIT_STD",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "IMAGE_PROCESSOR_CONFIG_NAME",
@@ -52,6 +54,9 @@ __all__ = [
 # The normalization `google/bit-50` and transformers' BitImageProcessor default to.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Inputs in [-1, 1]: the original BiT code, its checkpoints and timm's BiT configs.
+BIT_MEAN = (0.5, 0.5, 0.5)
+BIT_STD = (0.5, 0.5, 0.5)
 IMAGE_PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 # transformers >= 5 may nest the image processor config in processor_config.json["image_processor"].
 PROCESSOR_CONFIG_NAME = "processor_config.json"

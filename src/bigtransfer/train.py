@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hyperrule
+from .checkpoints import hub, keymaps, loader
 from .config import BitConfig
 from .data import (
     BIT_MEAN,
@@ -67,6 +68,7 @@ from .distributed import (
 from .files import atomic_path, write_text_atomic
 from .modeling import BitForImageClassification
 from .optimize import REDUCED_PRECISION, autocast_for
+from .processing import IMAGE_PROCESSOR_CONFIG_NAME, BitImageProcessor, ProcessorTransform
 from .report import METRICS_NAME, REPORT_NAME, EvaluationReport, plot_run, read_metrics, write_report
 from .run_state import (  # the checkpoint names and functions and RunLockedError are public here too
     CHECKPOINT_NAME,
@@ -380,8 +382,6 @@ def _is_random_init(name: str, google_names_are_weights: bool) -> bool:
     Variant names (`tiny`, `R50x1`, `BiT-S-R50x1`) build at random; for fine-tuning, Google's checkpoint names
     (`BiT-M-R50x1`, `BiT-S-R101x3-ILSVRC2012`) mean their pretrained weights, as in the original code.
     """
-    from .checkpoints import hub
-
     if Path(name).exists() or (google_names_are_weights and hub.is_google_name(name)):
         return False
     try:
@@ -389,16 +389,6 @@ def _is_random_init(name: str, google_names_are_weights: bool) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _processor_normalisation(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean / std the checkpoint was trained with (its preprocessor_config.json), else BiT's [-1, 1]."""
-    from .processing import IMAGE_PROCESSOR_CONFIG_NAME, BitImageProcessor
-
-    if (directory / IMAGE_PROCESSOR_CONFIG_NAME).is_file():
-        processor = BitImageProcessor.from_pretrained(directory)
-        return tuple(processor.image_mean), tuple(processor.image_std)
-    return BIT_MEAN, BIT_STD
 
 
 def _seeded_init(build: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -409,6 +399,7 @@ def _seeded_init(build: Callable[[], nn.Module], seed: int) -> nn.Module:
 
 
 def _name_labels(config: BitConfig, classes: Sequence[str]) -> None:
+    """Name a freshly built head's classes (loaded heads are named by the loader)."""
     config.id2label = {index: str(name) for index, name in enumerate(classes)}
     config.label2id = {str(name): index for index, name in enumerate(classes)}
 
@@ -421,34 +412,22 @@ def _training_model(name: str, classes: Sequence[str], seed: int, fine_tune: boo
     if _is_random_init(name, google_names_are_weights=fine_tune):
         config = BitConfig.from_variant(name, num_labels=len(classes))
         model = _seeded_init(lambda: BitForImageClassification(config), seed)
+        if fine_tune:  # the recipe's zero head, as a loaded model gets it
+            nn.init.zeros_(model.classifier[1].weight)
+            nn.init.zeros_(model.classifier[1].bias)
         mean, std = BIT_MEAN, BIT_STD
+        _name_labels(model.config, classes)
     else:
-        from .pretrained import is_single_checkpoint, resolve_pretrained
-
-        source = name if is_single_checkpoint(name) else resolve_pretrained(name)
-        with _quiet_head_warning():
-            model = BitForImageClassification.from_pretrained(  # float32 master weights; --precision autocasts
-                source, num_labels=len(classes), ignore_mismatched_sizes=True, dtype=torch.float32
-            )
+        checkpoint = loader.read(name)
+        # float32 master weights (--precision autocasts); a pre-training run continues with its own head.
+        model = loader.build(BitForImageClassification, checkpoint, labels=list(classes), new_head=fine_tune)
+        model.float()
         # A directory says how it was trained; converted files (timm, .npz, original code) all expect [-1, 1].
-        mean, std = _processor_normalisation(source) if isinstance(source, Path) else (BIT_MEAN, BIT_STD)
-    if fine_tune:
-        nn.init.zeros_(model.classifier[1].weight)
-        nn.init.zeros_(model.classifier[1].bias)
-    _name_labels(model.config, classes)
+        processor = checkpoint.preprocessor_config or {}
+        mean = tuple(processor.get("image_mean", BIT_MEAN))
+        std = tuple(processor.get("image_std", BIT_STD))
     model.config.problem_type = "single_label_classification"
     return model.train(), mean, std
-
-
-@contextlib.contextmanager
-def _quiet_head_warning() -> Iterator[None]:
-    """The zero-head warning of `from_pretrained` is expected when fine-tuning; silence it there."""
-    previous = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
 
 
 def _resolution(config: _RunSettings, source: ImageSource, model_name: str) -> tuple[int, int]:
@@ -469,8 +448,6 @@ def _resolution(config: _RunSettings, source: ImageSource, model_name: str) -> t
 
 def _processor(crop: int, mean: Sequence[float], std: Sequence[float]):
     """A BitImageProcessor that does what EvalTransform does: squash to crop x crop (bilinear), normalise."""
-    from .processing import BitImageProcessor
-
     return BitImageProcessor(
         size={"height": crop, "width": crop}, crop_size={"height": crop, "width": crop}, resample=2,
         image_mean=list(mean), image_std=list(std),
@@ -478,20 +455,18 @@ def _processor(crop: int, mean: Sequence[float], std: Sequence[float]):
 
 
 def _load_for_inference(model: str | os.PathLike | nn.Module):
-    """(classifier in eval mode, transform) for a directory / hub id, or a model object with BiT's transform."""
+    """(classifier in eval mode, transform) for any source `from_pretrained` takes, with its preprocessing."""
     if isinstance(model, nn.Module):
         raise TypeError("pass the model's directory, so its preprocessing (preprocessor_config.json) is known")
-    from .pretrained import resolve_pretrained
-    from .processing import IMAGE_PROCESSOR_CONFIG_NAME, BitImageProcessor, ProcessorTransform
-
-    directory = resolve_pretrained(model)
-    network = BitForImageClassification.from_pretrained(directory, dtype=torch.float32).eval()  # --precision autocasts
+    checkpoint = loader.read(model)
+    network = loader.build(BitForImageClassification, checkpoint).float()  # --precision autocasts
     if network.config.num_labels == 0:
-        raise ValueError(f"{directory} has no classification head (num_labels=0)")
-    if (directory / IMAGE_PROCESSOR_CONFIG_NAME).is_file():
-        return network, ProcessorTransform(BitImageProcessor.from_pretrained(directory))
-    logger.warning("%s has no %s; using BiT's 128x128 [-1, 1] evaluation transform", directory, IMAGE_PROCESSOR_CONFIG_NAME)
-    return network, EvalTransform(128)
+        raise ValueError(f"{checkpoint.source} has no classification head (num_labels=0)")
+    if checkpoint.naming == keymaps.TRANSFORMERS and checkpoint.preprocessor_config is None:
+        logger.warning("%s has no %s; using BiT's 128x128 [-1, 1] evaluation transform", checkpoint.source,
+                       IMAGE_PROCESSOR_CONFIG_NAME)
+        return network, EvalTransform(128)
+    return network, ProcessorTransform(BitImageProcessor.from_dict(checkpoint.preprocessor_dict()))
 
 
 def _label_map(data_classes: Sequence[str], model_classes: Sequence[str]) -> np.ndarray | None:
@@ -833,8 +808,6 @@ def _loop(job: _Job, output: Path, signals: StopSignals) -> RunResult:
         model.eval()
         model.save_pretrained(model_dir)
         processor = _processor(job.crop, job.mean, job.std)
-        from .processing import IMAGE_PROCESSOR_CONFIG_NAME
-
         write_text_atomic(model_dir / IMAGE_PROCESSOR_CONFIG_NAME, processor.to_json_string())
         write_report(report, output / REPORT_NAME)
         if settings.plots:

@@ -1,34 +1,42 @@
-"""Checkpoint files: readers (file -> dict of tensors), key maps (pure renames), writers and hub resolution."""
+"""Checkpoint files: readers (file or directory -> tensors), key maps (pure renames), formats (what a source
+holds), the one loader (config, model class given, one strict load), writers, labels and hub (names -> paths).
+"""
 
-from .convert import (
-    ConversionResult,
-    convert_checkpoint,
-    imagenet21k_labels,
-    imagenet_labels,
-    load_checkpoint,
-    read_labels,
+from .formats import Checkpoint, Preprocessing, describe_variant, read_checkpoint
+from .labels import imagenet21k_labels, imagenet_labels, read_labels
+from .loader import build, load, read, resolve
+from .readers import read_directory_weights, read_npz, read_safetensors, read_torch_pickle, read_weights_file
+from .writers import (
+    save_big_transfer,
+    save_npz,
+    save_timm,
+    save_transformers,
+    to_big_transfer,
+    to_google,
+    to_timm,
 )
-from .formats import Checkpoint, Preprocessing, read_checkpoint
-from .readers import read_npz, read_safetensors, read_torch_pickle, read_weights_file
-from .writers import save_big_transfer, save_npz, save_timm, to_big_transfer, to_google, to_timm
 
 __all__ = [
     "Checkpoint",
-    "ConversionResult",
     "Preprocessing",
-    "convert_checkpoint",
+    "build",
+    "describe_variant",
     "imagenet21k_labels",
     "imagenet_labels",
-    "load_checkpoint",
+    "load",
+    "read",
     "read_checkpoint",
+    "read_directory_weights",
     "read_labels",
     "read_npz",
     "read_safetensors",
     "read_torch_pickle",
     "read_weights_file",
+    "resolve",
     "save_big_transfer",
     "save_npz",
     "save_timm",
+    "save_transformers",
     "to_big_transfer",
     "to_google",
     "to_timm",

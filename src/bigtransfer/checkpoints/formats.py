@@ -1,9 +1,9 @@
-"""Checkpoint formats: detect what a file or directory holds and read it into one transformers-named state.
+"""Checkpoint formats: what a local file or directory holds, read into one transformers-named state.
 
-`read_checkpoint(path)` looks at the bytes (safetensors, torch pickle, .npz) and the key names (transformers,
-timm, Google, original big_transfer), infers the architecture from the tensors and returns a `Checkpoint`:
-the state, a `BitConfig` whose weight-standardization eps is the source's, and the preprocessing the source
-evaluates with. No model is built here.
+`read_checkpoint(path)` reads the tensors (`readers`), recognises the key names (transformers, timm, Google,
+original big_transfer) and renames them (`keymaps`), and returns a `Checkpoint`: the state, the BitConfig fields
+(a config.json's, or the architecture read off the tensors with the source's weight-standardization eps) and the
+preprocessing the source evaluates with. No model is built here: that is `loader`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,19 @@ from typing import Any
 import torch
 
 from .. import hyperrule
-from ..config import CONFIG_NAME, BitConfig
+from ..config import CONFIG_NAME, make_divisible
 from ..errors import CheckpointError
 from ..files import read_json
+from ..processing import (
+    BIT_MEAN,
+    BIT_STD,
+    IMAGE_PROCESSOR_CONFIG_NAME,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    BitImageProcessor,
+)
 from . import keymaps
-from .readers import READERS, file_kind
+from .readers import READERS, file_kind, read_directory_weights, read_recorded_config
 
 # Weight-standardization eps of each source implementation: timm and transformers 1e-8, the original
 # big_transfer code (PyTorch, TF2 and JAX alike) 1e-10. Logits reproduce only with the source's value.
@@ -40,12 +48,7 @@ FORMAT_NAMES = {
 }
 CONTAINER_NAMES = {"safetensors": "safetensors", "torch": "torch pickle", "npz": "npz", "directory": "directory"}
 
-PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
-# PIL resampling codes, as transformers' preprocessor_config.json stores them.
-RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
-INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)  # inputs in [-1, 1]: timm's BiT configs and the original code
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers' BitImageProcessor defaults (google/bit-50)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+INTERPOLATIONS = ("nearest", "lanczos", "bilinear", "bicubic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +63,15 @@ class Preprocessing:
     resample: str = "bilinear"
     squash: bool = False
     crop_pct: float = 1.0
-    mean: tuple[float, ...] = INCEPTION_MEAN
-    std: tuple[float, ...] = INCEPTION_STD
+    mean: tuple[float, ...] = BIT_MEAN
+    std: tuple[float, ...] = BIT_STD
     origin: str = ""
 
     def with_image_size(self, image_size: int) -> Preprocessing:
         return dataclasses.replace(self, image_size=int(image_size))
 
     def describe(self) -> str:
-        normalise = "[-1, 1]" if self.mean == INCEPTION_MEAN and self.std == INCEPTION_STD else f"mean {list(self.mean)} std {list(self.std)}"
+        normalise = "[-1, 1]" if self.mean == BIT_MEAN and self.std == BIT_STD else f"mean {list(self.mean)} std {list(self.std)}"
         if self.squash:
             resize = f"squash to {self.image_size}x{self.image_size}"
         else:
@@ -86,20 +89,11 @@ class Preprocessing:
             if self.squash
             else {"shortest_edge": self.resize_size}
         )
-        return {
-            "image_processor_type": "BitImageProcessor",
-            "do_resize": True,
-            "size": size,
-            "resample": RESAMPLE[self.resample],
-            "do_center_crop": not self.squash,
-            "crop_size": {"height": self.image_size, "width": self.image_size},
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": list(self.mean),
-            "image_std": list(self.std),
-            "do_convert_rgb": True,
-        }
+        crop = {"height": self.image_size, "width": self.image_size}
+        return BitImageProcessor(
+            size=size, resample=self.resample, do_center_crop=not self.squash, crop_size=crop,
+            image_mean=list(self.mean), image_std=list(self.std),
+        ).to_dict()
 
 
 # The pretrained configs of timm's BiT tags (timm/models/resnetv2.py): tag -> (size, crop_pct, interpolation).
@@ -112,7 +106,7 @@ TIMM_TAGS = {
 }
 TIMM_DEFAULT = (224, 0.875, "bilinear")  # timm's _cfg default, for heads no pretrained tag explains
 TRANSFORMERS_DEFAULT = Preprocessing(
-    224, resample="bicubic", mean=CLIP_MEAN, std=CLIP_STD, origin="transformers BitImageProcessor defaults"
+    224, resample="bicubic", mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, origin="transformers BitImageProcessor defaults"
 )
 
 
@@ -139,11 +133,11 @@ def timm_pretrained_cfg_preprocessing(cfg: dict[str, Any]) -> Preprocessing:
     """Preprocessing from the `pretrained_cfg` of a timm hub config.json."""
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
     interpolation = cfg.get("interpolation", "bilinear")
-    if interpolation not in RESAMPLE:
+    if interpolation not in INTERPOLATIONS:
         interpolation = "bicubic"
     return Preprocessing(
         size, interpolation, crop_pct=float(cfg.get("crop_pct", 0.875)),
-        mean=tuple(cfg.get("mean", INCEPTION_MEAN)), std=tuple(cfg.get("std", INCEPTION_STD)),
+        mean=tuple(cfg.get("mean", BIT_MEAN)), std=tuple(cfg.get("std", BIT_STD)),
         origin=f"timm {cfg.get('tag') or 'hub'} config",
     )
 
@@ -168,16 +162,23 @@ def original_preprocessing(name: str, num_labels: int) -> Preprocessing:
 
 @dataclasses.dataclass
 class Checkpoint:
-    """A checkpoint read from any supported format, in transformers naming, with what it takes to reproduce it."""
+    """A checkpoint read from any supported format, in transformers naming, with what it takes to reproduce it.
+
+    `state` uses BitForImageClassification's key names (`bit.` prefix, `classifier.1.*` head) whatever the
+    source's; `config` holds BitConfig fields: a transformers config.json's, or (`inferred`) the architecture
+    read off the tensors, the source's eps and anything a bigtransfer writer recorded in the file.
+    """
 
     naming: str  # keymaps.TRANSFORMERS, TIMM, GOOGLE or BIG_TRANSFER
     container: str  # "safetensors", "torch", "npz" or "directory"
     source: str
     state: dict[str, torch.Tensor]
-    config: BitConfig
+    config: dict[str, Any]
+    inferred: bool
     preprocessing: Preprocessing | None = None
     preprocessor_config: dict[str, Any] | None = None  # copied as is from a transformers directory
     labels: list[str] | None = None
+    prefixed: bool = True  # transformers naming only: whether the source's keys carry the `bit.` prefix
 
     @property
     def format(self) -> str:
@@ -187,6 +188,12 @@ class Checkpoint:
         if self.preprocessor_config is not None:
             return dict(self.preprocessor_config)
         return (self.preprocessing or TRANSFORMERS_DEFAULT).to_preprocessor_config()
+
+    def source_key(self, key: str) -> str:
+        """How the source names a (transformers-named) key, for error messages."""
+        if self.naming == keymaps.TRANSFORMERS:
+            return key if self.prefixed or key.startswith("classifier.") else key.removeprefix("bit.")
+        return f"{keymaps.source_key(key, self.naming)} (here {key})"
 
 
 def read_checkpoint(path: str | os.PathLike, name: str | None = None) -> Checkpoint:
@@ -201,63 +208,80 @@ def read_checkpoint(path: str | os.PathLike, name: str | None = None) -> Checkpo
     if not path.exists():
         raise OSError(f"no such file or directory: {path}")
     kind = file_kind(path)
-    tensors = READERS[kind](path)
+    checkpoint = _from_tensors(READERS[kind](path), kind, str(path), name or path.name)
+    if kind == "safetensors":
+        checkpoint.config.update(read_recorded_config(path))
+    return checkpoint
+
+
+def _from_tensors(tensors: dict[str, torch.Tensor], container: str, source: str, hint: str) -> Checkpoint:
+    """A Checkpoint whose config is read off the tensors (any naming but a config.json's)."""
     naming = keymaps.detect_naming(tensors)
     state = keymaps.to_transformers(tensors, naming)
-    config = BitConfig(**keymaps.infer_architecture(state), ws_eps=SOURCE_WS_EPS[naming])
-    hint = name or path.name
-    return Checkpoint(naming, kind, str(path), state, config, _preprocessing_for(naming, hint, config))
+    config = dict(keymaps.infer_architecture(state), ws_eps=SOURCE_WS_EPS[naming])
+    return Checkpoint(
+        naming, container, source, state, config, inferred=True, preprocessing=_preprocessing_for(naming, hint, config),
+        prefixed=any(key.startswith("bit.") for key in keymaps.strip_wrapper(tensors)),
+    )
 
 
-def _preprocessing_for(naming: str, hint: str, config: BitConfig) -> Preprocessing:
+def _preprocessing_for(naming: str, hint: str, config: dict[str, Any]) -> Preprocessing:
+    num_labels = config["num_labels"]
     if naming == keymaps.TIMM:
-        return timm_preprocessing(hint, config.num_labels, keymaps.architecture_name(config))
+        return timm_preprocessing(hint, num_labels, keymaps.architecture_name(config))
     if naming in (keymaps.GOOGLE, keymaps.BIG_TRANSFER):
-        return original_preprocessing(hint, config.num_labels)
+        return original_preprocessing(hint, num_labels)
     return TRANSFORMERS_DEFAULT
 
 
 def _read_directory(directory: Path, name: str | None) -> Checkpoint:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
-        raise CheckpointError(f"{directory} is a directory without {CONFIG_NAME}; pass the weights file itself")
-    config_dict = read_json(config_path)
-    if "architecture" in config_dict and "model_type" not in config_dict:
-        return _read_timm_directory(directory, config_dict, name)
-    from ..pretrained import read_directory_weights
-
-    state = keymaps.to_transformers(read_directory_weights(directory), keymaps.TRANSFORMERS)
-    config = BitConfig.from_dict(config_dict)
-    preprocessor_path = directory / PREPROCESSOR_CONFIG_NAME
+        hint = (f"; it looks like a run directory: pass {directory / 'model'}"
+                if (directory / "model" / CONFIG_NAME).is_file() else "; pass the weights file itself")
+        raise CheckpointError(f"{directory} is a directory without {CONFIG_NAME}{hint}")
+    config = read_json(config_path)
+    tensors = read_directory_weights(directory)
+    if "architecture" in config and "model_type" not in config:
+        return _read_timm_directory(directory, config, tensors, name)
+    preprocessor_path = directory / IMAGE_PROCESSOR_CONFIG_NAME
     preprocessor = read_json(preprocessor_path) if preprocessor_path.is_file() else None
     return Checkpoint(
-        keymaps.TRANSFORMERS, "directory", str(directory), state, config,
-        preprocessing=None if preprocessor else TRANSFORMERS_DEFAULT, preprocessor_config=preprocessor,
+        keymaps.TRANSFORMERS, "directory", str(directory), keymaps.to_transformers(tensors, keymaps.TRANSFORMERS),
+        config, inferred=False, preprocessing=None if preprocessor else TRANSFORMERS_DEFAULT,
+        preprocessor_config=preprocessor, prefixed=any(key.startswith("bit.") for key in tensors),
     )
 
 
-def _read_timm_directory(directory: Path, config_dict: dict[str, Any], name: str | None) -> Checkpoint:
+def _read_timm_directory(
+    directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], name: str | None
+) -> Checkpoint:
     """A timm hub snapshot: config.json with `architecture` and `pretrained_cfg`, plus the weights."""
-    architecture = str(config_dict["architecture"])
+    architecture = str(config["architecture"])
     if not architecture.startswith("resnetv2_") or "bit" not in architecture:
         raise CheckpointError(
             f"{directory} holds timm's {architecture}, which is not a BiT model (expected resnetv2_*_bit)"
         )
-    for file_name in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / file_name).is_file():
-            weights = directory / file_name
-            break
-    else:
-        raise CheckpointError(f"no weights in {directory}: expected model.safetensors or pytorch_model.bin")
-    checkpoint = read_checkpoint(weights, name or directory.name)
+    checkpoint = _from_tensors(tensors, "directory", str(directory), name or directory.name)
     if checkpoint.naming != keymaps.TIMM:
-        raise CheckpointError(f"{weights} does not use timm's key names although {directory / CONFIG_NAME} is timm's")
-    checkpoint.container = "directory"
-    checkpoint.source = str(directory)
-    cfg = config_dict.get("pretrained_cfg")
+        raise CheckpointError(f"the weights in {directory} do not use timm's key names although its {CONFIG_NAME} is timm's")
+    cfg = config.get("pretrained_cfg")
     if isinstance(cfg, dict):
         checkpoint.preprocessing = timm_pretrained_cfg_preprocessing(cfg)
-    labels = config_dict.get("label_names")
-    if isinstance(labels, list) and len(labels) == checkpoint.config.num_labels:
+    labels = config.get("label_names")
+    if isinstance(labels, list) and len(labels) == checkpoint.config["num_labels"]:
         checkpoint.labels = [str(label) for label in labels]
     return checkpoint
+
+
+def describe_variant(config: Any) -> str:
+    """`BiT-M-R50x1`, `R101x3`, or the explicit shape of a non-standard network (a BitConfig or its fields)."""
+    fields = config if isinstance(config, dict) else config.to_dict()
+    name = keymaps.architecture_name(fields)
+    if name is None:
+        widths = [make_divisible(size * fields.get("width_factor", 1)) for size in fields["hidden_sizes"]]
+        return (
+            f"custom {fields.get('layer_type', 'preactivation')} ResNet (depths {list(fields['depths'])}, stage "
+            f"widths {widths}, stem {fields['embedding_size']})"
+        )
+    return f"BiT-M-{name}" if fields.get("num_labels") == 21843 else name

@@ -1,4 +1,5 @@
-"""Hub resolution: the only module that touches the network.
+"""Hub resolution: names -> local paths, and the only module that touches the network. Nothing is converted
+here: the files are read as they were published (`formats`).
 
 Two kinds of names:
 
@@ -24,7 +25,6 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Any
 
 from ..config import ARCHITECTURES, CONFIG_NAME
 from ..errors import CheckpointError
@@ -266,42 +266,6 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     except _Unreachable:
         pass  # optional: a default preprocessor config is used without it
     return config.parent
-
-
-def snapshot(repo_id: str, revision: str | None = None) -> Path:
-    """A transformers-layout directory for a Hub name, as `from_pretrained` needs it.
-
-    transformers repositories are returned as cached; timm repositories are converted once (weights renamed,
-    architecture inferred, timm's preprocessing) into `<hub cache>/bigtransfer/converted/`.
-    """
-    directory = download(repo_id, revision)
-    config = read_json(directory / CONFIG_NAME)
-    if not ("architecture" in config and "model_type" not in config):
-        return directory
-    target = cache_dir() / "bigtransfer" / "converted" / repo_id.replace("/", "--") / directory.name
-    marker = target / "converted_from.json"
-    if marker.is_file() and _same_source(marker, directory):
-        return target
-    from .convert import convert_checkpoint
-
-    convert_checkpoint(directory, target, name=repo_id)
-    write_text_atomic(marker, json.dumps(_source_stamp(directory), indent=2) + "\n")
-    return target
-
-
-def _source_stamp(directory: Path) -> dict[str, Any]:
-    return {
-        path.name: [path.stat().st_size, int(path.stat().st_mtime)]
-        for path in sorted(directory.iterdir())
-        if path.is_file()
-    }
-
-
-def _same_source(marker: Path, directory: Path) -> bool:
-    try:
-        return read_json(marker) == _source_stamp(directory)
-    except (OSError, ValueError):
-        return False
 
 
 class _Unreachable(Exception):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..config import ARCHITECTURES, make_divisible
+from ..config import ARCHITECTURES, VARIANTS, make_divisible
 from ..errors import CheckpointError
 
 State = dict[str, torch.Tensor]
@@ -350,8 +350,9 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> dict:
     """BitConfig arguments read off a transformers-named state: depths, widths, head size, stem and layer type.
 
     The width factor is recognised when the stem and stage widths are the standard 64 / 256..2048 times an
-    integer; other widths become explicit `hidden_sizes`. GroupNorm groups and epsilons are not stored in
-    checkpoints and keep the BiT defaults.
+    integer; other widths become explicit `hidden_sizes`. GroupNorm groups are not stored in the tensors: a
+    shape of the variant table gets that variant's (`tiny`: 8), any other BiT's 32 (a bigtransfer writer records
+    them in safetensors metadata, and callers can pass `num_groups`). Epsilons keep the source's defaults.
     """
     state = _add_bit_prefix(state)
     stem_key = "bit.embedder.convolution.weight"
@@ -393,16 +394,27 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> dict:
         config.update(hidden_sizes=widths, width_factor=1)
     config["layer_type"] = "bottleneck" if "bit.embedder.norm.weight" in state else "preactivation"
     config["num_labels"] = int(state[_HEAD_WEIGHT].shape[0]) if _HEAD_WEIGHT in state else 0
+    config["num_groups"] = _variant_num_groups(config)
     return config
 
 
-def architecture_name(config) -> str | None:
-    """The paper's name (`R50x1` ... `R152x4`) of a standard BiT shape, else None."""
-    if config.layer_type != "preactivation" or list(config.hidden_sizes) != [256, 512, 1024, 2048]:
+def _variant_num_groups(fields: Mapping) -> int:
+    """The GroupNorm groups of the table variant with this shape, else BiT's 32."""
+    def shape(values: Mapping) -> tuple:
+        return (tuple(values["depths"]), values["embedding_size"], tuple(values.get("hidden_sizes", (256, 512, 1024, 2048))),
+                values.get("width_factor", 1), values.get("layer_type", "preactivation"))
+
+    return next((variant.get("num_groups", 32) for variant in VARIANTS.values() if shape(variant) == shape(fields)), 32)
+
+
+def architecture_name(fields: Mapping) -> str | None:
+    """The paper's name (`R50x1` ... `R152x4`) of a standard BiT shape (BitConfig fields), else None."""
+    width_factor = fields.get("width_factor", 1)
+    if fields.get("layer_type", "preactivation") != "preactivation":
         return None
-    if config.embedding_size != 64 * config.width_factor:
+    if list(fields["hidden_sizes"]) != [256, 512, 1024, 2048] or fields["embedding_size"] != 64 * width_factor:
         return None
     for name, shape in ARCHITECTURES.items():
-        if list(shape["depths"]) == list(config.depths) and shape["width_factor"] == config.width_factor:
+        if list(shape["depths"]) == list(fields["depths"]) and shape["width_factor"] == width_factor:
             return name
     return None

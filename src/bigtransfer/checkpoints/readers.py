@@ -1,12 +1,15 @@
-"""Readers: pure functions from a file to a `dict[str, torch.Tensor]`, with errors that name the file.
+"""Readers: pure functions from a file or directory to a `dict[str, torch.Tensor]`, with errors that name the file.
 
-The files are untrusted input, and the parsers underneath (safetensors, torch.load, zipfile, numpy) raise
+Files are read by their bytes (safetensors, torch pickle, .npz), whatever their names say; directories in the
+transformers and timm layouts (`config.json` beside model.safetensors, sharded safetensors or
+pytorch_model.bin) by the weight file names those libraries write. The files are untrusted input, and the parsers underneath (safetensors, torch.load, zipfile, numpy) raise
 almost any exception type on damaged bytes (AssertionError, struct.error, MemoryError, ...): every reader
 turns whatever they raise into a CheckpointError naming the file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -15,9 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError, UnsafeCheckpointError
+from ..files import read_json
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "pytorch_model.bin"
+# The safetensors metadata key under which the writers record what the tensors cannot tell (GroupNorm groups,
+# epsilons), as a JSON object.
+RECORDED_CONFIG_KEY = "bigtransfer_config"
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -114,6 +126,42 @@ READERS = {"npz": read_npz, "torch": read_torch_pickle, "safetensors": read_safe
 def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .safetensors file, a torch pickle or a .npz archive, chosen by the file's bytes, not its name."""
     return READERS[file_kind(path)](path)
+
+
+def read_directory_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of a transformers- or timm-layout directory: model.safetensors, else the shards its
+    model.safetensors.index.json lists, else pytorch_model.bin."""
+    directory = Path(directory)
+    if (directory / SAFE_WEIGHTS_NAME).is_file():
+        return read_safetensors(directory / SAFE_WEIGHTS_NAME)
+    if (directory / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        index = read_json(directory / SAFE_WEIGHTS_INDEX_NAME)
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            if Path(shard).name != shard:
+                raise CheckpointError(f"{directory / SAFE_WEIGHTS_INDEX_NAME} names a shard outside the directory: {shard}")
+            state.update(read_safetensors(directory / shard))
+        return state
+    if (directory / WEIGHTS_NAME).is_file():
+        return read_torch_pickle(directory / WEIGHTS_NAME)
+    raise CheckpointError(
+        f"no weights in {directory}: expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {WEIGHTS_NAME}"
+    )
+
+
+def read_recorded_config(path: str | os.PathLike) -> dict:
+    """The BitConfig fields a bigtransfer writer recorded in a safetensors file's metadata (empty for files
+    written elsewhere)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        recorded = json.loads(metadata.get(RECORDED_CONFIG_KEY, "{}"))
+    except Exception as error:  # damaged bytes: see the module docstring
+        raise _corrupt(path, "safetensors file", error) from None
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{path}: metadata {RECORDED_CONFIG_KEY} must be a JSON object, got {recorded!r}")
+    return recorded
 
 
 def _one_line(error: BaseException) -> str:

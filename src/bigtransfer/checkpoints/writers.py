@@ -1,12 +1,16 @@
-"""Writers: a model (or its state) back to the tool a user came from: timm, Google .npz, original big_transfer.
+"""Writers: a model (or its state) in the transformers directory layout, or back to the tool a user came from
+(timm, Google .npz, original big_transfer).
 
-Each writer is a key map (`bigtransfer.checkpoints.keymaps`) plus one atomic file write; values are copied
-bit for bit, so reading the file back gives the same tensors. The weight-standardization eps is not stored
-in any of these formats: timm computes with 1e-8, the original code with 1e-10 (`config.ws_eps` here).
+Each writer is a key map (`bigtransfer.checkpoints.keymaps`) plus atomic file writes; values are copied bit for
+bit, so reading the file back gives the same tensors. What the tensors cannot tell (GroupNorm groups, the
+epsilons) is not part of the timm, .npz and original formats: their safetensors files carry it in their metadata
+(`readers.RECORDED_CONFIG_KEY`); otherwise readers infer it (timm computes with ws eps 1e-8, the original code
+with 1e-10).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +20,35 @@ from safetensors.torch import save_file
 
 from ..files import atomic_path
 from . import keymaps
+from .readers import RECORDED_CONFIG_KEY, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+
+RECORDED_FIELDS = ("num_groups", "ws_eps", "gn_eps", "hidden_act", "global_padding", "embedding_dynamic_padding")
+
+
+def save_transformers(model: torch.nn.Module, directory: str | os.PathLike, safe_serialization: bool = True) -> Path:
+    """config.json + model.safetensors (or pytorch_model.bin), each written atomically: the layout
+    `from_pretrained` reads here and in transformers. The config records the class (`architectures`) and the
+    weights' dtype, as transformers does."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"cannot save model: {directory} is a file, not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    config.extra["architectures"] = [type(model).__name__]
+    parameter = next(model.parameters(), None)
+    config.extra["dtype"] = str(parameter.dtype if parameter is not None else torch.float32).removeprefix("torch.")
+    config.extra.pop("torch_dtype", None)
+    config.save_pretrained(directory)
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    if safe_serialization:
+        with atomic_path(directory / SAFE_WEIGHTS_NAME) as temporary:
+            save_file(state, str(temporary), metadata={"format": "pt"})
+        (directory / WEIGHTS_NAME).unlink(missing_ok=True)
+    else:
+        with atomic_path(directory / WEIGHTS_NAME) as temporary:
+            torch.save(state, temporary)
+        (directory / SAFE_WEIGHTS_NAME).unlink(missing_ok=True)
+    return directory
 
 
 def transformers_state(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -42,12 +75,12 @@ def to_big_transfer(model_or_state) -> dict[str, torch.Tensor]:
 
 def save_timm(model_or_state, path: str | os.PathLike) -> Path:
     """Write a timm state dict: safetensors for a `.safetensors` path, else `torch.save` (.pth / .bin)."""
-    return _save_tensors(to_timm(model_or_state), Path(path))
+    return _save_tensors(to_timm(model_or_state), Path(path), _recorded(model_or_state))
 
 
 def save_big_transfer(model_or_state, path: str | os.PathLike) -> Path:
     """Write an original big_transfer state dict: safetensors for a `.safetensors` path, else `torch.save`."""
-    return _save_tensors(to_big_transfer(model_or_state), Path(path))
+    return _save_tensors(to_big_transfer(model_or_state), Path(path), _recorded(model_or_state))
 
 
 def save_npz(model_or_state, path: str | os.PathLike) -> Path:
@@ -60,12 +93,19 @@ def save_npz(model_or_state, path: str | os.PathLike) -> Path:
     return path
 
 
-def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> Path:
+def _recorded(model_or_state) -> dict:
+    """The config fields a model's tensors cannot tell (nothing for a bare state dict)."""
+    config = getattr(model_or_state, "config", None)
+    return {} if config is None else {name: getattr(config, name) for name in RECORDED_FIELDS}
+
+
+def _save_tensors(state: dict[str, torch.Tensor], path: Path, recorded: dict) -> Path:
     state = {key: value.contiguous() for key, value in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temporary:
         if path.suffix == ".safetensors":
-            save_file(state, str(temporary), metadata={"format": "pt"})
+            metadata = {"format": "pt"} | ({RECORDED_CONFIG_KEY: json.dumps(recorded)} if recorded else {})
+            save_file(state, str(temporary), metadata=metadata)
         else:
             torch.save(state, temporary)
     return path

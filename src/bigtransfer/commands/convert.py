@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..checkpoints import read_labels
+from ..convert import convert_checkpoint
 from . import non_negative_int, positive_int
 
 
@@ -25,8 +27,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoints.convert import convert_checkpoint, read_labels
-
     labels = read_labels(args.labels) if args.labels else None
     result = convert_checkpoint(
         args.source, args.output_dir, num_labels=args.num_labels, labels=labels, image_size=args.image_size

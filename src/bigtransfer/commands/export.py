@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from ..checkpoints import loader
+from ..modeling import BitBackbone, BitForImageClassification, BitModel
 from . import non_negative_int, positive_int
 
 
@@ -50,19 +50,13 @@ def run(args) -> int:
     return 0
 
 
-def load_model(path: str):
-    """The model class named in config.json's `architectures` (BitForImageClassification by default)."""
-    import torch
-
-    from .. import BitBackbone, BitConfig, BitForImageClassification, BitModel
-    from ..pretrained import resolve_pretrained
-
+def load_model(source: str):
+    """The model class named in the checkpoint's config.json `architectures` (BitForImageClassification by
+    default, BitModel for a headless checkpoint), in float32: exports are float32 graphs."""
     classes = {cls.__name__: cls for cls in (BitForImageClassification, BitModel, BitBackbone)}
-    model_class = BitForImageClassification
-    if Path(path).is_dir():
-        config = BitConfig.from_pretrained(resolve_pretrained(path))
-        names = config.extra.get("architectures") or []
-        model_class = next((classes[name] for name in names if name in classes), None) or (
-            BitForImageClassification if config.num_labels > 0 else BitModel
-        )
-    return model_class.from_pretrained(path, dtype=torch.float32).eval()  # exports are float32 graphs
+    checkpoint = loader.read(source)
+    names = checkpoint.config.get("architectures") or []
+    model_class = next((classes[name] for name in names if name in classes), None) or (
+        BitForImageClassification if loader.head_size(checkpoint) else BitModel
+    )
+    return loader.build(model_class, checkpoint).float().eval()

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-BIT_MEAN = (0.5, 0.5, 0.5)  # the original BiT checkpoints expect inputs in [-1, 1]
-BIT_STD = (0.5, 0.5, 0.5)
+from ..processing import BIT_MEAN, BIT_STD  # inputs in [-1, 1], as the original BiT checkpoints expect
 
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
