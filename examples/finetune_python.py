@@ -8,7 +8,8 @@ Expected: a run directory runs/example-finetune/ with metrics.jsonl, model/, rep
 printed top-1 of roughly 70-80 % for 10 examples per class of Fashion-MNIST classes 5-9 from random init.
 """
 
-from bigtransfer.train import FinetuneConfig, evaluate, finetune
+from bigtransfer.inference import evaluate
+from bigtransfer.train import FinetuneConfig, finetune
 
 config = FinetuneConfig(
     model="tiny",  # a variant name trains from random init; pass a model directory to transfer from it

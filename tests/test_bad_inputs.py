@@ -33,7 +33,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from bigtransfer import BitConfig, BitForImageClassification, BitModel, CheckpointError, UnsafeCheckpointError, load_checkpoint
+from bigtransfer import (
+    BitConfig,
+    BitForImageClassification,
+    BitModel,
+    CheckpointError,
+    UnsafeCheckpointError,
+    load_checkpoint,
+)
 from bigtransfer.checkpoints import read_npz, read_safetensors, read_torch_pickle
 from bigtransfer.cli import main
 from bigtransfer.data import (

@@ -15,7 +15,7 @@ import torch
 
 from bigtransfer.cli import main
 from bigtransfer.data import FASHION_MNIST_DIR
-from bigtransfer.train import CHECKPOINT_NAME, LOCK_NAME, load_checkpoint
+from bigtransfer.train import CHECKPOINT_NAME, LOCK_NAME, load_run_state
 from test_train import CLASSES, make_image_folder
 
 TRAIN = ["--batch-size", "8", "--resize", "20", "--crop", "16", "--no-progress", "--no-plots"]
@@ -94,7 +94,7 @@ def test_sigterm_half_way_then_resume_matches_an_uninterrupted_run(folder, tmp_p
     _, err = interrupted.communicate(timeout=120)
     assert interrupted.returncode == 128 + signal.SIGTERM, err
     assert "continue with the same command and --resume" in err
-    _, state = load_checkpoint(tmp_path / "interrupted" / CHECKPOINT_NAME)
+    _, state = load_run_state(tmp_path / "interrupted" / CHECKPOINT_NAME)
     assert 5 <= state["step"] < 60
     assert not (tmp_path / "interrupted" / LOCK_NAME).exists()
 
@@ -103,8 +103,8 @@ def test_sigterm_half_way_then_resume_matches_an_uninterrupted_run(folder, tmp_p
     assert resumed.returncode == 0, err
     _, err = straight.communicate(timeout=300)
     assert straight.returncode == 0, err
-    expected, _ = load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)
-    actual, state = load_checkpoint(tmp_path / "interrupted" / CHECKPOINT_NAME)
+    expected, _ = load_run_state(tmp_path / "straight" / CHECKPOINT_NAME)
+    actual, state = load_run_state(tmp_path / "interrupted" / CHECKPOINT_NAME)
     assert state["step"] == 60
     model_keys = [key for key in expected if key.startswith(("model/", "optimizer/"))]
     assert model_keys and all(torch.equal(expected[key], actual[key]) for key in model_keys)

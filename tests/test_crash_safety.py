@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bigtransfer.train import CHECKPOINT_NAME, LOCK_NAME, load_checkpoint
+from bigtransfer.train import CHECKPOINT_NAME, LOCK_NAME, load_run_state
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -125,7 +125,7 @@ def test_sigkill_during_checkpoint_writes_then_resume_finishes_the_run(folder, t
         run = _finetune(folder, output, "--max-steps", str(steps), "--save-every", "1", "--resume")
         kills_mid_write += _kill_during_write(run, output, CHECKPOINT_NAME, after=kill_after)
         assert run.returncode == -signal.SIGKILL, run.stderr.read()
-        _, state = load_checkpoint(output / CHECKPOINT_NAME)  # the previous checkpoint, whole
+        _, state = load_run_state(output / CHECKPOINT_NAME)  # the previous checkpoint, whole
         assert 1 <= state["step"] < steps
         assert (output / LOCK_NAME).exists()  # SIGKILL leaves the lock; the next run takes it over
     assert kills_mid_write >= 1, "no kill landed during a checkpoint write"
@@ -134,7 +134,7 @@ def test_sigkill_during_checkpoint_writes_then_resume_finishes_the_run(folder, t
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resuming" in err and "top-1" in out
-    _, state = load_checkpoint(output / CHECKPOINT_NAME)
+    _, state = load_run_state(output / CHECKPOINT_NAME)
     assert state["step"] == steps
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records if "loss" in record] == list(range(1, steps + 1))
@@ -158,7 +158,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_data_loader_workers(folder, t
     _, err = run.communicate(timeout=120)
     assert run.returncode == 128 + signal.SIGTERM, err
     assert "--resume" in err
-    _, state = load_checkpoint(output / CHECKPOINT_NAME)
+    _, state = load_run_state(output / CHECKPOINT_NAME)
     assert 3 <= state["step"] < 500
     assert not (output / LOCK_NAME).exists()
     time.sleep(0.5)
@@ -252,7 +252,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_a_loadable_checkpoint(folder,
     errors = [line for line in err.splitlines() if line.startswith("bigtransfer finetune: error:")]
     assert code != 0 and len(errors) == 1, err
     assert re.search("loss became nan|weights became NaN or infinite", errors[0]) and str(output / CHECKPOINT_NAME) in errors[0] and "--resume" in errors[0]
-    _, state = load_checkpoint(output / CHECKPOINT_NAME)
+    _, state = load_run_state(output / CHECKPOINT_NAME)
     assert 1 <= state["step"] < 20
 
 
@@ -262,6 +262,6 @@ def test_the_checkpoint_kept_after_a_non_finite_loss_has_finite_weights(folder, 
     output = tmp_path / "run"
     _cli(capsys, "finetune", "--model", "tiny", "--data", str(folder), "--output", str(output), "--max-steps", "20",
          "--save-every", "1", *TRAIN, "--base-lr", "1e25")
-    tensors, _ = load_checkpoint(output / CHECKPOINT_NAME)
+    tensors, _ = load_run_state(output / CHECKPOINT_NAME)
     weights = {key: value for key, value in tensors.items() if key.startswith("model/") and value.is_floating_point()}
     assert weights and all(torch.isfinite(value).all() for value in weights.values())

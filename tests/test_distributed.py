@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bigtransfer.cli import main
-from bigtransfer.train import CHECKPOINT_NAME, load_checkpoint
+from bigtransfer.train import CHECKPOINT_NAME, load_run_state
 from test_train import make_image_folder
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
@@ -61,8 +61,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(folder, tmp_
         [[*FINETUNE, "--data", str(folder), "--output", str(tmp_path / "two")], [*features, "--output", str(tmp_path / "f2.npy")]],
         tmp_path,
     )
-    one, _ = load_checkpoint(tmp_path / "one" / CHECKPOINT_NAME)
-    two, state = load_checkpoint(tmp_path / "two" / CHECKPOINT_NAME)
+    one, _ = load_run_state(tmp_path / "one" / CHECKPOINT_NAME)
+    two, state = load_run_state(tmp_path / "two" / CHECKPOINT_NAME)
     assert state["step"] == 6
     keys = [key for key in one if key.startswith("model/")]
     assert keys

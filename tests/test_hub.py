@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bigtransfer import BitConfig, BitForImageClassification, CheckpointError, load_checkpoint
-from bigtransfer import checkpoints
+from bigtransfer import BitConfig, BitForImageClassification, CheckpointError, checkpoints, load_checkpoint
 from bigtransfer.checkpoints import hub, save_npz, save_timm
 from bigtransfer.cli import main
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from bigtransfer import BitBackbone, BitConfig, BitForImageClassification, BitModel, VARIANTS, checkpoints
+from bigtransfer import VARIANTS, BitBackbone, BitConfig, BitForImageClassification, BitModel, checkpoints
 from bigtransfer.checkpoints import hub, keymaps, save_big_transfer, save_npz, save_timm
 from conftest import relative_error
 from test_hub import FakeHub, FakeTransport

@@ -13,17 +13,17 @@ import torch.nn.functional as F
 
 from bigtransfer import BitBackbone, BitConfig, BitForImageClassification, BitModel
 from bigtransfer.errors import BadImageError
-from bigtransfer.layers import GroupNormAct, StdConv2d, standardize_weight, standardize_weight_for_training
-from bigtransfer.optimize import (
+from bigtransfer.images import decode_image
+from bigtransfer.inference import (
     FoldedConv2d,
     OptimizedModel,
-    decode_image,
     fold_weight_standardization,
     optimize,
     predict_images,
-    prepare_for_training,
     processor_min_size,
 )
+from bigtransfer.layers import GroupNormAct, StdConv2d, standardize_weight, standardize_weight_for_training
+from bigtransfer.train import prepare_for_training
 from conftest import TESTER, relative_error
 
 

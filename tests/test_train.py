@@ -18,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bigtransfer import BitForImageClassification, hyperrule, run_state, train
+from bigtransfer import BitForImageClassification, hyperrule, inference, run_state, train
 from bigtransfer.data import BadImageError
 from bigtransfer.files import atomic_path
+from bigtransfer.inference import evaluate, extract_features, predict
 from bigtransfer.report import EvaluationReport, read_metrics
 from bigtransfer.run_state import remove_stale_temporaries
 from bigtransfer.train import (
@@ -29,11 +30,8 @@ from bigtransfer.train import (
     NonFiniteLossError,
     PretrainConfig,
     RunLockedError,
-    evaluate,
-    extract_features,
     finetune,
-    load_checkpoint,
-    predict,
+    load_run_state,
     pretrain,
 )
 
@@ -71,7 +69,7 @@ def config(folder, output, **overrides) -> FinetuneConfig:
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
-    tensors, _ = load_checkpoint(run_dir / train.CHECKPOINT_NAME)
+    tensors, _ = load_run_state(run_dir / train.CHECKPOINT_NAME)
     return {key: value for key, value in tensors.items() if key.startswith("model/")}
 
 
@@ -230,7 +228,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_pa
     monkeypatch.setattr(train, "_loss_sum", exploding)
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 4.*last good checkpoint"):
         finetune(config(folder, tmp_path / "run", save_every=2))
-    _, state = load_checkpoint(tmp_path / "run" / train.CHECKPOINT_NAME)
+    _, state = load_run_state(tmp_path / "run" / train.CHECKPOINT_NAME)
     assert state["step"] == 2
     assert not (tmp_path / "run" / train.LOCK_NAME).exists()
 
@@ -270,7 +268,7 @@ def test_a_run_removes_the_temporaries_a_killed_write_left_once_it_holds_the_loc
     assert not [path for path in stale if path.exists()]
     assert all(path.exists() for path in kept)
     assert (run / train.CHECKPOINT_NAME).read_bytes() == checkpoint
-    _, state = load_checkpoint(run / train.CHECKPOINT_NAME)
+    _, state = load_run_state(run / train.CHECKPOINT_NAME)
     assert state["step"] == 6
 
 
@@ -379,12 +377,12 @@ def test_resume_restores_cuda_generators_in_device_order(monkeypatch):
 
 
 def test_class_names_that_match_nothing_are_matched_by_index_with_a_warning(caplog):
-    assert train._label_map(["cat", "dog"], ["dog", "cat"]).tolist() == [1, 0]  # by name
+    assert inference.label_map(["cat", "dog"], ["dog", "cat"]).tolist() == [1, 0]  # by name
     with caplog.at_level("WARNING", logger="bigtransfer"):
-        assert train._label_map(["a", "b"], ["LABEL_0", "LABEL_1"]) is None  # a generic head: by index, quietly
+        assert inference.label_map(["a", "b"], ["LABEL_0", "LABEL_1"]) is None  # a generic head: by index, quietly
     assert not caplog.records
     with caplog.at_level("WARNING", logger="bigtransfer"):
-        assert train._label_map(["a", "b"], ["cat", "dog"]) is None
+        assert inference.label_map(["a", "b"], ["cat", "dog"]) is None
     assert "matching classes by index (a -> cat, b -> dog, ...)" in caplog.text
 
 
@@ -406,10 +404,10 @@ def test_numbers_that_would_poison_training_are_refused_before_it_starts(tmp_pat
 def test_precision_settings_on_a_cpu():
     cpu = torch.device("cpu")
     a = torch.randn(4, 4)
-    with train._autocast(cpu, "bf16"):  # was silently float32 on CPUs
+    with inference.precision_autocast(cpu, "bf16"):  # was silently float32 on CPUs
         assert torch.mm(a, a).dtype == torch.bfloat16
     for precision in ("auto", "fp32"):
-        with train._autocast(cpu, precision):
+        with inference.precision_autocast(cpu, precision):
             assert torch.mm(a, a).dtype == torch.float32
     with pytest.raises(ValueError, match="precision fp16 needs a GPU"):
-        train._autocast(cpu, "fp16")
+        inference.precision_autocast(cpu, "fp16")

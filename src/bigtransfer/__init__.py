@@ -4,6 +4,7 @@ from .config import VARIANTS, BitConfig
 from .convert import convert_checkpoint, load_checkpoint
 from .errors import CheckpointError, UnsafeCheckpointError
 from .export import ExportReport, export
+from .inference import OptimizedModel, optimize, predict_images
 from .modeling import (
     BackboneOutput,
     BaseModelOutputWithPoolingAndNoAttention,
@@ -13,8 +14,8 @@ from .modeling import (
     BitPreTrainedModel,
     ImageClassifierOutputWithNoAttention,
 )
-from .optimize import OptimizedModel, optimize, predict_images, prepare_for_training
 from .processing import BitImageProcessor
+from .train import prepare_for_training
 
 __version__ = "0.1.0"
 

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .optimize import REDUCED_PRECISION, autocast_for
+from .inference import REDUCED_PRECISION, autocast_for, optimize
+from .train import prepare_for_training
 
 # name -> (batch, image size, training step?)
 WORKLOADS: dict[str, tuple[int, int, bool]] = {
@@ -290,8 +291,6 @@ def _contenders(config, spec, precision, weights, transformers, timm, built) -> 
 
     def ours_optimized(compile_: bool):
         def build(spec, precision):
-            from .optimize import optimize
-
             key = f"optimized-{compile_}-{precision}"
             if key not in built:  # shared across workloads: compiled graphs are cached per input shape
                 built[key] = optimize(ours_model(), dtype=autocast, compile=compile_, inplace=True)
@@ -317,8 +316,6 @@ def _contenders(config, spec, precision, weights, transformers, timm, built) -> 
         def build(spec, precision):
             model = make().train()
             if ours and channels_last:
-                from .optimize import prepare_for_training
-
                 prepare_for_training(model)
             elif channels_last:
                 model = model.to(memory_format=torch.channels_last)
@@ -667,8 +664,8 @@ def _add_ratios(results: list[Result]) -> None:
 
 def _bench_pipeline(reference: nn.Module, built: dict[str, Any], device: torch.device, log) -> dict[str, Any]:
     """Images/s from JPEG files to top-5, the plain way and through `predict_images` with the fast model."""
-    from .data.sources import load_image
-    from .optimize import decode_image, optimize, predict_images
+    from .images import decode_image, load_image
+    from .inference import predict_images
     from .processing import BitImageProcessor
 
     processor = BitImageProcessor()

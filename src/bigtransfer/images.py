@@ -1,10 +1,12 @@
-"""Images in, pixel arrays out: safe decoding of image files and conversion of user input to tensors.
+"""Images in, pixel arrays out: every decode of an image file, and conversion of user input to tensors.
 
-Everything the image processor accepts (PIL images in any mode, numpy arrays, torch tensors, paths of
+`open_image` decodes a file as stored (any mode), `load_image` as 8-bit RGB, `decode_image` as 8-bit RGB at the
+least size a resize needs (JPEGs at 1/2, 1/4 or 1/8 scale): the processor, the data sources, prediction and
+evaluation all decode here. Everything the image processor accepts (PIL images in any mode, numpy arrays, torch tensors, paths of
 local image files, and lists or 4-D batches of them) becomes one `(C, H, W)` tensor per image here, uint8
 or float32 on the 0..255 scale, before any resizing or normalization (`bigtransfer.processing`).
 
-Conversion rules, shared by the processor, the data sources and the fast decoder in `optimize`:
+Conversion rules, shared by all of them:
 16-bit images are scaled to the 8-bit range (65535 -> 255) instead of clipped; transparency is composited
 onto white, as transformers does; integer arrays outside 0..255 and NaN/Inf values raise; files over
 `PIL.Image.MAX_IMAGE_PIXELS` pixels are refused before they are decoded (decompression bombs).
@@ -12,18 +14,20 @@ onto white, as transformers does; integer arrays outside 0..255 and NaN/Inf valu
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any
 
 import numpy as np
+import PIL.ExifTags
 import PIL.Image
 import PIL.ImageOps
 import torch
 
 from .errors import BadImageError
 
-__all__ = ["open_image", "rgb_array", "flatten_images", "image_to_tensor"]
+__all__ = ["open_image", "load_image", "decode_image", "rgb_array", "flatten_images", "image_to_tensor"]
 
 
 def open_image(path: str | os.PathLike) -> PIL.Image.Image:
@@ -63,6 +67,63 @@ def open_image(path: str | os.PathLike) -> PIL.Image.Image:
         if error.filename is not None:  # the file system's own error (permission, a directory, ...)
             raise
         raise BadImageError(os.fspath(path), f"{type(error).__name__}: {error}") from None
+
+
+def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """Open and fully decode an image file as 8-bit RGB; raises `BadImageError` naming the file.
+
+    Conversion is the image processor's (`rgb_array`): 16-bit images are scaled rather than clipped,
+    transparency is composited onto white. Files over Pillow's `MAX_IMAGE_PIXELS` (decompression bombs) are
+    refused without being decoded.
+    """
+    try:
+        with open_image(path) as image:
+            return image if image.mode == "RGB" else PIL.Image.fromarray(rgb_array(image))
+    except BadImageError:
+        raise
+    except (OSError, ValueError) as error:
+        raise BadImageError(str(path), f"{type(error).__name__}: {error}") from error
+
+
+def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None = None) -> PIL.Image.Image:
+    """Decode an image file as 8-bit RGB, JPEGs at reduced size when the result will be downscaled anyway.
+
+    libjpeg can decode at 1/2, 1/4 or 1/8 scale for a fraction of the cost (and memory) of a full decode.
+    `min_size` says how large the image must stay: an int is the shortest edge (for shortest-edge resizing,
+    aspect kept), a (height, width) pair is the least size of each side (for squash resizing). The largest
+    reduction that keeps the image at least that large is used; other formats, or `min_size=None`, decode in
+    full (`load_image`). Pixels then differ from a full decode followed by the same resize by the decoder's
+    DCT-domain downscaling (a few grey levels on edges), the usual trade for fast JPEG pipelines.
+    """
+    if min_size is None:
+        return load_image(path)
+    try:
+        with PIL.Image.open(path) as image:
+            width, height = image.size
+            limit = PIL.Image.MAX_IMAGE_PIXELS
+            if image.format != "JPEG" or (limit is not None and width * height > limit):
+                raise _FullDecode
+            turned = image.getexif().get(PIL.ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # stored on its side
+            if turned and not isinstance(min_size, int):
+                min_size = (min_size[1], min_size[0])  # the request is in stored orientation
+            if isinstance(min_size, int):
+                scale = min_size / max(min(width, height), 1)
+                request = (math.ceil(width * scale), math.ceil(height * scale))
+            else:
+                request = (int(min_size[1]), int(min_size[0]))
+            if request[0] >= width or request[1] >= height:
+                raise _FullDecode
+            image.draft("RGB" if image.mode in ("RGB", "YCbCr") else image.mode, request)
+            image.load()
+            PIL.ImageOps.exif_transpose(image, in_place=True)  # upright, as `open_image` returns it
+            return image if image.mode == "RGB" else PIL.Image.fromarray(rgb_array(image))
+    except Exception:
+        # Anything unusual (other formats, bombs, corrupt files) takes the full decode, with its precise errors.
+        return load_image(path)
+
+
+class _FullDecode(Exception):
+    """Internal: this file is decoded in full."""
 
 
 def _check_local(path: str | os.PathLike) -> None:

@@ -1,7 +1,9 @@
-"""Evaluation metrics (top-1, top-5, loss, per-class accuracy, confusion matrix) and the PNG plots of a run.
+"""What a user sees of a run: evaluation metrics (top-1, top-5, loss, per-class accuracy, confusion matrix), the
+PNG plots and progress bars.
 
 Metrics are plain numpy; plots import matplotlib only when drawn (it is an optional dependency, the `train`
-extra) and use its object API (`Figure` + Agg canvas), so no global pyplot state is touched.
+extra) and use its object API (`Figure` + Agg canvas), so no global pyplot state is touched; progress bars are
+tqdm's (also an extra), and nothing is shown without it.
 
 Example::
 
@@ -129,6 +131,17 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Plots.
+
+
+def progress_bar(enabled: bool, total: int, initial: int, description: str):
+    """A tqdm bar (None when disabled or tqdm is not installed); the caller updates and closes it."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True)
 
 
 def _figure(width: float = 6.0, height: float = 4.0):

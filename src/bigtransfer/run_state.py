@@ -44,7 +44,7 @@ class RunLockedError(RuntimeError):
 # The training checkpoint.
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save_run_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], scaler: torch.amp.GradScaler | None = None) -> Path:
     """Write model, optimizer, RNG states and `state` (JSON) to one safetensors file, atomically."""
     tensors = {f"model/{key}": value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
@@ -63,8 +63,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, state) of a checkpoint written by `save_checkpoint`; ValueError for anything else."""
+def load_run_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, state) of a checkpoint written by `save_run_state`; ValueError for anything else."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -76,9 +76,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, json.loads(metadata["state"])
 
 
-def restore_checkpoint(tensors: dict[str, torch.Tensor], state: dict[str, Any], model: nn.Module,
+def restore_run_state(tensors: dict[str, torch.Tensor], state: dict[str, Any], model: nn.Module,
                        optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-    """Put what `load_checkpoint` returned back into the model, the optimizer, the global RNGs and the scaler."""
+    """Put what `load_run_state` returned back into the model, the optimizer, the global RNGs and the scaler."""
     model.load_state_dict({key[len("model/"):]: value for key, value in tensors.items() if key.startswith("model/")})
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
     _set_rng_state(tensors, state["rng"])

@@ -41,11 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hyperrule
-from .checkpoints import hub, keymaps, loader
+from .checkpoints import hub, loader
 from .config import BitConfig
 from .data import (
-    BIT_MEAN,
-    BIT_STD,
     EvalTransform,
     ImageSource,
     TrainTransform,
@@ -53,33 +51,37 @@ from .data import (
     collate_skip_bad,
     few_shot_indices,
     open_source,
-    select_classes,
 )
-from .distributed import (
-    Context,
-    all_gather,
-    all_sum,
-    barrier,
-    cuda_devices,
-    distributed,
-    gather_paths,
-    gather_rows,
+from .distributed import Context, all_sum, barrier, cuda_devices, distributed, gather_paths
+from .files import write_text_atomic
+from .inference import (
+    BadImagePolicy,
+    bad_image_policy,
+    evaluate_dataset,
+    precision_autocast,
+    squash_processor,
 )
-from .files import atomic_path, write_text_atomic
 from .modeling import BitForImageClassification
-from .optimize import REDUCED_PRECISION, autocast_for
-from .processing import IMAGE_PROCESSOR_CONFIG_NAME, BitImageProcessor, ProcessorTransform
-from .report import METRICS_NAME, REPORT_NAME, EvaluationReport, plot_run, read_metrics, write_report
-from .run_state import (  # the checkpoint names and functions and RunLockedError are public here too
+from .processing import BIT_MEAN, BIT_STD, IMAGE_PROCESSOR_CONFIG_NAME
+from .report import (
+    METRICS_NAME,
+    REPORT_NAME,
+    EvaluationReport,
+    plot_run,
+    progress_bar,
+    read_metrics,
+    write_report,
+)
+from .run_state import (  # the checkpoint names and RunLockedError are public here too
     CHECKPOINT_NAME,
     LOCK_NAME,  # noqa: F401 (re-exported)
     RunLock,
     RunLockedError,  # noqa: F401 (re-exported)
     StopSignals,
-    load_checkpoint,
+    load_run_state,
     remove_stale_temporaries,
-    restore_checkpoint,
-    save_checkpoint,
+    restore_run_state,
+    save_run_state,
 )
 
 logger = logging.getLogger("bigtransfer")
@@ -87,7 +89,6 @@ logger = logging.getLogger("bigtransfer")
 MODEL_DIRNAME = "model"
 RUN_NAME = "run.json"
 
-BadImagePolicy = Literal["fail", "skip"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -198,8 +199,8 @@ def finetune(config: FinetuneConfig) -> RunResult:
     """
     _check_settings(config)
     with distributed(config.device) as context:
-        source = _open(config.data, "train", config.classes)
-        eval_source = _open(config.eval_data or config.data, "test", config.classes)
+        source = open_source(config.data, "train", classes=config.classes)
+        eval_source = open_source(config.eval_data or config.data, "test", classes=config.classes)
         _check_same_classes(source, eval_source)
         indices = (
             few_shot_indices(source.labels, config.shots, config.seed, source.classes)
@@ -234,8 +235,8 @@ def pretrain(config: PretrainConfig) -> RunResult:
     if not config.max_steps and not (math.isfinite(config.epochs) and config.epochs > 0):
         raise ValueError(f"epochs must be a finite number > 0, got {config.epochs}")
     with distributed(config.device) as context:
-        source = _open(config.data, "train", config.classes)
-        eval_source = _open(config.eval_data or config.data, "test", config.classes)
+        source = open_source(config.data, "train", classes=config.classes)
+        eval_source = open_source(config.eval_data or config.data, "test", classes=config.classes)
         _check_same_classes(source, eval_source)
         model, mean, std = _training_model(config.model, source.classes, config.seed, fine_tune=False)
         precrop, crop = _resolution(config, source, config.model)
@@ -257,78 +258,17 @@ def pretrain(config: PretrainConfig) -> RunResult:
         return _run(job)
 
 
-def evaluate(
-    model: str | os.PathLike | nn.Module,
-    data: str | ImageSource,
-    *,
-    split: str = "test",
-    classes: Sequence[int | str] | None = None,
-    batch_size: int = 128,
-    device: str | None = None,
-    on_bad_image: BadImagePolicy = "fail",
-    progress: bool = False,
-) -> EvaluationReport:
-    """Top-1, top-5, loss, per-class accuracy and confusion matrix of a classifier on a data set.
+def prepare_for_training(model: nn.Module, channels_last: bool = True) -> nn.Module:
+    """Put `model` (in place) in the layout that trains fastest: channels_last weights, so every convolution and
+    GroupNorm runs NHWC whatever the input layout. Parameters keep their identity (create the optimizer before
+    or after) and values; losses and gradients equal the default layout's up to rounding.
 
-    `model` is a transformers-layout directory or hub id; images are preprocessed as its
-    preprocessor_config.json says. Under torchrun the images are shared between the processes. Data labels are
-    matched to the model's labels by class name when every data class is one of them, else by index.
-
-    Example: ``evaluate("runs/ft/model", "fashion-mnist", classes=[5, 6, 7, 8, 9]).top1``.
+    Returns:
+        `model`, for chaining.
     """
-    with distributed(device) as context:
-        network, transform = _load_for_inference(model)
-        source = _open(data, split, classes)
-        network = network.to(context.device)
-        classes_out = [network.config.id2label[index] for index in range(network.config.num_labels)]
-        label_map = _label_map(source.classes, classes_out)
-        dataset = TransformedDataset(source, transform, on_bad_image=_policy(on_bad_image))
-        topk, labels, losses, skipped = _predict(
-            network, dataset, batch_size, context, _autocast(context.device, "auto"), label_map, progress
-        )
-        return EvaluationReport.from_predictions(topk, labels, losses, classes_out, skipped)
-
-
-def extract_features(
-    model: str | os.PathLike | nn.Module,
-    data: str | ImageSource,
-    *,
-    split: str = "train",
-    classes: Sequence[int | str] | None = None,
-    batch_size: int = 128,
-    device: str | None = None,
-    on_bad_image: BadImagePolicy = "fail",
-    progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pre-logits features (the pooled, normalised backbone output, (N, C) float32) and int labels (N,).
-
-    Unreadable images are dropped with `on_bad_image="skip"`, so N can be below the data set's size.
-    """
-    with distributed(device) as context:
-        network, transform = _load_for_inference(model)
-        source = _open(data, split, classes)
-        network = network.to(context.device).eval()
-        dataset = TransformedDataset(source, transform, on_bad_image=_policy(on_bad_image))
-        features, labels = [], []
-        for images, batch_labels, _ in _inference_batches(dataset, batch_size, context, progress):
-            with torch.no_grad(), _autocast(context.device, "auto"):
-                pooled = network.bit(images.to(context.device)).pooler_output
-            features.append(pooled.flatten(1).float().cpu().numpy())
-            labels.append(batch_labels.numpy())
-        features_array = np.concatenate(features) if features else np.zeros((0, network.config.num_features), np.float32)
-        labels_array = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-        return gather_rows(context, features_array, labels_array)
-
-
-def predict(
-    model: str | os.PathLike, images: Sequence[str | os.PathLike], top_k: int = 5, device: str | None = None
-) -> list[list[tuple[str, float]]]:
-    """Top-k (label, probability) for each image file, best first (batched, see `optimize.predict_images`)."""
-    from .optimize import predict_images
-
-    network, transform = _load_for_inference(model)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return predict_images(network.to(device), images, transform, top_k=top_k).top_k
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -357,16 +297,6 @@ def _check_settings(config: _RunSettings) -> None:
         value = getattr(config, name, None)
         if value is not None and not (math.isfinite(value) and (value >= low if inclusive else value > low)):
             raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, got {value}")
-
-
-def _policy(on_bad_image: str) -> str:
-    return "skip" if on_bad_image == "skip" else "raise"
-
-
-def _open(data: str | ImageSource, split: str, classes) -> ImageSource:
-    if isinstance(data, ImageSource):  # already the split the caller wants
-        return select_classes(data, classes) if classes is not None else data
-    return open_source(data, split, classes=list(classes) if classes is not None else None)
 
 
 def _check_same_classes(source: ImageSource, eval_source: ImageSource) -> None:
@@ -444,48 +374,6 @@ def _resolution(config: _RunSettings, source: ImageSource, model_name: str) -> t
     if not 0 < crop <= precrop:
         raise ValueError(f"need 0 < crop <= resize, got crop {crop} and resize {precrop}")
     return precrop, crop
-
-
-def _processor(crop: int, mean: Sequence[float], std: Sequence[float]):
-    """A BitImageProcessor that does what EvalTransform does: squash to crop x crop (bilinear), normalise."""
-    return BitImageProcessor(
-        size={"height": crop, "width": crop}, crop_size={"height": crop, "width": crop}, resample=2,
-        image_mean=list(mean), image_std=list(std),
-    )
-
-
-def _load_for_inference(model: str | os.PathLike | nn.Module):
-    """(classifier in eval mode, transform) for any source `from_pretrained` takes, with its preprocessing."""
-    if isinstance(model, nn.Module):
-        raise TypeError("pass the model's directory, so its preprocessing (preprocessor_config.json) is known")
-    checkpoint = loader.read(model)
-    network = loader.build(BitForImageClassification, checkpoint).float()  # --precision autocasts
-    if network.config.num_labels == 0:
-        raise ValueError(f"{checkpoint.source} has no classification head (num_labels=0)")
-    if checkpoint.naming == keymaps.TRANSFORMERS and checkpoint.preprocessor_config is None:
-        logger.warning("%s has no %s; using BiT's 128x128 [-1, 1] evaluation transform", checkpoint.source,
-                       IMAGE_PROCESSOR_CONFIG_NAME)
-        return network, EvalTransform(128)
-    return network, ProcessorTransform(BitImageProcessor.from_dict(checkpoint.preprocessor_dict()))
-
-
-def _label_map(data_classes: Sequence[str], model_classes: Sequence[str]) -> np.ndarray | None:
-    """Data label -> model label by class name when every data class is a model class; else None (by index)."""
-    if list(data_classes) == list(model_classes):
-        return None
-    position = {name: index for index, name in enumerate(model_classes)}
-    if all(name in position for name in data_classes):
-        return np.array([position[name] for name in data_classes], dtype=np.int64)
-    if len(data_classes) > len(model_classes):
-        raise ValueError(f"the data has {len(data_classes)} classes but the model only {len(model_classes)}")
-    if any(name != f"LABEL_{index}" for index, name in enumerate(model_classes)):
-        unknown = [name for name in data_classes if name not in position]
-        pairs = ", ".join(f"{data} -> {model}" for data, model in zip(data_classes[:5], model_classes[:5], strict=False))
-        logger.warning(
-            "data classes %s are not among the model's class names: matching classes by index (%s, ...)",
-            unknown[:5], pairs,
-        )
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -606,16 +494,6 @@ def _signature(settings: _RunSettings) -> dict[str, Any]:
     return json.loads(json.dumps(signature))
 
 
-def _autocast(device: torch.device, precision: str):
-    """Autocast for a `precision` setting: "auto" is bf16 (fp16 where unsupported) on GPUs and float32 on CPUs;
-    "bf16" runs on CPUs too (fast with AVX512-BF16 or AMX); "fp16" needs a GPU (and its loss scaler)."""
-    if precision == "auto":
-        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a GPU (it trains with loss scaling there); on a CPU use bf16 or fp32")
-    return autocast_for(device, REDUCED_PRECISION.get(precision))
-
-
 def _loss_sum(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-image losses of a micro-batch, summed: softmax cross-entropy or sigmoid cross-entropy (summed over classes)."""
     logits = logits.float()
@@ -652,7 +530,7 @@ def _loop(job: _Job, output: Path, signals: StopSignals) -> RunResult:
         model.gradient_checkpointing_enable()
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=0.0, momentum=hyperrule.MOMENTUM, weight_decay=job.weight_decay)
-    autocast = _autocast(context.device, settings.precision)
+    autocast = precision_autocast(context.device, settings.precision)
     use_scaler = context.device.type == "cuda" and (
         settings.precision == "fp16" or (settings.precision == "auto" and not torch.cuda.is_bf16_supported())
     )
@@ -667,12 +545,12 @@ def _loop(job: _Job, output: Path, signals: StopSignals) -> RunResult:
             f"{output} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose another --output"
         )
     if has_checkpoint:
-        tensors, state = load_checkpoint(checkpoint_path)
+        tensors, state = load_run_state(checkpoint_path)
         differing = {k for k in set(signature) | set(state["signature"]) if signature.get(k) != state["signature"].get(k)}
         if differing:
             changes = ", ".join(f"{k}: {state['signature'].get(k)!r} -> {signature.get(k)!r}" for k in sorted(differing))
             raise ValueError(f"cannot resume {output}: settings differ from the checkpoint's ({changes})")
-        restore_checkpoint(tensors, state, model, optimizer, scaler)
+        restore_run_state(tensors, state, model, optimizer, scaler)
         start_step, skipped, elapsed_before = state["step"], list(state["skipped_images"]), state["seconds"]
         if context.is_main:
             logger.info("resuming %s at step %d of %d", output, start_step, job.total_steps)
@@ -687,7 +565,7 @@ def _loop(job: _Job, output: Path, signals: StopSignals) -> RunResult:
                      settings.batch_split)
     train_set = TransformedDataset(
         job.source, TrainTransform(job.precrop, job.crop, job.mean, job.std), job.indices, seed=settings.seed,
-        on_bad_image=_policy(settings.on_bad_image),
+        on_bad_image=bad_image_policy(settings.on_bad_image),
     )
     network = model
     if context.world_size > 1:
@@ -714,10 +592,10 @@ def _loop(job: _Job, output: Path, signals: StopSignals) -> RunResult:
             state = dict(step=step, total_steps=job.total_steps, kind=job.kind, signature=signature,
                          skipped_images=skipped, seconds=elapsed_before + time.perf_counter() - started,
                          epoch=plan.epoch(step))
-            save_checkpoint(checkpoint_path, model, optimizer, state, scaler)
+            save_run_state(checkpoint_path, model, optimizer, state, scaler)
         barrier(context)
 
-    progress = _progress(settings.progress and context.is_main, job.total_steps, start_step, job.kind)
+    progress = progress_bar(settings.progress and context.is_main, job.total_steps, start_step, job.kind)
     metrics_file = open(metrics_path, "a", encoding="utf-8") if context.is_main else None
     step, stopped_by = start_step, None
     try:
@@ -765,7 +643,7 @@ def _loop(job: _Job, output: Path, signals: StopSignals) -> RunResult:
                 progress.update(1)
                 progress.set_postfix_str(f"loss={mean_loss:.4f} lr={lr:.2e} img/s={images_per_second:.0f}", refresh=False)
             if settings.eval_every and done % settings.eval_every == 0 and done < job.total_steps:
-                report = _evaluate_job(job, model, skipped=[])
+                report = _evaluate_job(job, model)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(dict(step=done, eval_top1=report.top1, eval_top5=report.top5,
                                                        eval_loss=report.loss)) + "\n")
@@ -800,14 +678,14 @@ def _loop(job: _Job, output: Path, signals: StopSignals) -> RunResult:
     completed = max(step, start_step)
     if completed > start_step or not has_checkpoint:
         checkpoint(completed)
-    report = _evaluate_job(job, model, skipped=[])
+    report = _evaluate_job(job, model)
     report.skipped_images = sorted(set(skipped) | set(report.skipped_images))
     report.step = completed
     model_dir = output / MODEL_DIRNAME
     if context.is_main:
         model.eval()
         model.save_pretrained(model_dir)
-        processor = _processor(job.crop, job.mean, job.std)
+        processor = squash_processor(job.crop, job.mean, job.std)
         write_text_atomic(model_dir / IMAGE_PROCESSOR_CONFIG_NAME, processor.to_json_string())
         write_report(report, output / REPORT_NAME)
         if settings.plots:
@@ -891,89 +769,14 @@ def _run_description(job: _Job) -> dict[str, Any]:
     )
 
 
-def _progress(enabled: bool, total: int, initial: int, description: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation.
 
 
-def _evaluate_job(job: _Job, model: nn.Module, skipped: list[str]) -> EvaluationReport:
+def _evaluate_job(job: _Job, model: nn.Module) -> EvaluationReport:
     settings = job.settings
     dataset = TransformedDataset(
-        job.eval_source, EvalTransform(job.crop, job.mean, job.std), on_bad_image=_policy(settings.on_bad_image)
+        job.eval_source, EvalTransform(job.crop, job.mean, job.std), on_bad_image=bad_image_policy(settings.on_bad_image)
     )
     batch_size = max(job.settings.batch_size // job.settings.batch_split // job.context.world_size, 32)
-    topk, labels, losses, bad = _predict(model, dataset, batch_size, job.context,
-                                         _autocast(job.context.device, settings.precision), None, False)
-    return EvaluationReport.from_predictions(topk, labels, losses, list(job.eval_source.classes), skipped + bad)
-
-
-def _inference_batches(dataset: TransformedDataset, batch_size: int, context: Context, progress: bool):
-    """This rank's share (every world_size-th image) of a data set, in batches of (images, labels, skipped)."""
-    positions = list(range(context.rank, len(dataset), context.world_size))
-    batches = [positions[index : index + batch_size] for index in range(0, len(positions), batch_size)]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skip_bad)
-    bar = _progress(progress and context.is_main, len(batches), 0, "evaluate")
-    for batch in loader:
-        yield batch
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-
-
-def _predict(model: nn.Module, dataset: TransformedDataset, batch_size: int, context: Context, autocast,
-             label_map: np.ndarray | None, progress: bool):
-    """(top-k indices, labels, per-image losses, skipped paths) over a whole data set, gathered from all ranks."""
-    was_training = model.training
-    model.eval()
-    topk, labels, losses, skipped = [], [], [], []
-    num_labels = model.config.num_labels
-    k = min(5, num_labels)
-    with torch.no_grad():
-        for images, batch_labels, bad in _inference_batches(dataset, batch_size, context, progress):
-            skipped.extend(sample.path for sample in bad)
-            if len(batch_labels) == 0:
-                continue
-            if label_map is not None:
-                batch_labels = torch.from_numpy(label_map[batch_labels.numpy()])
-            if int(batch_labels.max()) >= num_labels:
-                raise ValueError(f"the data has labels up to {int(batch_labels.max())} but the model has {num_labels} classes")
-            with autocast:
-                logits = model(images.to(context.device)).logits
-            logits = logits.float()
-            topk.append(logits.topk(k, dim=-1).indices.cpu().numpy())
-            losses.append(F.cross_entropy(logits, batch_labels.to(context.device), reduction="none").cpu().numpy())
-            labels.append(batch_labels.numpy())
-    model.train(was_training)
-    topk_array = np.concatenate(topk) if topk else np.zeros((0, k), np.int64)
-    labels_array = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-    losses_array = np.concatenate(losses) if losses else np.zeros(0, np.float32)
-    if context.world_size > 1:
-        gathered = all_gather(context, (topk_array, labels_array, losses_array, skipped))
-        topk_array = np.concatenate([part[0] for part in gathered])
-        labels_array = np.concatenate([part[1] for part in gathered])
-        losses_array = np.concatenate([part[2] for part in gathered])
-        skipped = [path for part in gathered for path in part[3]]
-    return topk_array, labels_array, losses_array, skipped
-
-
-def write_features(path: str | os.PathLike, features: np.ndarray, labels: np.ndarray) -> tuple[Path, Path]:
-    """Save features to `path` (.npy) and labels beside it (`<stem>.labels.npy`), each atomically."""
-    path = Path(path)
-    if path.suffix != ".npy":
-        path = path.with_name(path.name + ".npy")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    labels_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy")
-    for target, array in ((path, features), (labels_path, labels)):
-        with atomic_path(target) as temporary, open(temporary, "wb") as handle:
-            np.save(handle, array)
-    return path, labels_path
+    return evaluate_dataset(model, dataset, batch_size, job.context, precision=settings.precision)

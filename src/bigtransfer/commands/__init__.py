@@ -35,3 +35,12 @@ def non_negative_float(text: str) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the commands that run a trained model (predict, evaluate, features)."""
+    parser.add_argument("--optimize", action="store_true",
+                        help="run bigtransfer.optimize(model): folded weight standardization, channels_last, compiled "
+                        "(the first batch compiles for tens of seconds; pays for hundreds of images, not a few)")
+    parser.add_argument("--full-decode", action="store_true",
+                        help="decode JPEGs in full (default: at the 1/2, 1/4 or 1/8 scale the model's resize allows)")

@@ -1,4 +1,4 @@
-"""`bigtransfer evaluate`: top-1, top-5, loss, per-class accuracy and confusion matrix (`bigtransfer.train.evaluate`)."""
+"""`bigtransfer evaluate`: top-1, top-5, loss, per-class accuracy and confusion matrix (`bigtransfer.inference.evaluate`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from . import positive_int
+from ..inference import evaluate
+from ..report import REPORT_NAME, plot_accuracy, plot_confusion_matrix, write_report
+from . import add_inference_arguments, positive_int
 from .finetune import DATA_HELP, parse_classes
 
 
@@ -22,16 +24,15 @@ def register(subparsers) -> None:
     parser.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail")
     parser.add_argument("--output", metavar="DIR", help="write report.json, accuracy.png and confusion_matrix.png here")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    add_inference_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import REPORT_NAME, plot_accuracy, plot_confusion_matrix, write_report
-    from ..train import evaluate
-
     report = evaluate(
         args.model, args.data, split=args.split, classes=args.classes, batch_size=args.batch_size,
-        device=args.device, on_bad_image=args.on_bad_image,
+        device=args.device, on_bad_image=args.on_bad_image, optimized=args.optimize,
+        reduced_decode=not args.full_decode,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process reports
         return 0

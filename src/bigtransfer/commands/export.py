@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..checkpoints import loader
+from ..export import DEFAULT_OPSET, export, time_against_pytorch
 from ..modeling import BitBackbone, BitForImageClassification, BitModel
 from . import non_negative_int, positive_int
 
@@ -28,8 +29,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..export import DEFAULT_OPSET, export, time_against_pytorch
-
     model = load_model(args.model)
     report = export(
         model, args.output, args.format, image_size=args.image_size, fold=not args.no_fold,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from . import positive_int
+from ..inference import extract_features, write_features
+from . import add_inference_arguments, positive_int
 from .finetune import DATA_HELP, parse_classes
 
 
@@ -18,17 +20,15 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--device")
     parser.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail")
+    add_inference_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    from ..train import extract_features, write_features
-
     features, labels = extract_features(
         args.model, args.data, split=args.split, classes=args.classes, batch_size=args.batch_size,
-        device=args.device, on_bad_image=args.on_bad_image,
+        device=args.device, on_bad_image=args.on_bad_image, optimized=args.optimize,
+        reduced_decode=not args.full_decode,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         path, labels_path = write_features(args.output, features, labels)

@@ -8,6 +8,7 @@ import os
 import sys
 
 from .. import hyperrule
+from ..train import FinetuneConfig, finetune
 from . import non_negative_int, positive_int
 
 DATA_HELP = (
@@ -109,8 +110,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import FinetuneConfig, finetune
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = FinetuneConfig(
         model=args.model, base_lr=args.base_lr, shots=args.shots, preset=args.preset,

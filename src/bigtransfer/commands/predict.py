@@ -1,11 +1,12 @@
-"""`bigtransfer predict`: top-k labels and probabilities for image files (`bigtransfer.train.predict`)."""
+"""`bigtransfer predict`: top-k labels and probabilities for image files (`bigtransfer.inference.predict`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from . import positive_int
+from ..inference import predict
+from . import add_inference_arguments, positive_int
 
 
 def register(subparsers) -> None:
@@ -15,13 +16,14 @@ def register(subparsers) -> None:
     parser.add_argument("--top-k", type=positive_int, default=5)
     parser.add_argument("--device")
     parser.add_argument("--json", action="store_true", help="one JSON object per image: {image, predictions: [{label, score}]}")
+    add_inference_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import predict
-
-    for image, predictions in zip(args.images, predict(args.model, args.images, args.top_k, args.device), strict=True):
+    results = predict(args.model, args.images, args.top_k, args.device, optimized=args.optimize,
+                      reduced_decode=not args.full_decode)
+    for image, predictions in zip(args.images, results, strict=True):
         if args.json:
             print(json.dumps({"image": image, "predictions": [{"label": label, "score": score} for label, score in predictions]}))
         else:

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from .. import hyperrule
+from ..train import PretrainConfig, pretrain
 from . import non_negative_int
 from .finetune import add_run_arguments, finish, run_settings
 
@@ -28,8 +29,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import PretrainConfig, pretrain
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = PretrainConfig(
         model=args.model, epochs=args.epochs, base_lr=args.base_lr, warmup_steps=args.warmup_steps,

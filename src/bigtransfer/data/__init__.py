@@ -1,5 +1,6 @@
 """Data: image sources, seeded splits and few-shot subsets, BiT transforms, a reproducible Dataset."""
 
+from ..images import load_image
 from .dataset import Batch, EpochSampler, SkippedSample, TransformedDataset, collate_skip_bad, sample_seed
 from .readers import (
     FASHION_MNIST_CLASSES,
@@ -20,7 +21,6 @@ from .sources import (
     FileSource,
     ImageFolderSource,
     ImageSource,
-    load_image,
     select_classes,
 )
 from .spec import ACCEPTED_SPECS, open_source

@@ -55,6 +55,8 @@ class TransformedDataset(Dataset):
         seed: the run's data seed.
         on_bad_image: "raise" raises ``BadImageError`` naming the file; "skip" returns a ``SkippedSample``
             (use :func:`collate_skip_bad` as the DataLoader's ``collate_fn``).
+        min_size: the least decoded size the transform needs (``ImageSource.load``): JPEG files are decoded at
+            1/2, 1/4 or 1/8 scale when that is still at least this large (None: full decodes).
 
     Items are ``(tensor, int label)``. Call :meth:`set_epoch` before iterating each epoch (before
     ``iter(loader)``; with ``persistent_workers=True`` workers keep the epoch they started with, so there
@@ -78,6 +80,7 @@ class TransformedDataset(Dataset):
         *,
         seed: int = 0,
         on_bad_image: Literal["raise", "skip"] = "raise",
+        min_size: int | tuple[int, int] | None = None,
     ):
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
@@ -88,6 +91,7 @@ class TransformedDataset(Dataset):
             raise ValueError(f"indices must lie in [0, {len(source)})")
         self.seed = int(seed)
         self.on_bad_image = on_bad_image
+        self.min_size = min_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -113,7 +117,7 @@ class TransformedDataset(Dataset):
             position += len(self.indices)
         source_index = int(self.indices[position])
         try:
-            image, label = self.source[source_index]
+            image, label = self.source.load(source_index, self.min_size)
         except BadImageError as error:
             if self.on_bad_image == "skip":
                 return SkippedSample(error.path, error.reason)

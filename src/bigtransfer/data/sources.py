@@ -19,29 +19,13 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BadImageError
-from ..images import open_image, rgb_array
+from ..images import decode_image, load_image
 from .sampling import stratified_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # Header names recognised in the first row of a CSV file (first column).
 _CSV_HEADER_NAMES = {"path", "file", "filename", "file_name", "image", "image_path", "filepath"}
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image file as 8-bit RGB; raises :class:`BadImageError` naming the file.
-
-    Conversion is the image processor's (:func:`bigtransfer.processing.rgb_array`): 16-bit images are
-    scaled rather than clipped, transparency is composited onto white. Files over Pillow's
-    ``MAX_IMAGE_PIXELS`` (decompression bombs) are refused without being decoded.
-    """
-    try:
-        with open_image(path) as image:
-            return image if image.mode == "RGB" else Image.fromarray(rgb_array(image))
-    except BadImageError:
-        raise
-    except (OSError, ValueError) as error:
-        raise BadImageError(str(path), f"{type(error).__name__}: {error}") from error
 
 
 class ImageSource:
@@ -59,6 +43,11 @@ class ImageSource:
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         raise NotImplementedError
+
+    def load(self, index: int, min_size: int | tuple[int, int] | None = None) -> tuple[Image.Image, int]:
+        """``source[index]``, decoded no smaller than ``min_size`` needs (see `bigtransfer.images.decode_image`):
+        file sources decode JPEGs at reduced size, in-memory sources ignore it."""
+        return self[index]
 
     def path(self, index: int) -> str:
         raise NotImplementedError
@@ -117,6 +106,9 @@ class FileSource(ImageSource):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return load_image(self.paths[index]), int(self.labels[index])
+
+    def load(self, index: int, min_size: int | tuple[int, int] | None = None) -> tuple[Image.Image, int]:
+        return decode_image(self.paths[index], min_size), int(self.labels[index])
 
     def path(self, index: int) -> str:
         return self.paths[index]
@@ -344,7 +336,10 @@ class ClassSubset(ImageSource):
         self._relabel = relabel
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        image, label = self.source[int(self.indices[index])]
+        return self.load(index)
+
+    def load(self, index: int, min_size: int | tuple[int, int] | None = None) -> tuple[Image.Image, int]:
+        image, label = self.source.load(int(self.indices[index]), min_size)
         return image, int(self._relabel[label])
 
     def path(self, index: int) -> str:

@@ -26,7 +26,7 @@ _NAMED = re.compile(
 
 
 def open_source(
-    spec: str | os.PathLike,
+    spec: str | os.PathLike | ImageSource,
     split: str = "train",
     *,
     val_fraction: float = 0.2,
@@ -37,7 +37,8 @@ def open_source(
     """Open the data set named by ``spec`` for ``split`` ("train" or "test"; "val" means "test").
 
     ``spec`` is one of: a folder with one sub-folder per class; a ``.csv`` file of ``path,label`` rows;
-    ``digits``; ``fashion-mnist`` or ``fashion-mnist:DIR``; ``cifar10:DIR``; ``cifar100:DIR``.
+    ``digits``; ``fashion-mnist`` or ``fashion-mnist:DIR``; ``cifar10:DIR``; ``cifar100:DIR``. An
+    ``ImageSource`` is taken as the split the caller wants (only ``classes`` applies).
 
     Args:
         val_fraction: for folders, CSV files and digits without a separate test set, the fraction of each
@@ -52,8 +53,8 @@ def open_source(
     """
     if split not in ("train", "test", "val"):
         raise ValueError(f"split must be 'train', 'test' or 'val', got {split!r}")
-    source = _open(str(spec), split, val_fraction, seed, val_path)
-    return select_classes(source, classes) if classes is not None else source
+    source = spec if isinstance(spec, ImageSource) else _open(str(spec), split, val_fraction, seed, val_path)
+    return select_classes(source, list(classes)) if classes is not None else source
 
 
 def _open(spec: str, split: str, val_fraction: float, seed: int, val_path) -> ImageSource:

@@ -1,4 +1,6 @@
-"""Fast paths: `optimize()` for deployment, `prepare_for_training()`, and a batched, multi-process image loader.
+"""Running a trained model: `optimize()`, prediction from image files, evaluation and features of data sets, and
+precision. One module for everything that runs a model, used by the CLI, the trainer's evaluation and the
+Python API alike.
 
 The default model already reuses its standardized weights in inference (see `layers.StdConv2d`). For the last
 factor of speed, `optimize()` returns an inference-only model that
@@ -11,7 +13,9 @@ factor of speed, `optimize()` returns an inference-only model that
 - runs large CPU batches in small chunks (cache-resident activations),
 - optionally runs under bf16 / fp16 autocast.
 
-`bigtransfer bench` measures each step against transformers and timm.
+`predict_images` decodes files in worker processes (JPEGs at the reduced size the processor's resize allows,
+`images.decode_image`) in fixed-size batches; `evaluate` and `extract_features` run a model over a data spec,
+shared between torchrun processes. `bigtransfer bench` times these paths.
 
 Example:
     >>> model = BitForImageClassification.from_pretrained("runs/pets/model")
@@ -24,25 +28,33 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
-import PIL.ExifTags
 import PIL.Image
-import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import keymaps, loader
+from .config import DTYPES
+from .data import ImageSource, TransformedDataset, collate_skip_bad, open_source
+from .distributed import Context, all_gather, distributed, gather_rows
+from .files import atomic_path
+from .images import decode_image
 from .layers import GroupNormAct, StdConv2d, standardize_weight
-from .processing import ProcessorTransform
+from .modeling import BitForImageClassification
+from .processing import BIT_MEAN, BIT_STD, IMAGE_PROCESSOR_CONFIG_NAME, BitImageProcessor, ProcessorTransform
+from .report import EvaluationReport, progress_bar
 
 logger = logging.getLogger("bigtransfer")
+
+BadImagePolicy = Literal["fail", "skip"]
 
 # On CPU, batches run in chunks of a few 224x224 images (scaled by width and image area): their activations stay
 # in cache and in malloc's reusable heap (larger blocks are mmapped and page-faulted afresh on every call).
@@ -50,7 +62,44 @@ logger = logging.getLogger("bigtransfer")
 # (4: 6 %); eager, chunks of 4 ran 14 % faster (1 was slower: per-operator overhead).
 MICRO_BATCH_PIXELS = {"compiled": 2 * 224 * 224, "eager": 4 * 224 * 224}
 
-REDUCED_PRECISION = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+REDUCED_PRECISION = {name: dtype for name, dtype in DTYPES.items() if dtype in (torch.bfloat16, torch.float16)}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --precision takes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Precision.
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`'s type; None runs the model's own dtype (autocast switched off)."""
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def precision_autocast(device: torch.device, precision: str):
+    """Autocast for a `precision` setting: "auto" is bf16 (fp16 where unsupported) on GPUs and float32 on CPUs;
+    "bf16" runs on CPUs too (fast with AVX512-BF16 or AMX); "fp16" needs a GPU (and its loss scaler)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a GPU (it trains with loss scaling there); on a CPU use bf16 or fp32")
+    return autocast_for(device, REDUCED_PRECISION.get(precision))
+
+
+def _autocast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or dtype in ("fp32", "float32", torch.float32):
+        return None
+    if isinstance(dtype, str):
+        if dtype.lower() not in REDUCED_PRECISION:
+            raise ValueError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
+        return REDUCED_PRECISION[dtype.lower()]
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    return dtype
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Folding Weight Standardization.
@@ -283,42 +332,10 @@ def optimize(
     )
 
 
-def prepare_for_training(model: nn.Module, channels_last: bool = True) -> nn.Module:
-    """Put `model` (in place) in the layout that trains fastest: channels_last weights, so every convolution and
-    GroupNorm runs NHWC whatever the input layout. Parameters keep their identity (create the optimizer before
-    or after) and values; losses and gradients equal the default layout's up to rounding.
-
-    Returns:
-        `model`, for chaining.
-    """
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
 def _module_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
     return torch.device("cpu")
-
-
-def _autocast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or dtype in ("fp32", "float32", torch.float32):
-        return None
-    if isinstance(dtype, str):
-        if dtype.lower() not in REDUCED_PRECISION:
-            raise ValueError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
-        return REDUCED_PRECISION[dtype.lower()]
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-    return dtype
-
-
-def autocast_for(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to `dtype` on `device`'s type; None runs the model's own dtype (autocast switched off)."""
-    if dtype is None:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _can_compile(device: torch.device) -> bool:
@@ -368,55 +385,52 @@ def _float_outputs(output: Any) -> Any:
     return output
 
 
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Image to prediction: reduced-size JPEG decoding, worker processes, fixed-size batches.
+# A model and its preprocessing, from any source.
 
 
-def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None = None) -> PIL.Image.Image:
-    """Decode an image file as 8-bit RGB, JPEGs at reduced size when the result will be downscaled anyway.
+def load_for_inference(source: str | os.PathLike, device: str | torch.device | None = None):
+    """(classifier in eval mode on `device`, its BitImageProcessor) for any source `from_pretrained` takes.
 
-    libjpeg can decode at 1/2, 1/4 or 1/8 scale for a fraction of the cost (and memory) of a full decode.
-    `min_size` says how large the image must stay: an int is the shortest edge (for shortest-edge resizing,
-    aspect kept), a (height, width) pair is the least size of each side (for squash resizing). The largest
-    reduction that keeps the image at least that large is used; other formats, or `min_size=None`, decode in
-    full. Pixels then differ from a full decode followed by the same resize by the decoder's DCT-domain
-    downscaling (a few grey levels on edges), the usual trade for fast JPEG pipelines.
+    The processor is the source's own (a directory's preprocessor_config.json; timm's pretrained config; the
+    original code's squash to [-1, 1]); a transformers directory without one gets BiT's 128x128 [-1, 1] squash,
+    with a warning. Weights are float32 (`--precision` autocasts).
     """
-    from .data.sources import load_image
-
-    if min_size is None:
-        return load_image(path)
-    try:
-        with PIL.Image.open(path) as image:
-            width, height = image.size
-            limit = PIL.Image.MAX_IMAGE_PIXELS
-            if image.format != "JPEG" or (limit is not None and width * height > limit):
-                raise _FullDecode
-            turned = image.getexif().get(PIL.ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # stored on its side
-            if turned and not isinstance(min_size, int):
-                min_size = (min_size[1], min_size[0])  # the request is in stored orientation
-            if isinstance(min_size, int):
-                scale = min_size / max(min(width, height), 1)
-                request = (math.ceil(width * scale), math.ceil(height * scale))
-            else:
-                request = (int(min_size[1]), int(min_size[0]))
-            if request[0] >= width or request[1] >= height:
-                raise _FullDecode
-            image.draft("RGB" if image.mode in ("RGB", "YCbCr") else image.mode, request)
-            image.load()
-            PIL.ImageOps.exif_transpose(image, in_place=True)  # upright, as `open_image` returns it
-            if image.mode == "RGB":
-                return image
-            from .images import rgb_array
-
-            return PIL.Image.fromarray(rgb_array(image))
-    except Exception:
-        # Anything unusual (other formats, bombs, corrupt files) takes the full decode, with its precise errors.
-        return load_image(path)
+    if isinstance(source, nn.Module):
+        raise TypeError("pass the model's directory (or name), so its preprocessing (preprocessor_config.json) is known")
+    checkpoint = loader.read(source)
+    network = loader.build(BitForImageClassification, checkpoint).float()
+    if network.config.num_labels == 0:
+        raise ValueError(f"{checkpoint.source} has no classification head (num_labels=0)")
+    if checkpoint.naming == keymaps.TRANSFORMERS and checkpoint.preprocessor_config is None:
+        logger.warning("%s has no %s; using BiT's 128x128 [-1, 1] evaluation transform", checkpoint.source,
+                       IMAGE_PROCESSOR_CONFIG_NAME)
+        processor = squash_processor(128, BIT_MEAN, BIT_STD)
+    else:
+        processor = BitImageProcessor.from_dict(checkpoint.preprocessor_dict())
+    return network.to(_device(device)).eval(), processor
 
 
-class _FullDecode(Exception):
-    """Internal: this file is decoded in full."""
+def squash_processor(crop: int, mean: Sequence[float], std: Sequence[float]) -> BitImageProcessor:
+    """The BitImageProcessor of BiT's evaluation transform: squash to crop x crop (bilinear), normalise."""
+    return BitImageProcessor(
+        size={"height": crop, "width": crop}, crop_size={"height": crop, "width": crop}, resample=2,
+        image_mean=list(mean), image_std=list(std),
+    )
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _fast(model: nn.Module, optimized: bool) -> nn.Module:
+    return optimize(model, inplace=True) if optimized else model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image files -> predictions: reduced-size JPEG decoding, worker processes, fixed-size batches.
 
 
 def processor_min_size(processor: Any) -> int | tuple[int, int] | None:
@@ -574,3 +588,181 @@ def _output_shape(processor: Any) -> tuple[int, ...] | None:
         blank = PIL.Image.fromarray(np.zeros((64, 64, 3), np.uint8))
         return tuple(ProcessorTransform(processor)(blank).shape)
     return None
+
+
+def predict(
+    model: str | os.PathLike, images: Sequence[str | os.PathLike], top_k: int = 5, device: str | None = None, *,
+    optimized: bool = False, reduced_decode: bool = True, on_bad_image: BadImagePolicy = "fail",
+) -> list[list[tuple[str, float]] | None]:
+    """Top-k (label, probability) for each image file, best first (`predict_images` with the model's own
+    processor; `optimized` runs `optimize()` first, which pays for many images, not for a few)."""
+    network, processor = load_for_inference(model, device)
+    return predict_images(_fast(network, optimized), images, processor, top_k=top_k, reduced_decode=reduced_decode,
+                          on_bad_image=bad_image_policy(on_bad_image)).top_k
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data sets -> evaluation reports and features.
+
+
+def evaluate(
+    model: str | os.PathLike,
+    data: str | ImageSource,
+    *,
+    split: str = "test",
+    classes: Sequence[int | str] | None = None,
+    batch_size: int = 128,
+    device: str | None = None,
+    on_bad_image: BadImagePolicy = "fail",
+    progress: bool = False,
+    optimized: bool = False,
+    reduced_decode: bool = True,
+) -> EvaluationReport:
+    """Top-1, top-5, loss, per-class accuracy and confusion matrix of a classifier on a data set.
+
+    `model` is any source `from_pretrained` takes; images are preprocessed as its preprocessor_config.json says
+    (JPEGs decoded at the reduced size its resize allows unless `reduced_decode=False`). Under torchrun the images
+    are shared between the processes. Data labels are matched to the model's labels by class name when every data
+    class is one of them, else by index.
+
+    Example: ``evaluate("runs/ft/model", "fashion-mnist", classes=[5, 6, 7, 8, 9]).top1``.
+    """
+    with distributed(device) as context:
+        network, processor = load_for_inference(model, context.device)
+        source = open_source(data, split, classes=classes)
+        classes_out = [network.config.id2label[index] for index in range(network.config.num_labels)]
+        dataset = _dataset(source, processor, on_bad_image, reduced_decode)
+        return evaluate_dataset(_fast(network, optimized), dataset, batch_size, context,
+                                label_map=label_map(source.classes, classes_out), class_names=classes_out,
+                                progress=progress)
+
+
+def extract_features(
+    model: str | os.PathLike,
+    data: str | ImageSource,
+    *,
+    split: str = "train",
+    classes: Sequence[int | str] | None = None,
+    batch_size: int = 128,
+    device: str | None = None,
+    on_bad_image: BadImagePolicy = "fail",
+    progress: bool = False,
+    optimized: bool = False,
+    reduced_decode: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-logits features (the pooled, normalised backbone output, (N, C) float32) and int labels (N,).
+
+    Unreadable images are dropped with `on_bad_image="skip"`, so N can be below the data set's size.
+    """
+    with distributed(device) as context:
+        network, processor = load_for_inference(model, context.device)
+        backbone = _fast(network.bit, optimized)
+        dataset = _dataset(open_source(data, split, classes=classes), processor, on_bad_image, reduced_decode)
+        features, labels = [], []
+        for images, batch_labels, _ in inference_batches(dataset, batch_size, context, progress):
+            with torch.no_grad(), precision_autocast(context.device, "auto"):
+                pooled = backbone(images.to(context.device)).pooler_output
+            features.append(pooled.flatten(1).float().cpu().numpy())
+            labels.append(batch_labels.numpy())
+        features_array = np.concatenate(features) if features else np.zeros((0, network.config.num_features), np.float32)
+        labels_array = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        return gather_rows(context, features_array, labels_array)
+
+
+def _dataset(source: ImageSource, processor: BitImageProcessor, on_bad_image: str, reduced_decode: bool):
+    return TransformedDataset(source, ProcessorTransform(processor), on_bad_image=bad_image_policy(on_bad_image),
+                              min_size=processor_min_size(processor) if reduced_decode else None)
+
+
+def bad_image_policy(on_bad_image: str) -> str:
+    """The CLI's "fail" / "skip" in the data sets' "raise" / "skip"."""
+    if on_bad_image not in ("fail", "skip", "raise"):
+        raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
+    return "skip" if on_bad_image == "skip" else "raise"
+
+
+def evaluate_dataset(
+    model: nn.Module, dataset: TransformedDataset, batch_size: int, context: Context, *, precision: str = "auto",
+    label_map: np.ndarray | None = None, class_names: Sequence[str] | None = None, progress: bool = False,
+) -> EvaluationReport:
+    """The EvaluationReport of a classifier over a whole (preprocessed) data set, gathered from all ranks;
+    `label_map` turns data labels into the model's. The trainer's evaluation and `evaluate` both run this."""
+    was_training = model.training
+    model.eval()
+    topk, labels, losses, skipped = [], [], [], []
+    num_labels = model.config.num_labels
+    k = min(5, num_labels)
+    autocast = precision_autocast(context.device, precision)
+    with torch.no_grad():
+        for images, batch_labels, bad in inference_batches(dataset, batch_size, context, progress):
+            skipped.extend(sample.path for sample in bad)
+            if len(batch_labels) == 0:
+                continue
+            if label_map is not None:
+                batch_labels = torch.from_numpy(label_map[batch_labels.numpy()])
+            if int(batch_labels.max()) >= num_labels:
+                raise ValueError(f"the data has labels up to {int(batch_labels.max())} but the model has {num_labels} classes")
+            with autocast:
+                logits = model(images.to(context.device)).logits
+            logits = logits.float()
+            topk.append(logits.topk(k, dim=-1).indices.cpu().numpy())
+            losses.append(F.cross_entropy(logits, batch_labels.to(context.device), reduction="none").cpu().numpy())
+            labels.append(batch_labels.numpy())
+    model.train(was_training)
+    topk_array = np.concatenate(topk) if topk else np.zeros((0, k), np.int64)
+    labels_array = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    losses_array = np.concatenate(losses) if losses else np.zeros(0, np.float32)
+    if context.world_size > 1:
+        gathered = all_gather(context, (topk_array, labels_array, losses_array, skipped))
+        topk_array = np.concatenate([part[0] for part in gathered])
+        labels_array = np.concatenate([part[1] for part in gathered])
+        losses_array = np.concatenate([part[2] for part in gathered])
+        skipped = [path for part in gathered for path in part[3]]
+    names = list(class_names) if class_names is not None else list(dataset.classes)
+    return EvaluationReport.from_predictions(topk_array, labels_array, losses_array, names, skipped)
+
+
+def inference_batches(dataset: TransformedDataset, batch_size: int, context: Context, progress: bool):
+    """This rank's share (every world_size-th image) of a data set, in batches of (images, labels, skipped)."""
+    positions = list(range(context.rank, len(dataset), context.world_size))
+    batches = [positions[index : index + batch_size] for index in range(0, len(positions), batch_size)]
+    loader_ = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skip_bad)
+    bar = progress_bar(progress and context.is_main, len(batches), 0, "evaluate")
+    for batch in loader_:
+        yield batch
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
+def label_map(data_classes: Sequence[str], model_classes: Sequence[str]) -> np.ndarray | None:
+    """Data label -> model label by class name when every data class is a model class; else None (by index)."""
+    if list(data_classes) == list(model_classes):
+        return None
+    position = {name: index for index, name in enumerate(model_classes)}
+    if all(name in position for name in data_classes):
+        return np.array([position[name] for name in data_classes], dtype=np.int64)
+    if len(data_classes) > len(model_classes):
+        raise ValueError(f"the data has {len(data_classes)} classes but the model only {len(model_classes)}")
+    if any(name != f"LABEL_{index}" for index, name in enumerate(model_classes)):
+        unknown = [name for name in data_classes if name not in position]
+        pairs = ", ".join(f"{data} -> {model}" for data, model in zip(data_classes[:5], model_classes[:5], strict=False))
+        logger.warning(
+            "data classes %s are not among the model's class names: matching classes by index (%s, ...)",
+            unknown[:5], pairs,
+        )
+    return None
+
+
+def write_features(path: str | os.PathLike, features: np.ndarray, labels: np.ndarray) -> tuple[Path, Path]:
+    """Save features to `path` (.npy) and labels beside it (`<stem>.labels.npy`), each atomically."""
+    path = Path(path)
+    if path.suffix != ".npy":
+        path = path.with_name(path.name + ".npy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy")
+    for target, array in ((path, features), (labels_path, labels)):
+        with atomic_path(target) as temporary, open(temporary, "wb") as handle:
+            np.save(handle, array)
+    return path, labels_path
