@@ -1,6 +1,6 @@
 """This package against transformers and timm on the same R50x1 weights, interleaved in one process.
 
-The same as `bigtransfer bench` (all options pass through), runnable from a checkout:
+`bigtransfer bench` with the peers added (every option of `bigtransfer bench` applies), from a checkout:
 
     python benchmarks/bench_models.py                       # full CPU run: several minutes (compiles included)
     python benchmarks/bench_models.py --quick               # batch-16 inference and the training step, 3 rounds
@@ -14,9 +14,19 @@ peer (transformers or timm, eager, channels_last or compiled). Tests never time 
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from bigtransfer.cli import main
+from peers import TransformersAndTimm
+
+from bigtransfer.commands import bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_models.py", description=__doc__.split("\n\n")[0])
+    bench.add_arguments(parser)
+    return bench.run(parser.parse_args(argv), peers=TransformersAndTimm())
+
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    sys.exit(main())

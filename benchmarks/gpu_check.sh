@@ -34,11 +34,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || 
 
 start=$(date +%s)
 # 1) Eager and channels_last, batch-16 inference and the training step, three precisions (about 1.5 minutes).
-timeout 130 "$PYTHON" -m bigtransfer.cli bench --device cuda --precision fp32,tf32,bf16 --rounds 3 \
+timeout 130 "$PYTHON" benchmarks/bench_models.py --device cuda --precision fp32,tf32,bf16 --rounds 3 \
     --workloads infer-b16,train-b16 --no-compile --no-pipeline --json "$OUT_DIR/gpu_check_eager.json"
 # 2) Compiled, batch-16 inference, fp32 and bf16: optimize() against timm channels_last + torch.compile
 #    (compiles dominate: 30-60 s each).
-timeout 160 "$PYTHON" -m bigtransfer.cli bench --device cuda --precision fp32,bf16 --rounds 3 \
+timeout 160 "$PYTHON" benchmarks/bench_models.py --device cuda --precision fp32,bf16 --rounds 3 \
     --workloads infer-b16 --contenders "bigtransfer optimize(),timm channels_last compiled" --no-pipeline \
     --json "$OUT_DIR/gpu_check_compiled.json"
 echo "gpu_check: done in $(( $(date +%s) - start )) s; results in $OUT_DIR/gpu_check_eager.json and $OUT_DIR/gpu_check_compiled.json"

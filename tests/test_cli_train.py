@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,9 +117,12 @@ def test_sigterm_half_way_then_resume_matches_an_uninterrupted_run(folder, tmp_p
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="apt-get install dataset-fashion-mnist")
 def test_demo_writes_results_with_tables_plots_and_commands(tmp_path, capsys):
     results = tmp_path / "docs" / "RESULTS.md"
-    arguments = ["demo", "--runs-dir", str(tmp_path / "runs"), "--results", str(results), "--seeds", "2", "--shots", "1",
+    runs = tmp_path / "runs"
+    arguments = ["demo", "--runs-dir", str(runs), "--seeds", "2", "--shots", "1",
                  "--upstream-epochs", "0.01", "--finetune-steps", "2", "--threads", "1"]
+    write_up = [sys.executable, str(Path(__file__).parents[1] / "docs" / "make_results.py"), str(runs), str(results)]
     assert main(arguments) == 0
+    subprocess.run(write_up, check=True, capture_output=True)
     text = results.read_text()
     assert text.count("| examples per class | transfer (mean ± std) | random init (mean ± std)") == 2
     assert "bigtransfer pretrain --model tiny --data fashion-mnist --classes 0-4" in text
@@ -129,4 +133,5 @@ def test_demo_writes_results_with_tables_plots_and_commands(tmp_path, capsys):
     assert set(numbers) == {"fashion-mnist", "digits"} and len(numbers["digits"]["transfer"]["1"]) == 2
     # A second invocation reuses every finished run and says so.
     assert main(arguments) == 0
+    subprocess.run(write_up, check=True, capture_output=True)
     assert "9 finished runs were reused" in results.read_text()  # upstream + 2 tasks x 2 arms x 2 seeds

@@ -442,11 +442,11 @@ def test_predict_images_matches_per_image_predictions(tmp_path):
 
 def test_timm_key_mapping_loads_into_timm():
     timm = pytest.importorskip("timm")
-    from bigtransfer.benchmark import _timm_state_dict
+    from bigtransfer.checkpoints import to_timm  # the map the peer comparison gives timm its weights with
 
     ours = BitForImageClassification(BitConfig.from_variant("BiT-S-R50x1", num_labels=7)).eval()
     theirs = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=7).eval()
-    theirs.load_state_dict(_timm_state_dict(ours.state_dict()), strict=True)
+    theirs.load_state_dict(to_timm(ours.state_dict()), strict=True)
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert relative_error(theirs(pixels), ours(pixels).logits) < 1e-4
@@ -475,7 +475,7 @@ def test_bench_ratios_and_table():
 def test_bench_reports_missing_peers(monkeypatch):
     import builtins
 
-    from bigtransfer import benchmark as bench
+    import peers as bench  # benchmarks/peers.py
 
     real_import = builtins.__import__
 
@@ -486,7 +486,7 @@ def test_bench_reports_missing_peers(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="timm"):
-        bench._import_peers()
+        bench.import_peers()
 
 
 def test_bench_cli_validates_before_building(capsys):

@@ -1,20 +1,21 @@
-"""Speed of this package against transformers and timm on the same weights, in one process (`bigtransfer bench`).
+"""Speed of this package's paths on the user's machine (`bigtransfer bench`), and the timing harness that
+benchmarks/bench_models.py extends with transformers and timm.
 
 What it measures: for each workload (batch-1 and batch-16 inference at 224 px, a batch-16 training step at 128 px)
-and precision, images/s, peak memory, GFLOP/s and the fraction of a measured matmul peak, for several contenders:
-bigtransfer eager, `optimize()` (with and without torch.compile) and ONNX Runtime, against transformers and timm,
-each also channels_last and (timm) compiled. Optionally, where the time goes (torch.profiler) and the end-to-end
-JPEG-to-top-5 pipeline, the plain way and through `predict_images`.
+and precision, images/s, peak memory, GFLOP/s and the fraction of a measured matmul peak, for this package's
+paths: the default eager model, `optimize()` with and without torch.compile, ONNX Runtime, and the training step
+in both layouts. Optionally, where the time goes (torch.profiler) and the end-to-end JPEG-to-top-5 pipeline, the
+plain way and through `predict_images`.
 
-How: every contender gets the same R50x1-shaped weights (checked: the logits agree), the same inputs and the same
-optimizer. After warm-up, contenders are timed interleaved (A B C, B C A, ...), each sample repeating fast steps
-to last about half a second; the median of the rounds is reported, with each result's ratio to the best peer.
-On a shared machine each sample first waits (within a budget) for other processes to go quiet, and samples
-during which they were busy anyway are marked and left out of the medians. transformers and timm are dev
-dependencies: they are imported here only, lazily.
+How: every contender gets the same R50x1-shaped weights, the same inputs and the same optimizer. After warm-up,
+contenders are timed interleaved (A B C, B C A, ...), each sample repeating fast steps to last about half a second;
+the median of the rounds is reported, with each result's ratio to the reference (the best peer when peers take
+part, else this package's default eager model). On a shared machine each sample first waits (within a budget) for
+other processes to go quiet, and samples during which they were busy anyway are marked and left out of the
+medians.
 
-Benchmarks are never timed tests: tests check this module's pure parts (key mapping, ratios, the report table,
-config validation); the timing itself is run by hand and reports speed.
+Benchmarks are never timed tests: tests check this module's pure parts (ratios, the report table, config
+validation); the timing itself is run by hand and reports speed.
 """
 
 from __future__ import annotations
@@ -28,15 +29,22 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inference import REDUCED_PRECISION, autocast_for, optimize
+from .config import VARIANTS, BitConfig
+from .export import onnx_session
+from .images import decode_image, load_image
+from .inference import REDUCED_PRECISION, autocast_for, optimize, predict_images
+from .modeling import BitForImageClassification
+from .processing import BitImageProcessor
 from .train import prepare_for_training
 
 # name -> (batch, image size, training step?)
@@ -45,9 +53,7 @@ WORKLOADS: dict[str, tuple[int, int, bool]] = {
     "infer-b16": (16, 224, False),
     "train-b16": (16, 128, True),
 }
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-TIMM_NAMES = {"R50x1": "resnetv2_50x1_bit", "R50x3": "resnetv2_50x3_bit", "R101x1": "resnetv2_101x1_bit",
-              "R101x3": "resnetv2_101x3_bit", "R152x2": "resnetv2_152x2_bit", "R152x4": "resnetv2_152x4_bit"}
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # tf32 is fp32 with TF32 matmuls (GPUs)
 
 
 @dataclasses.dataclass
@@ -75,7 +81,7 @@ class BenchConfig:
 class Contender:
     name: str
     ours: bool
-    build: Callable[[tuple[int, int, bool], str], Callable[[], Any]]
+    build: Callable[[tuple[int, int, bool], str], Callable[[], Any]]  # (workload spec, precision) -> one step
     informational: bool = False  # shown, but not counted as a peer (not what users run by default)
 
 
@@ -98,23 +104,39 @@ class Result:
     error: str | None = None
 
 
+class Peers:
+    """Other implementations to time beside this package's paths (benchmarks/bench_models.py gives transformers
+    and timm): contenders built from the same weights, a check that they compute the same logits, versions."""
+
+    def contenders(self, config: BenchConfig, spec: tuple[int, int, bool], precision: str,
+                   weights: dict[str, torch.Tensor]) -> list[Contender]:
+        return []
+
+    def parity(self, reference: nn.Module, weights: dict[str, torch.Tensor], variant: str) -> dict[str, float]:
+        return {}
+
+    def versions(self) -> dict[str, str]:
+        return {}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The library function.
 
 
-def run_bench(config: BenchConfig) -> dict[str, Any]:
+def run_bench(config: BenchConfig, peers: Peers | None = None) -> dict[str, Any]:
     """Build the contenders, time them interleaved, and return the report (also what `--json` writes)."""
-    _check_config(config)
-    transformers, timm = _import_peers()
+    check_config(config)
+    peers = peers or Peers()
     if config.threads:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
     log = print if config.verbose else (lambda *a, **k: None)
     load_before = _load_average()
-    reference = _build_ours(config.variant, config.seed)
+    reference = build_reference(config.variant, config.seed)
     weights = {key: value.detach().clone() for key, value in reference.state_dict().items()}
-    parity = _check_parity(reference, weights, transformers, timm, config.variant)
-    log(f"same weights, max |difference| of logits vs bigtransfer: {_format_parity(parity)}")
+    parity = peers.parity(reference, weights, config.variant)
+    if parity:
+        log(f"same weights, max |difference| of logits vs bigtransfer: {_format_parity(parity)}")
     matmul_peaks: dict[str, _MatmulPeak] = {}
     results: list[Result] = []
     built: dict[str, Any] = {}
@@ -123,13 +145,14 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         with _precision(precision, device):
             for workload in config.workloads:
                 spec = WORKLOADS[workload]
-                contenders = _contenders(config, spec, precision, weights, transformers, timm, built)
+                contenders = _ours(config, spec, weights, built) + peers.contenders(config, spec, precision, weights)
+                contenders = _selected(contenders, config.contenders)
                 flops = _flops_per_image(reference, spec)
                 log(f"\n{workload} ({precision}): {len(contenders)} contenders, {config.rounds} rounds")
                 results += _time_workload(config, workload, precision, spec, contenders, flops, matmul_peak, log)
     _add_ratios(results)
     report = {
-        "environment": _environment(config, load_before, matmul_peaks),
+        "environment": _environment(config, load_before, matmul_peaks, peers.versions()),
         "parity_max_abs_logit_difference": parity,
         "results": [dataclasses.asdict(result) for result in results],
     }
@@ -140,7 +163,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     return report
 
 
-def _check_config(config: BenchConfig) -> None:
+def check_config(config: BenchConfig) -> None:
+    """Refuse settings the bench cannot measure, before anything is built."""
     unknown = [name for name in config.workloads if name not in WORKLOADS]
     if unknown:
         raise ValueError(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
@@ -154,40 +178,15 @@ def _check_config(config: BenchConfig) -> None:
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
     if device.type == "cpu" and any(p in ("tf32", "fp16") for p in config.precisions):
         raise ValueError("tf32 / fp16 are measured on a GPU only (--device cuda); on a CPU use fp32 or bf16")
-    from .config import VARIANTS
-
     if config.variant not in VARIANTS or config.variant == "tiny":
         raise ValueError(f"unknown variant {config.variant!r}; choose e.g. BiT-S-R50x1")
 
 
-def _import_peers():
-    missing = []
-    try:
-        import transformers
-    except ImportError:
-        transformers, missing = None, missing + ["transformers"]
-    try:
-        import timm
-    except ImportError:
-        timm, missing = None, missing + ["timm"]
-    if missing:
-        raise ImportError(
-            f"bigtransfer bench compares against {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'}"
-            " not installed: pip install 'bigtransfer[dev]' (or pip install transformers timm torchvision)"
-        )
-    return transformers, timm
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The same weights in the three implementations.
-
-
-def _build_ours(variant: str, seed: int) -> nn.Module:
-    from . import BitConfig, BitForImageClassification
-
+def build_reference(variant: str, seed: int) -> nn.Module:
+    """The variant with seeded weights and a non-trivial head and norms (so parity checks compare something)."""
     torch.manual_seed(seed)
     model = BitForImageClassification(BitConfig.from_variant(variant))
-    with torch.no_grad():  # a non-trivial head and norms, so the parity check compares something
+    with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.GroupNorm):
                 module.weight.uniform_(0.5, 1.5)
@@ -196,191 +195,122 @@ def _build_ours(variant: str, seed: int) -> nn.Module:
     return model.eval()
 
 
-def _build_transformers(transformers, weights: dict[str, torch.Tensor], variant: str) -> nn.Module:
-    from .config import BitConfig
-
-    ours = BitConfig.from_variant(variant)
-    config = transformers.BitConfig(
-        embedding_size=ours.embedding_size, hidden_sizes=list(ours.hidden_sizes), depths=list(ours.depths),
-        width_factor=ours.width_factor, layer_type="preactivation", global_padding=None, num_groups=ours.num_groups,
-        num_labels=ours.num_labels,
-    )
-    model = transformers.BitForImageClassification(config)
-    model.load_state_dict(weights, strict=True)
-    return model.eval()
-
-
-def _build_timm(timm, weights: dict[str, torch.Tensor], variant: str) -> nn.Module:
-    from .config import BitConfig
-
-    name = TIMM_NAMES[variant.split("-", 2)[-1]]
-    model = timm.create_model(name, pretrained=False, num_classes=BitConfig.from_variant(variant).num_labels)
-    model.load_state_dict(_timm_state_dict(weights), strict=True)
-    return model.eval()
-
-
-def _timm_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers / bigtransfer key names -> timm's (a pure rename, plus the 1x1-conv head shape)."""
-    state = {}
-    for key, value in weights.items():
-        if key == "classifier.1.weight":
-            state["head.fc.weight"] = value[:, :, None, None]
-            continue
-        key = key.replace("classifier.1.", "head.fc.").replace("bit.embedder.convolution.", "stem.conv.")
-        key = key.replace("bit.encoder.stages.", "stages.").replace(".layers.", ".blocks.").replace("bit.norm.", "norm.")
-        state[key] = value
-    return state
-
-
-def _logits(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.logits
-
-
-def _check_parity(reference, weights, transformers, timm, variant) -> dict[str, float]:
-    pixels = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = reference(pixels).logits
-        peers = {"transformers": _build_transformers(transformers, weights, variant), "timm": _build_timm(timm, weights, variant)}
-        differences = {name: (_logits(model(pixels)) - expected).abs().max().item() for name, model in peers.items()}
-    differences["logit_scale"] = expected.abs().max().item()
-    return differences
-
-
 def _format_parity(parity: dict[str, float]) -> str:
     scale = parity["logit_scale"]
     return ", ".join(f"{name} {value:.1e}" for name, value in parity.items() if name != "logit_scale") + f" (logits up to {scale:.2f})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Contenders.
+# This package's contenders, and the steps every contender is made of.
 
 
-def _contenders(config, spec, precision, weights, transformers, timm, built) -> list[Contender]:
-    _, _, training = spec
+def _ours(config: BenchConfig, spec: tuple[int, int, bool], weights: dict[str, torch.Tensor],
+          built: dict[str, Any]) -> list[Contender]:
     device = torch.device(config.device)
-    autocast = REDUCED_PRECISION.get(precision)
 
-    def peer_model(kind: str, channels_last: bool) -> nn.Module:
-        model = (_build_transformers(transformers, weights, config.variant) if kind == "transformers"
-                 else _build_timm(timm, weights, config.variant))
-        model = model.to(device)
-        return model.to(memory_format=torch.channels_last) if channels_last else model
+    def model() -> nn.Module:
+        ours = BitForImageClassification(BitConfig.from_variant(config.variant))
+        ours.load_state_dict(weights)
+        return ours.to(device)
 
-    def ours_model() -> nn.Module:
-        model = _build_ours(config.variant, config.seed)
-        model.load_state_dict(weights)
-        return model.to(device)
-
-    def inference(make: Callable[[], nn.Module], channels_last: bool = False, compiled: str | None = None):
-        def build(spec, precision):
-            model = make().eval()
-            batch, size, _ = spec
-            pixels = _pixels(batch, size, device, channels_last)
-            call = model
-            if compiled is not None:
-                call = torch.compile(model, dynamic=False)
-            freezing = _inductor_freezing if compiled == "frozen" else nullcontext
-
-            def step():
-                with torch.inference_mode(), autocast_for(device, autocast), freezing():
-                    return call(pixels)
-
-            return step
-
-        return build
-
-    def ours_optimized(compile_: bool):
+    def optimized(compile_: bool):
         def build(spec, precision):
             key = f"optimized-{compile_}-{precision}"
             if key not in built:  # shared across workloads: compiled graphs are cached per input shape
-                built[key] = optimize(ours_model(), dtype=autocast, compile=compile_, inplace=True)
-            model = built[key]
-            batch, size, _ = spec
-            pixels = _pixels(batch, size, device, channels_last=True)
-            return lambda: model(pixels)
+                built[key] = optimize(model(), dtype=REDUCED_PRECISION.get(precision), compile=compile_, inplace=True)
+            pixels = bench_pixels(spec, device, channels_last=True)
+            return lambda: built[key](pixels)
 
         return build
 
-    def ours_onnx(spec, precision):
-        from .export import onnx_session
-
+    def onnx(spec, precision):
         if "onnx" not in built:
-            built["onnx"] = onnx_session(ours_model(), device=device, spinning=False)  # no busy-wait in others' turns
+            built["onnx"] = onnx_session(model(), device=device, spinning=False)  # no busy-wait in others' turns
         session = built["onnx"]
-        batch, size, _ = spec
-        pixels = _pixels(batch, size, torch.device("cpu"), False).numpy()
+        pixels = bench_pixels(spec, torch.device("cpu"), False).numpy()
         name = session.get_inputs()[0].name
         return lambda: session.run(None, {name: pixels})
 
-    def training_step(make: Callable[[], nn.Module], channels_last: bool, ours: bool = False):
-        def build(spec, precision):
-            model = make().train()
-            if ours and channels_last:
-                prepare_for_training(model)
-            elif channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            batch, size, _ = spec
-            pixels = _pixels(batch, size, device, channels_last)
-            labels = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(2)).to(device)
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
-
-            def step():
-                optimizer.zero_grad(set_to_none=True)
-                with autocast_for(device, autocast):
-                    loss = F.cross_entropy(_logits(model(pixels)), labels)
-                loss.backward()
-                optimizer.step()
-                return loss
-
-            return step
-
-        return build
-
-    if training:
-        contenders = [
-            Contender("bigtransfer", True, training_step(ours_model, False, ours=True)),
-            Contender("bigtransfer channels_last", True, training_step(ours_model, True, ours=True)),
-            Contender("transformers", False, training_step(lambda: peer_model("transformers", False), False)),
-            Contender("transformers channels_last", False, training_step(lambda: peer_model("transformers", True), True)),
-            Contender("timm", False, training_step(lambda: peer_model("timm", False), False)),
-            Contender("timm channels_last", False, training_step(lambda: peer_model("timm", True), True)),
+    if spec[2]:
+        return [
+            Contender("bigtransfer", True, training_step(model, device, False)),
+            Contender("bigtransfer channels_last", True,
+                      training_step(lambda: prepare_for_training(model()), device, True)),
         ]
-    else:
-        contenders = [
-            Contender("bigtransfer", True, inference(ours_model)),
-            Contender("bigtransfer optimize(compile=False)", True, ours_optimized(False)),
-            Contender("transformers", False, inference(lambda: peer_model("transformers", False))),
-            Contender("transformers channels_last", False,
-                      inference(lambda: peer_model("transformers", True), channels_last=True)),
-            Contender("timm", False, inference(lambda: peer_model("timm", False))),
-            Contender("timm channels_last", False, inference(lambda: peer_model("timm", True), channels_last=True)),
-        ]
-        if config.compile:
-            contenders += [
-                Contender("bigtransfer optimize()", True, ours_optimized(True)),
-                Contender("timm channels_last compiled", False,
-                          inference(lambda: peer_model("timm", True), channels_last=True, compiled="default")),
-                Contender("timm channels_last compiled+freezing", False,
-                          inference(lambda: peer_model("timm", True), channels_last=True, compiled="frozen"),
-                          informational=True),
-            ]
-        if config.onnx and precision == "fp32" and device.type == "cpu":
-            contenders.append(Contender("bigtransfer onnxruntime", True, ours_onnx))
-    if config.contenders:  # an exact name selects that contender; any other entry, every name containing it
-        names = {c.name for c in contenders}
-        contenders = [c for c in contenders if c.name in config.contenders
-                      or any(part in c.name for part in config.contenders if part not in names)]
+    contenders = [
+        Contender("bigtransfer", True, inference_step(model, device)),
+        Contender("bigtransfer optimize(compile=False)", True, optimized(False)),
+    ]
+    if config.compile:
+        contenders.append(Contender("bigtransfer optimize()", True, optimized(True)))
+    if config.onnx and device.type == "cpu":
+        contenders.append(Contender("bigtransfer onnxruntime", True, onnx))
     return contenders
 
 
-def _pixels(batch: int, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+def _selected(contenders: list[Contender], wanted: tuple[str, ...] | None) -> list[Contender]:
+    """An exact name selects that contender; any other entry, every name containing it."""
+    if not wanted:
+        return contenders
+    names = {c.name for c in contenders}
+    return [c for c in contenders if c.name in wanted or any(part in c.name for part in wanted if part not in names)]
+
+
+def inference_step(make: Callable[[], nn.Module], device: torch.device, channels_last: bool = False,
+                   compiled: str | None = None):
+    """A contender's build function: one forward pass under inference_mode and the precision's autocast;
+    `compiled` is None, "default" (torch.compile) or "frozen" (with inductor weight freezing)."""
+    def build(spec, precision):
+        model = make().eval()
+        pixels = bench_pixels(spec, device, channels_last)
+        call = torch.compile(model, dynamic=False) if compiled is not None else model
+        autocast = REDUCED_PRECISION.get(precision)
+
+        def step():
+            with torch.inference_mode(), autocast_for(device, autocast), _inductor_freezing(compiled == "frozen"):
+                return call(pixels)
+
+        return step
+
+    return build
+
+
+def training_step(make: Callable[[], nn.Module], device: torch.device, channels_last: bool):
+    """A contender's build function: one SGD step (forward, cross-entropy, backward, update)."""
+    def build(spec, precision):
+        model = make().train()
+        batch = spec[0]
+        pixels = bench_pixels(spec, device, channels_last)
+        labels = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(2)).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
+        autocast = REDUCED_PRECISION.get(precision)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with autocast_for(device, autocast):
+                output = model(pixels)
+                loss = F.cross_entropy(output if isinstance(output, torch.Tensor) else output.logits, labels)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        return step
+
+    return build
+
+
+def bench_pixels(spec: tuple[int, int, bool], device: torch.device, channels_last: bool) -> torch.Tensor:
+    batch, size, _ = spec
     pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     return pixels.contiguous(memory_format=torch.channels_last) if channels_last else pixels
 
 
 @contextmanager
-def _inductor_freezing() -> Iterator[None]:
-    import torch._inductor.config as inductor_config
+def _inductor_freezing(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    import torch._inductor.config as inductor_config  # torch's compiler machinery: only when a run asks for it
 
     with inductor_config.patch(freezing=True):
         yield
@@ -398,10 +328,6 @@ def _precision(precision: str, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Timing.
 
 
 def _time_workload(config, workload, precision, spec, contenders, flops, matmul_peak, log) -> list[Result]:
@@ -650,12 +576,15 @@ def _flops_per_image(model: nn.Module, spec: tuple[int, int, bool]) -> float:
 
 
 def _add_ratios(results: list[Result]) -> None:
+    """Each result's ratio to the best peer of its workload and precision (without peers: to this package's
+    default eager model)."""
     for key in {(r.workload, r.precision) for r in results}:
         group = [r for r in results if (r.workload, r.precision) == key and not r.error]
         peers = [r.images_per_second for r in group if not r.ours and not r.informational]
-        if peers:
-            for result in group:
-                result.ratio_to_best_peer = result.images_per_second / max(peers)
+        reference = max(peers) if peers else next((r.images_per_second for r in group if r.contender == "bigtransfer"), None)
+        for result in group:
+            result.ratio_to_best_peer = result.images_per_second / reference if reference else None
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -664,10 +593,6 @@ def _add_ratios(results: list[Result]) -> None:
 
 def _bench_pipeline(reference: nn.Module, built: dict[str, Any], device: torch.device, log) -> dict[str, Any]:
     """Images/s from JPEG files to top-5, the plain way and through `predict_images` with the fast model."""
-    from .images import decode_image, load_image
-    from .inference import predict_images
-    from .processing import BitImageProcessor
-
     processor = BitImageProcessor()
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as directory:
@@ -696,12 +621,9 @@ def _bench_pipeline(reference: nn.Module, built: dict[str, Any], device: torch.d
 
 def _write_jpegs(directory: Path, count: int) -> list[Path]:
     """1280x960 JPEGs (a web-sized photo): scikit-image's sample photos when installed, else synthetic ones."""
-    import numpy as np
-    import PIL.Image
-
     photos = []
     try:
-        from skimage import data
+        from skimage import data  # a dev dependency: real photos when it is there
 
         photos = [np.asarray(getattr(data, name)()) for name in ("astronaut", "chelsea", "coffee", "rocket")]
     except Exception:
@@ -722,14 +644,13 @@ def _write_jpegs(directory: Path, count: int) -> list[Path]:
     return paths
 
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # Report.
 
 
-def _environment(config: BenchConfig, load_before, matmul_peaks: dict[str, _MatmulPeak]) -> dict[str, Any]:
-    import timm
-    import transformers
-
+def _environment(config: BenchConfig, load_before, matmul_peaks: dict[str, _MatmulPeak],
+                 versions: dict[str, str]) -> dict[str, Any]:
     device = torch.device(config.device)
     return {
         "variant": config.variant,
@@ -737,8 +658,7 @@ def _environment(config: BenchConfig, load_before, matmul_peaks: dict[str, _Matm
         "threads": torch.get_num_threads(),
         "rounds": config.rounds,
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "timm": timm.__version__,
+        **versions,
         "python": platform.python_version(),
         "matmul_peak_gflops": {precision: peak.gflops for precision, peak in matmul_peaks.items()},
         "matmul_size": next(iter(matmul_peaks.values())).a.shape[0] if matmul_peaks else None,
@@ -767,14 +687,15 @@ def _load_average() -> list[float] | None:
 def format_report(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
-        f"{env['variant']} on {env['device']}, {env['threads']} threads; torch {env['torch']}, transformers "
-        f"{env['transformers']}, timm {env['timm']}; median of {env['rounds']} interleaved rounds",
+        f"{env['variant']} on {env['device']}, {env['threads']} threads; torch {env['torch']}"
+        + "".join(f", {name} {env[name]}" for name in ("transformers", "timm") if name in env)
+        + f"; median of {env['rounds']} interleaved rounds",
         "matmul peak " + ", ".join(f"{p} {g:.1f}" for p, g in env["matmul_peak_gflops"].items())
         + f" GFLOP/s ({env.get('matmul_size')}x{env.get('matmul_size')}); load average "
         f"{env['load_average_before']} -> {env.get('load_average_after')}",
         "",
         f"{'workload':<10} {'prec':<5} {'contender':<38} {'img/s':>7} {'peak MB':>8} {'GFLOP/s':>8} "
-        f"{'%peak':>6} {'vs best peer':>12} {'clean':>6}",
+        f"{'%peak':>6} {'vs ' + ('best peer' if any(not r['ours'] for r in report['results']) else 'eager'):>12} {'clean':>6}",
     ]
     for result in report["results"]:
         name = result["contender"] + (" *" if result["informational"] else "")
@@ -788,7 +709,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"{memory:>8} {result['gflops']:>8.1f} {100 * result['matmul_fraction']:>5.0f}% {ratio:>12} "
             f"{result.get('clean_rounds', 0):>3}/{len(result['rounds'])}"
         )
-    lines.append("* not counted as a peer: timm with inductor freezing is this package's technique applied to timm")
+    if any(result["informational"] for result in report["results"]):
+        lines.append("* shown, not counted as a peer")
     lines.append(f"clean: rounds in which other processes used < {FOREIGN_LOAD_LIMIT:.0%} of the CPU; medians use "
                  "those (all rounds when fewer than two)")
     if "pipeline" in report:

@@ -482,7 +482,8 @@ class _Job:
     description: dict[str, Any]
 
 
-def _signature(settings: _RunSettings) -> dict[str, Any]:
+def run_signature(settings: _RunSettings) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint (JSON-ready)."""
     values = dataclasses.asdict(settings)
     signature = {}
     for name in _RESUME_FIELDS:
@@ -535,7 +536,7 @@ def _loop(job: _Job, output: Path, signals: StopSignals) -> RunResult:
         settings.precision == "fp16" or (settings.precision == "auto" and not torch.cuda.is_bf16_supported())
     )
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    signature = _signature(settings)
+    signature = run_signature(settings)
 
     # Start fresh or continue from the checkpoint.
     start_step, skipped, elapsed_before = 0, [], 0.0

@@ -1,23 +1,31 @@
-"""`bigtransfer bench`: this package against transformers and timm on the same weights, in one process.
+"""`bigtransfer bench`: this package's inference and training paths timed on this machine, in one process.
 
 The command parses its flags into a `BenchConfig` and calls `bigtransfer.benchmark.run_bench`, which times the
-contenders interleaved and reports medians and ratios to the best peer; see that module for how.
+contenders interleaved and reports medians and ratios; see that module for how. benchmarks/bench_models.py runs
+the same with transformers and timm as peers.
 """
 
 from __future__ import annotations
 
 import json
 
-from ..benchmark import PRECISIONS, WORKLOADS, BenchConfig, format_report, run_bench
+from ..benchmark import PRECISIONS, WORKLOADS, BenchConfig, Peers, format_report, run_bench
 from ..files import write_text_atomic
 from . import non_negative_float, positive_int
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "bench", help="time this package against transformers and timm (inference, training step, JPEG pipeline)",
+        "bench", help="time this package's paths on this machine (eager, optimize(), ONNX Runtime, training step, "
+        "JPEG pipeline)",
         description=__doc__.split("\n\n")[0],
     )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser) -> None:
+    """The bench's options (shared with benchmarks/bench_models.py)."""
     parser.add_argument("--variant", default="BiT-S-R50x1", help="model shape, e.g. BiT-S-R50x1 (random weights)")
     parser.add_argument("--workloads", default=None,
                         help=f"comma-separated, from {', '.join(WORKLOADS)} (default: all)")
@@ -40,10 +48,9 @@ def register(subparsers) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="after timing, print where the time goes (torch.profiler, top operators) for the "
                         "fastest bigtransfer contender and the best peer of each workload")
-    parser.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args, peers: Peers | None = None) -> int:
     workloads = tuple(args.workloads.split(",")) if args.workloads else None
     if args.quick:
         workloads = workloads or ("infer-b16", "train-b16")
@@ -62,7 +69,7 @@ def run(args) -> int:
         profile=args.profile,
         quiet_wait=args.quiet_wait,
     )
-    report = run_bench(config)
+    report = run_bench(config, peers)
     print(format_report(report))
     if config.json_path:
         write_text_atomic(config.json_path, json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,89 @@
+"""The package reads one way: no import cycles, package imports at the top of modules, and the command line
+starts without the heavy optional machinery (transformers, timm, TorchInductor)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "bigtransfer"
+
+
+def _modules() -> dict[str, ast.Module]:
+    modules = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        modules[name.removesuffix(".__init__").removesuffix("__init__")] = ast.parse(path.read_text(encoding="utf-8"))
+    return modules
+
+
+def _target(module: str, node: ast.ImportFrom, is_package: bool) -> str | None:
+    """The package module an import names (None for other packages)."""
+    if node.level == 0:
+        return node.module[len("bigtransfer"):].lstrip(".") if (node.module or "").split(".")[0] == "bigtransfer" else None
+    parts = module.split(".") if module else []
+    base = parts if is_package else parts[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
+    """module -> the package modules it imports (an `import` of a name from a package counts as the module
+    of that name when there is one)."""
+    graph = {}
+    for module, tree in modules.items():
+        is_package = any(other.startswith(module + ".") for other in modules) or module == ""
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = _target(module, node, is_package)
+                if target is None:
+                    continue
+                named = {f"{target}.{alias.name}".lstrip(".") for alias in node.names}
+                found = {name for name in named if name in modules} or {target}
+                edges |= {name for name in found if name in modules and name != module}
+        # A module importing its own package's __init__ (or a parent package) is not an edge of the graph.
+        graph[module] = {edge for edge in edges if not module.startswith(edge + ".") and edge != ""}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _imports(_modules())
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for edge in sorted(graph[module]):
+            if state.get(edge) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(edge):] + [edge]))
+            if edge not in state:
+                visit(edge, path + [edge])
+        state[module] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+
+
+def test_package_imports_are_at_the_top_of_modules():
+    inside = []
+    for module, tree in _modules().items():
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("bigtransfer")):
+                    inside.append(f"{module}.{function.name} imports {'.' * node.level}{node.module or ''}")
+    assert not inside, inside
+
+
+def test_the_command_line_starts_without_transformers_timm_or_inductor():
+    probe = (
+        "import sys, bigtransfer.cli; bigtransfer.cli.build_parser(); "
+        "print(sorted({m.split('.')[0] if not m.startswith('torch._') else '.'.join(m.split('.')[:2]) for m in sys.modules}))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    for heavy in ("transformers", "timm", "torch._inductor", "torch._dynamo", "onnx", "onnxruntime", "matplotlib"):
+        assert f"'{heavy}'" not in loaded, heavy
