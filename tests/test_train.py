@@ -189,10 +189,10 @@ def test_signal_mid_run_checkpoints_and_resume_is_bit_exact(folder, tmp_path, mo
     finetune(config(folder, tmp_path / "straight", max_steps=8))
     original = train._train_step
 
-    def interrupting(job, *args):
-        if args[4] == 3:  # step index
+    def interrupting(loop, step, *args):
+        if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(job, *args)
+        return original(loop, step, *args)
 
     monkeypatch.setattr(train, "_train_step", interrupting)
     stopped = finetune(config(folder, tmp_path / "resumed", max_steps=8))

@@ -25,6 +25,7 @@ draws a warning (it is still rescaled by 1/255, as transformers does).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -467,86 +468,53 @@ class BitImageProcessor:
             ValueError / TypeError naming the problem for empty input, unsupported types or
             dtypes, wrong channel counts, NaN/Inf values, invalid sizes or unknown options.
         """
-        call_defaults = self.extra_config  # transformers lets the config set these too
+        options = self._call_options(
+            do_resize=do_resize, size=size, resample=resample, do_center_crop=do_center_crop, crop_size=crop_size,
+            do_rescale=do_rescale, rescale_factor=rescale_factor, do_normalize=do_normalize, image_mean=image_mean,
+            image_std=image_std, do_convert_rgb=do_convert_rgb, return_tensors=return_tensors,
+            data_format=data_format, input_data_format=input_data_format, device=device,
+            default_to_square=default_to_square,
+        )
+        processed = [_resize_and_crop_one(image, options) for image in flatten_images(images)]
+        return BatchFeature(pixel_values=_normalized(processed, options))
+
+    def _call_options(self, **given: Any) -> _CallOptions:
+        """This call's settings: what it was given, else the processor's (validated as the constructor does)."""
+        call_defaults = self.extra_config  # transformers lets the config set the call options too
+        default_to_square = given["default_to_square"]
         if default_to_square is None:
             default_to_square = call_defaults.get("default_to_square", False)
-        return_tensors = _as_return_tensors(
-            call_defaults.get("return_tensors") if return_tensors is None else return_tensors
-        )
-        out_layout = _as_layout(data_format or call_defaults.get("data_format") or "channels_first")
-        in_layout = _as_layout(
-            call_defaults.get("input_data_format") if input_data_format is None else input_data_format
-        )
-        device = call_defaults.get("device") if device is None else device
-        do_resize = self.do_resize if do_resize is None else _as_bool(do_resize, "do_resize")
-        do_center_crop = (
-            self.do_center_crop if do_center_crop is None else _as_bool(do_center_crop, "do_center_crop")
-        )
-        do_rescale = self.do_rescale if do_rescale is None else _as_bool(do_rescale, "do_rescale")
-        do_normalize = self.do_normalize if do_normalize is None else _as_bool(do_normalize, "do_normalize")
-        do_convert_rgb = (
-            self.do_convert_rgb if do_convert_rgb is None else _as_bool(do_convert_rgb, "do_convert_rgb")
-        )
-        size = _as_size_dict(
-            self.size if size is None else size, "size", bool(default_to_square), _SIZE_KEY_SETS
-        )
-        crop = _as_size_dict(
-            self.crop_size if crop_size is None else crop_size, "crop_size", True, _SIZE_KEY_SETS[:1]
-        )
-        resample = _as_resample(self.resample if resample is None else resample)
-        rescale_factor = _as_floats(
-            self.rescale_factor if rescale_factor is None else rescale_factor, "rescale_factor"
-        )[0]
-        mean = _as_floats(self.image_mean if image_mean is None else image_mean, "image_mean")
-        std = _as_floats(self.image_std if image_std is None else image_std, "image_std")
-        if do_normalize and 0.0 in std:
+
+        def flag(name: str) -> bool:
+            return getattr(self, name) if given[name] is None else _as_bool(given[name], name)
+
+        std = _as_floats(self.image_std if given["image_std"] is None else given["image_std"], "image_std")
+        if flag("do_normalize") and 0.0 in std:
             raise ValueError(f"image_std must not contain 0, got {std}")
-
-        processed = []
-        for image in flatten_images(images):
-            pixels = image_to_tensor(image, in_layout, do_convert_rgb, do_rescale)
-            if do_resize and do_center_crop:
-                height, width = _resized_hw(pixels.shape[-2], pixels.shape[-1], size)
-                pixels = _resize_and_crop(pixels, height, width, crop["height"], crop["width"], resample)
-            elif do_resize:
-                pixels = _resize(pixels, *_resized_hw(pixels.shape[-2], pixels.shape[-1], size), resample)
-            elif do_center_crop:
-                pixels = _center_crop(pixels, crop["height"], crop["width"])
-            processed.append(pixels)
-
-        channels = 3 if do_convert_rgb else processed[0].shape[0]
-        if any(
-            p.shape[0] not in (1, channels) or (not do_convert_rgb and p.shape[0] != channels)
-            for p in processed
-        ):
-            raise ValueError(
-                f"images have different channel counts {sorted({p.shape[0] for p in processed})}; "
-                "with do_convert_rgb=False every image must have the same number of channels"
-            )
-        scale, offset = _affine(channels, do_rescale, rescale_factor, do_normalize, mean, std)
-
-        shapes = {tuple(p.shape[-2:]) for p in processed}
-        if return_tensors is not None and len(shapes) > 1:
-            raise ValueError(
-                f"images end up with different sizes {sorted(shapes)} (no center crop); stacking them into one "
-                "tensor is impossible: use do_center_crop=True, size={'height': h, 'width': w}, or return_tensors=None"
-            )
-        if len(shapes) == 1:
-            height, width = shapes.pop()
-            batch = _normalize_batch(processed, channels, height, width, scale, offset, out_layout)
-            if return_tensors == "pt":
-                pixel_values = torch.from_numpy(batch)
-                pixel_values = pixel_values if device is None else pixel_values.to(device)
-            elif return_tensors == "np":
-                pixel_values = batch
-            else:
-                pixel_values = list(batch)
-        else:
-            pixel_values = [
-                _normalize_batch([p], channels, *p.shape[-2:], scale, offset, out_layout)[0]
-                for p in processed
-            ]
-        return BatchFeature(pixel_values=pixel_values)
+        return _CallOptions(
+            do_resize=flag("do_resize"),
+            size=_as_size_dict(self.size if given["size"] is None else given["size"], "size", bool(default_to_square),
+                               _SIZE_KEY_SETS),
+            resample=_as_resample(self.resample if given["resample"] is None else given["resample"]),
+            do_center_crop=flag("do_center_crop"),
+            crop=_as_size_dict(self.crop_size if given["crop_size"] is None else given["crop_size"], "crop_size", True,
+                               _SIZE_KEY_SETS[:1]),
+            do_rescale=flag("do_rescale"),
+            rescale_factor=_as_floats(
+                self.rescale_factor if given["rescale_factor"] is None else given["rescale_factor"], "rescale_factor"
+            )[0],
+            do_normalize=flag("do_normalize"),
+            mean=_as_floats(self.image_mean if given["image_mean"] is None else given["image_mean"], "image_mean"),
+            std=std,
+            do_convert_rgb=flag("do_convert_rgb"),
+            return_tensors=_as_return_tensors(
+                call_defaults.get("return_tensors") if given["return_tensors"] is None else given["return_tensors"]
+            ),
+            out_layout=_as_layout(given["data_format"] or call_defaults.get("data_format") or "channels_first"),
+            in_layout=_as_layout(call_defaults.get("input_data_format") if given["input_data_format"] is None
+                                 else given["input_data_format"]),
+            device=call_defaults.get("device") if given["device"] is None else given["device"],
+        )
 
     # ------------------------------------------------------------------ configuration
 
@@ -624,6 +592,66 @@ class BitImageProcessor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _CallOptions:
+    """The settings of one `preprocess` call, resolved and validated."""
+
+    do_resize: bool
+    size: dict
+    resample: Resampling
+    do_center_crop: bool
+    crop: dict
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
+    mean: list[float]
+    std: list[float]
+    do_convert_rgb: bool
+    return_tensors: str | None
+    out_layout: str
+    in_layout: str | None
+    device: Any
+
+
+def _resize_and_crop_one(image: Any, options: _CallOptions) -> torch.Tensor:
+    """One input image as a (C, H, W) tensor on the 0..255 scale, resized and center-cropped as asked."""
+    pixels = image_to_tensor(image, options.in_layout, options.do_convert_rgb, options.do_rescale)
+    crop = options.crop
+    if options.do_resize and options.do_center_crop:
+        height, width = _resized_hw(pixels.shape[-2], pixels.shape[-1], options.size)
+        return _resize_and_crop(pixels, height, width, crop["height"], crop["width"], options.resample)
+    if options.do_resize:
+        return _resize(pixels, *_resized_hw(pixels.shape[-2], pixels.shape[-1], options.size), options.resample)
+    if options.do_center_crop:
+        return _center_crop(pixels, crop["height"], crop["width"])
+    return pixels
+
+
+def _normalized(processed: list[torch.Tensor], options: _CallOptions) -> Any:
+    """The rescaled, normalized images: one batch in the asked-for type, or a list when sizes differ."""
+    channels = 3 if options.do_convert_rgb else processed[0].shape[0]
+    if any(p.shape[0] not in (1, channels) or (not options.do_convert_rgb and p.shape[0] != channels) for p in processed):
+        raise ValueError(
+            f"images have different channel counts {sorted({p.shape[0] for p in processed})}; "
+            "with do_convert_rgb=False every image must have the same number of channels"
+        )
+    scale, offset = _affine(channels, options.do_rescale, options.rescale_factor, options.do_normalize,
+                            options.mean, options.std)
+    shapes = {tuple(p.shape[-2:]) for p in processed}
+    if options.return_tensors is not None and len(shapes) > 1:
+        raise ValueError(
+            f"images end up with different sizes {sorted(shapes)} (no center crop); stacking them into one "
+            "tensor is impossible: use do_center_crop=True, size={'height': h, 'width': w}, or return_tensors=None"
+        )
+    if len(shapes) > 1:
+        return [_normalize_batch([p], channels, *p.shape[-2:], scale, offset, options.out_layout)[0] for p in processed]
+    batch = _normalize_batch(processed, channels, *shapes.pop(), scale, offset, options.out_layout)
+    if options.return_tensors == "pt":
+        pixel_values = torch.from_numpy(batch)
+        return pixel_values if options.device is None else pixel_values.to(options.device)
+    return batch if options.return_tensors == "np" else list(batch)
 
 
 class ProcessorTransform:

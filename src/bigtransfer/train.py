@@ -522,189 +522,253 @@ def _run(job: _Job) -> RunResult:
         return _loop(job, output, signals)
 
 
+@dataclasses.dataclass
+class _Loop:
+    """What the loop carries from step to step, in one process: the optimizer and its scaler, which examples each
+    step sees, where the run resumed, and the open metrics log and progress bar (rank 0 only)."""
+
+    job: _Job
+    output: Path
+    network: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    plan: BatchPlan
+    signature: dict[str, Any]
+    has_checkpoint: bool
+    start_step: int = 0
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    elapsed_before: float = 0.0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    batches: Iterator | None = None
+    metrics_file: Any = None
+    progress: Any = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output / CHECKPOINT_NAME
+
+    def seconds(self) -> float:
+        """Training time so far, the resumed run's included."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def record(self, values: dict[str, Any]) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(values) + "\n")
+            self.metrics_file.flush()
+
+
 def _loop(job: _Job, output: Path, signals: StopSignals) -> RunResult:
+    """setup -> resume -> (step -> record -> maybe save) until done or stopped -> finish."""
+    loop = _setup(job, output)
+    _resume(loop)
+    _open_streams(loop)
+    step = loop.start_step
+    try:
+        for step in range(loop.start_step, job.total_steps):
+            lr = job.learning_rate(step)
+            if lr is None:
+                break
+            started = time.perf_counter()
+            mean_loss, images, stop = _step(loop, step, lr, signals)
+            done = step + 1
+            _record(loop, done, mean_loss, lr, images / max(time.perf_counter() - started, 1e-9))
+            if stop:
+                return _stopped(loop, done, int(signals.received or stop))
+            if job.settings.save_every and done % job.settings.save_every == 0 and done < job.total_steps:
+                _save(loop, done)
+        else:
+            step = job.total_steps
+    except RuntimeError as error:
+        if _is_out_of_memory(error) and not isinstance(error, NonFiniteLossError):
+            raise RuntimeError(
+                f"out of memory with micro-batches of {loop.plan.micro_batch_size} images: raise --batch-split "
+                f"(e.g. {job.settings.batch_split * 2}) or pass --gradient-checkpointing; the global batch and the "
+                "result stay the same"
+            ) from error
+        raise
+    finally:
+        _close_streams(loop)
+    return _finish(loop, max(step, loop.start_step))
+
+
+def _setup(job: _Job, output: Path) -> _Loop:
+    """The model on its device, the optimizer, the precision, and the plan of which examples each step sees."""
     settings, context, model = job.settings, job.context, job.model
-    started = time.perf_counter()
-    checkpoint_path = output / CHECKPOINT_NAME
     model.to(context.device)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=0.0, momentum=hyperrule.MOMENTUM, weight_decay=job.weight_decay)
-    autocast = precision_autocast(context.device, settings.precision)
     use_scaler = context.device.type == "cuda" and (
         settings.precision == "fp16" or (settings.precision == "auto" and not torch.cuda.is_bf16_supported())
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    signature = run_signature(settings)
-
-    # Start fresh or continue from the checkpoint.
-    start_step, skipped, elapsed_before = 0, [], 0.0
-    has_checkpoint = checkpoint_path.is_file()
-    if has_checkpoint and not settings.resume:
-        raise ValueError(
-            f"{output} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose another --output"
-        )
-    if has_checkpoint:
-        tensors, state = load_run_state(checkpoint_path)
-        differing = {k for k in set(signature) | set(state["signature"]) if signature.get(k) != state["signature"].get(k)}
-        if differing:
-            changes = ", ".join(f"{k}: {state['signature'].get(k)!r} -> {signature.get(k)!r}" for k in sorted(differing))
-            raise ValueError(f"cannot resume {output}: settings differ from the checkpoint's ({changes})")
-        restore_run_state(tensors, state, model, optimizer, scaler)
-        start_step, skipped, elapsed_before = state["step"], list(state["skipped_images"]), state["seconds"]
-        if context.is_main:
-            logger.info("resuming %s at step %d of %d", output, start_step, job.total_steps)
-    elif settings.resume and context.is_main:
-        logger.info("nothing to resume in %s: starting a new run", output)
-    metrics_path = output / METRICS_NAME
-    if context.is_main:
-        _truncate_metrics(metrics_path, start_step)
-        write_text_atomic(output / RUN_NAME, json.dumps(_run_description(job), indent=2, default=str) + "\n")
-
-    plan = BatchPlan(len(job.indices), settings.batch_size, settings.seed, context.world_size, context.rank,
-                     settings.batch_split)
-    train_set = TransformedDataset(
-        job.source, TrainTransform(job.precrop, job.crop, job.mean, job.std), job.indices, seed=settings.seed,
-        on_bad_image=bad_image_policy(settings.on_bad_image),
     )
     network = model
     if context.world_size > 1:
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[context.device.index] if context.device.type == "cuda" else None
         )
+    plan = BatchPlan(len(job.indices), settings.batch_size, settings.seed, context.world_size, context.rank,
+                     settings.batch_split)
+    return _Loop(job, output, network, optimizer, torch.amp.GradScaler("cuda", enabled=use_scaler),
+                 precision_autocast(context.device, settings.precision), plan, run_signature(settings),
+                 has_checkpoint=(output / CHECKPOINT_NAME).is_file())
+
+
+def _resume(loop: _Loop) -> None:
+    """Continue from the run's checkpoint (refusing one whose settings differ), or start fresh; write run.json."""
+    job, output, context = loop.job, loop.output, loop.job.context
+    if loop.has_checkpoint and not job.settings.resume:
+        raise ValueError(
+            f"{output} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose another --output"
+        )
+    if loop.has_checkpoint:
+        tensors, state = load_run_state(loop.checkpoint_path)
+        stored, signature = state["signature"], loop.signature
+        differing = {key for key in set(signature) | set(stored) if signature.get(key) != stored.get(key)}
+        if differing:
+            changes = ", ".join(f"{key}: {stored.get(key)!r} -> {signature.get(key)!r}" for key in sorted(differing))
+            raise ValueError(f"cannot resume {output}: settings differ from the checkpoint's ({changes})")
+        restore_run_state(tensors, state, job.model, loop.optimizer, loop.scaler)
+        loop.start_step, loop.skipped, loop.elapsed_before = state["step"], list(state["skipped_images"]), state["seconds"]
+        if context.is_main:
+            logger.info("resuming %s at step %d of %d", output, loop.start_step, job.total_steps)
+    elif job.settings.resume and context.is_main:
+        logger.info("nothing to resume in %s: starting a new run", output)
+    if context.is_main:
+        _truncate_metrics(output / METRICS_NAME, loop.start_step)
+        write_text_atomic(output / RUN_NAME, json.dumps(_run_description(job), indent=2, default=str) + "\n")
+
+
+def _open_streams(loop: _Loop) -> None:
+    """The training batches from the resumed step on, the metrics log and the progress bar."""
+    job, settings, context = loop.job, loop.job.settings, loop.job.context
+    train_set = TransformedDataset(
+        job.source, TrainTransform(job.precrop, job.crop, job.mean, job.std), job.indices, seed=settings.seed,
+        on_bad_image=bad_image_policy(settings.on_bad_image),
+    )
     loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=_StepSampler(plan, start_step, job.total_steps), collate_fn=collate_skip_bad,
-        num_workers=settings.workers, pin_memory=context.device.type == "cuda",
+        train_set, batch_sampler=_StepSampler(loop.plan, loop.start_step, job.total_steps),
+        collate_fn=collate_skip_bad, num_workers=settings.workers, pin_memory=context.device.type == "cuda",
         generator=torch.Generator().manual_seed(settings.seed),  # keeps the global RNG untouched
         persistent_workers=False,
     )
-    batches = iter(loader)
+    loop.batches = iter(loader)
+    loop.progress = progress_bar(settings.progress and context.is_main, job.total_steps, loop.start_step, job.kind)
+    loop.metrics_file = open(loop.output / METRICS_NAME, "a", encoding="utf-8") if context.is_main else None
 
-    def checkpoint(step: int) -> None:
-        # A finite loss can still be followed by an update that overflows the weights: never save those over
-        # the last good checkpoint (every rank holds the same weights, so every rank stops here together).
-        if not all(torch.isfinite(parameter).all() for parameter in model.parameters()):
-            raise NonFiniteLossError(
-                f"the weights became NaN or infinite by step {step}; stopped without saving them; "
-                + _kept_checkpoint(checkpoint_path) + ". Try a lower --base-lr or --precision fp32"
-            )
-        if context.is_main:
-            state = dict(step=step, total_steps=job.total_steps, kind=job.kind, signature=signature,
-                         skipped_images=skipped, seconds=elapsed_before + time.perf_counter() - started,
-                         epoch=plan.epoch(step))
-            save_run_state(checkpoint_path, model, optimizer, state, scaler)
-        barrier(context)
 
-    progress = progress_bar(settings.progress and context.is_main, job.total_steps, start_step, job.kind)
-    metrics_file = open(metrics_path, "a", encoding="utf-8") if context.is_main else None
-    step, stopped_by = start_step, None
-    try:
-        for step in range(start_step, job.total_steps):
-            lr = job.learning_rate(step)
-            if lr is None:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_started = time.perf_counter()
-            lam = _mixup(settings.seed, step, job.mixup_alpha)
-            loss_sum, good, step_skipped = _train_step(
-                job, network, model, batches, plan, step, lam, autocast, scaler
-            )
-            loss_total, good_total, skipped_total, stop = all_sum(
-                context, [loss_sum, float(good), float(len(step_skipped)), float(signals.received or 0)]
-            )
-            skipped.extend(gather_paths(context, step_skipped) if skipped_total else [])
-            if good_total == 0:
-                raise RuntimeError(f"every image of step {step} was unreadable (skipped {int(skipped_total)})")
-            mean_loss = loss_total / good_total
-            if not math.isfinite(mean_loss):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(_non_finite_message(mean_loss, step, lr, checkpoint_path))
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)
-            if good_total < settings.batch_size:  # unreadable images skipped: average over the ones seen
-                for parameter in parameters:
-                    if parameter.grad is not None:
-                        parameter.grad.mul_(settings.batch_size / good_total)
-            scaler.step(optimizer) if scaler.is_enabled() else optimizer.step()
-            if scaler.is_enabled():
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            seconds = time.perf_counter() - step_started
-            images_per_second = good_total / max(seconds, 1e-9)
-            if metrics_file is not None and (done % settings.log_every == 0 or done == job.total_steps):
-                record = dict(step=done, loss=mean_loss, lr=lr, images_per_second=images_per_second,
-                              epoch=round(plan.epoch(done), 4),
-                              seconds=round(elapsed_before + time.perf_counter() - started, 3))
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix_str(f"loss={mean_loss:.4f} lr={lr:.2e} img/s={images_per_second:.0f}", refresh=False)
-            if settings.eval_every and done % settings.eval_every == 0 and done < job.total_steps:
-                report = _evaluate_job(job, model)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(dict(step=done, eval_top1=report.top1, eval_top5=report.top5,
-                                                       eval_loss=report.loss)) + "\n")
-                    metrics_file.flush()
-                model.train()
-            if stop:
-                stopped_by = int(signals.received or stop)
-                checkpoint(done)
-                if context.is_main:
-                    logger.warning("stopped by signal %d at step %d; resume with --resume", stopped_by, done)
-                return RunResult(output, done, job.total_steps, elapsed_before + time.perf_counter() - started,
-                                 interrupted=stopped_by, skipped_images=skipped)
-            if settings.save_every and done % settings.save_every == 0 and done < job.total_steps:
-                checkpoint(done)
-        else:
-            step = job.total_steps
-    except RuntimeError as error:
-        if _is_out_of_memory(error) and not isinstance(error, NonFiniteLossError):
-            raise RuntimeError(
-                f"out of memory with micro-batches of {plan.micro_batch_size} images: raise --batch-split "
-                f"(e.g. {settings.batch_split * 2}) or pass --gradient-checkpointing; the global batch and the "
-                "result stay the same"
-            ) from error
-        raise
-    finally:
-        if progress is not None:
-            progress.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        del batches
+def _close_streams(loop: _Loop) -> None:
+    if loop.progress is not None:
+        loop.progress.close()
+    if loop.metrics_file is not None:
+        loop.metrics_file.close()
+    loop.batches = None  # ends the DataLoader's workers
 
-    completed = max(step, start_step)
-    if completed > start_step or not has_checkpoint:
-        checkpoint(completed)
-    report = _evaluate_job(job, model)
-    report.skipped_images = sorted(set(skipped) | set(report.skipped_images))
+
+def _step(loop: _Loop, step: int, lr: float, signals: StopSignals) -> tuple[float, float, float]:
+    """One optimizer step on the global batch: (mean loss, images seen, the stop signal any rank received)."""
+    job, settings, context, optimizer, scaler = loop.job, loop.job.settings, loop.job.context, loop.optimizer, loop.scaler
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    lam = _mixup(settings.seed, step, job.mixup_alpha)
+    loss_sum, good, step_skipped = _train_step(loop, step, lam)
+    loss_total, good_total, skipped_total, stop = all_sum(
+        context, [loss_sum, float(good), float(len(step_skipped)), float(signals.received or 0)]
+    )
+    loop.skipped.extend(gather_paths(context, step_skipped) if skipped_total else [])
+    if good_total == 0:
+        raise RuntimeError(f"every image of step {step} was unreadable (skipped {int(skipped_total)})")
+    mean_loss = loss_total / good_total
+    if not math.isfinite(mean_loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(_non_finite_message(mean_loss, step, lr, loop.checkpoint_path))
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    if good_total < settings.batch_size:  # unreadable images skipped: average over the ones seen
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    parameter.grad.mul_(settings.batch_size / good_total)
+    scaler.step(optimizer) if scaler.is_enabled() else optimizer.step()
+    if scaler.is_enabled():
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, good_total, stop
+
+
+def _record(loop: _Loop, done: int, mean_loss: float, lr: float, images_per_second: float) -> None:
+    """The step's line in metrics.jsonl and the progress bar; an evaluation when `eval_every` says so."""
+    job, settings = loop.job, loop.job.settings
+    if done % settings.log_every == 0 or done == job.total_steps:
+        loop.record(dict(step=done, loss=mean_loss, lr=lr, images_per_second=images_per_second,
+                         epoch=round(loop.plan.epoch(done), 4), seconds=round(loop.seconds(), 3)))
+    if loop.progress is not None:
+        loop.progress.update(1)
+        loop.progress.set_postfix_str(f"loss={mean_loss:.4f} lr={lr:.2e} img/s={images_per_second:.0f}", refresh=False)
+    if settings.eval_every and done % settings.eval_every == 0 and done < job.total_steps:
+        report = _evaluate_job(job, job.model)
+        loop.record(dict(step=done, eval_top1=report.top1, eval_top5=report.top5, eval_loss=report.loss))
+        job.model.train()
+
+
+def _save(loop: _Loop, step: int) -> None:
+    """The training checkpoint after `step`, written by rank 0; every rank waits for it."""
+    job, context = loop.job, loop.job.context
+    # A finite loss can still be followed by an update that overflows the weights: never save those over the
+    # last good checkpoint (every rank holds the same weights, so every rank stops here together).
+    if not all(torch.isfinite(parameter).all() for parameter in job.model.parameters()):
+        raise NonFiniteLossError(
+            f"the weights became NaN or infinite by step {step}; stopped without saving them; "
+            + _kept_checkpoint(loop.checkpoint_path) + ". Try a lower --base-lr or --precision fp32"
+        )
+    if context.is_main:
+        state = dict(step=step, total_steps=job.total_steps, kind=job.kind, signature=loop.signature,
+                     skipped_images=loop.skipped, seconds=loop.seconds(), epoch=loop.plan.epoch(step))
+        save_run_state(loop.checkpoint_path, job.model, loop.optimizer, state, loop.scaler)
+    barrier(context)
+
+
+def _stopped(loop: _Loop, done: int, signal_number: int) -> RunResult:
+    """A signal stopped the run: save the checkpoint, say how to resume."""
+    _save(loop, done)
+    if loop.job.context.is_main:
+        logger.warning("stopped by signal %d at step %d; resume with --resume", signal_number, done)
+    return RunResult(loop.output, done, loop.job.total_steps, loop.seconds(), interrupted=signal_number,
+                     skipped_images=loop.skipped)
+
+
+def _finish(loop: _Loop, completed: int) -> RunResult:
+    """The last checkpoint, the evaluation, and the run's model/, report.json and plots."""
+    job, context, output = loop.job, loop.job.context, loop.output
+    if completed > loop.start_step or not loop.has_checkpoint:
+        _save(loop, completed)
+    report = _evaluate_job(job, job.model)
+    report.skipped_images = sorted(set(loop.skipped) | set(report.skipped_images))
     report.step = completed
     model_dir = output / MODEL_DIRNAME
     if context.is_main:
-        model.eval()
-        model.save_pretrained(model_dir)
+        job.model.eval()
+        job.model.save_pretrained(model_dir)
         processor = squash_processor(job.crop, job.mean, job.std)
         write_text_atomic(model_dir / IMAGE_PROCESSOR_CONFIG_NAME, processor.to_json_string())
         write_report(report, output / REPORT_NAME)
-        if settings.plots:
+        if job.settings.plots:
             plot_run(output, report)
     barrier(context)
-    return RunResult(output, completed, job.total_steps, elapsed_before + time.perf_counter() - started, report,
-                     model_dir, skipped_images=report.skipped_images)
+    return RunResult(output, completed, job.total_steps, loop.seconds(), report, model_dir,
+                     skipped_images=report.skipped_images)
 
 
-def _train_step(job: _Job, network: nn.Module, model: nn.Module, batches: Iterator, plan: BatchPlan, step: int,
-                lam: float | None, autocast, scaler) -> tuple[float, int, list[str]]:
+def _train_step(loop: _Loop, step: int, lam: float | None) -> tuple[float, int, list[str]]:
     """Forward and backward over this rank's micro-batches of `step`; gradients accumulate (synced on the last)."""
+    job, network, model, plan, scaler = loop.job, loop.network, loop.job.model, loop.plan, loop.scaler
     context = job.context
     loss_sum, good, skipped = 0.0, 0, []
     # Scale so that DDP's average over ranks of the per-rank sums is the mean over the whole global batch.
     scale = context.world_size / job.settings.batch_size
     for index in range(plan.batch_split):
-        images, labels, bad = next(batches)
+        images, labels, bad = next(loop.batches)
         skipped.extend(sample.path for sample in bad)
         last = index == plan.batch_split - 1
         sync = contextlib.nullcontext() if last or context.world_size == 1 else network.no_sync()
@@ -717,7 +781,7 @@ def _train_step(job: _Job, network: nn.Module, model: nn.Module, batches: Iterat
                 continue
             images = images.to(context.device, non_blocking=True)
             labels = labels.to(context.device, non_blocking=True)
-            with autocast:
+            with loop.autocast:
                 if lam is not None:
                     partners = _mixup_partners(job.settings.seed, step, plan.micro_batch_offset(index), len(labels))
                     partners = partners.to(context.device)
