@@ -1,6 +1,6 @@
 #!/bin/sh
-# The transfer experiment by hand, one run of each kind (`bigtransfer demo` runs all of them and writes
-# docs/RESULTS.md). Needs `apt-get install dataset-fashion-mnist`. Run from the repository root.
+# The transfer experiment by hand, one run of each kind (`bigtransfer demo` runs all of them; then
+# `python docs/make_results.py runs/demo docs/RESULTS.md` writes the page). Needs `apt-get install dataset-fashion-mnist`. Run from the repository root.
 set -e
 # 1. Upstream: pre-train tiny BiT on the 30,000 training images of classes 0-4 (paper recipe, batch 128).
 bigtransfer pretrain --model tiny --data fashion-mnist --classes 0-4 --output runs/upstream \

@@ -471,7 +471,7 @@ def _cifar_with_payload(tmp):
 
 def _tampered_download(tmp):
     """A cached Google checkpoint whose bytes no longer match the size and SHA-256 recorded at download."""
-    from bigtransfer.checkpoints import hub
+    from bigtransfer import hub
 
     cached = tmp / "bit_models" / "BiT-M-R50x1.npz"
     cached.parent.mkdir()

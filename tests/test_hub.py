@@ -15,8 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from bigtransfer import BitConfig, BitForImageClassification, CheckpointError, checkpoints, load_checkpoint
-from bigtransfer.checkpoints import hub, save_npz, save_timm
+from bigtransfer import (
+    BitConfig,
+    BitForImageClassification,
+    BitImageProcessor,
+    CheckpointError,
+    checkpoints,
+    hub,
+    load_checkpoint,
+)
+from bigtransfer.checkpoints import save_npz, save_timm
 from bigtransfer.cli import main
 
 PIXELS = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
@@ -98,6 +106,19 @@ def test_transformers_repository_name_resolves(tmp_path, fake_hub):
     assert [call[1] for call in fake.calls] == ["config.json", "model.safetensors", "preprocessor_config.json"]
     assert not any(call[2] for call in fake.calls)  # online: the cache is not forced
     assert torch.equal(logits(load_checkpoint("google/bit-50")), logits(source))
+
+
+def test_the_processor_loads_from_a_hub_name_as_the_readme_shows(tmp_path, fake_hub):
+    small_model().save_pretrained(tmp_path / "bit-50")
+    BitImageProcessor(size={"shortest_edge": 256}, crop_size=240).save_pretrained(tmp_path / "bit-50")
+    fake = fake_hub({"google/bit-50": tmp_path / "bit-50"})
+    processor = BitImageProcessor.from_pretrained("google/bit-50", revision="v2")
+    assert processor.size == {"shortest_edge": 256} and processor.crop_size == {"height": 240, "width": 240}
+    assert fake.calls[-1][:2] == ("google/bit-50", "preprocessor_config.json") and fake.revisions[-1] == "v2"
+    with pytest.raises(OSError, match="someone/empty has no preprocessor_config.json"):
+        (tmp_path / "empty").mkdir()
+        fake_hub({"someone/empty": tmp_path / "empty"})
+        BitImageProcessor.from_pretrained("someone/empty")
 
 
 def test_revision_and_dtype_reach_a_hub_load(tmp_path, fake_hub):

@@ -10,8 +10,16 @@ import json
 import pytest
 import torch
 
-from bigtransfer import VARIANTS, BitBackbone, BitConfig, BitForImageClassification, BitModel, checkpoints
-from bigtransfer.checkpoints import hub, keymaps, save_big_transfer, save_npz, save_timm
+from bigtransfer import (
+    VARIANTS,
+    BitBackbone,
+    BitConfig,
+    BitForImageClassification,
+    BitModel,
+    checkpoints,
+    hub,
+)
+from bigtransfer.checkpoints import keymaps, save_big_transfer, save_npz, save_timm
 from conftest import relative_error
 from test_hub import FakeHub, FakeTransport
 

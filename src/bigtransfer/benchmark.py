@@ -42,6 +42,7 @@ from torch import nn
 from .config import VARIANTS, BitConfig
 from .export import onnx_session
 from .images import decode_image, load_image
+from .inference import PRECISIONS as INFERENCE_PRECISIONS
 from .inference import REDUCED_PRECISION, autocast_for, optimize, predict_images
 from .modeling import BitForImageClassification
 from .processing import BitImageProcessor
@@ -53,7 +54,8 @@ WORKLOADS: dict[str, tuple[int, int, bool]] = {
     "infer-b16": (16, 224, False),
     "train-b16": (16, 128, True),
 }
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # tf32 is fp32 with TF32 matmuls (GPUs)
+# The training precisions but "auto", and tf32 (fp32 with TF32 matmuls, GPUs only).
+PRECISIONS = tuple(name for name in INFERENCE_PRECISIONS if name != "auto") + ("tf32",)
 
 
 @dataclasses.dataclass

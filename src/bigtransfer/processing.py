@@ -37,6 +37,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from . import hub
 from .files import read_json, write_text_atomic
 from .images import flatten_images, image_to_tensor, open_image, rgb_array  # the last two re-exported
 
@@ -552,17 +553,24 @@ class BitImageProcessor:
         return cls(**{**config, **overrides})
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> BitImageProcessor:
-        """Load `preprocessor_config.json` from a directory, or a config JSON file given directly.
+    def from_pretrained(
+        cls, path: str | os.PathLike, revision: str | None = None, **overrides: Any
+    ) -> BitImageProcessor:
+        """Load `preprocessor_config.json` from a directory, a config JSON file given directly, or a Hugging Face
+        Hub repository (`google/bit-50`, downloaded into the cache; `revision` picks a branch, tag or commit).
 
         Reads transformers-written files (including a `processor_config.json` whose
-        "image_processor" entry holds the settings). `overrides` replace loaded keys.
+        "image_processor" entry holds the settings). `overrides` replace loaded keys. Checkpoints that carry no
+        preprocessor config (timm files and repositories, Google's .npz) have theirs in
+        `bigtransfer.checkpoints.read(source).preprocessor_dict()`.
 
         Raises:
             OSError: the path does not exist or the directory holds no config.
             ValueError: the file is not valid JSON or not a JSON object.
         """
         path = Path(os.fspath(path))
+        if not path.exists() and hub.is_hub_name(str(path)) and not path.is_absolute():
+            path = hub.download_file(str(path), IMAGE_PROCESSOR_CONFIG_NAME, revision)
         if path.is_dir():
             nested = path / PROCESSOR_CONFIG_NAME
             if nested.is_file():
@@ -576,7 +584,8 @@ class BitImageProcessor:
             file = path
         else:
             raise OSError(
-                f"{str(path)!r} is neither a directory holding {IMAGE_PROCESSOR_CONFIG_NAME} nor a config file"
+                f"{str(path)!r} is neither a directory holding {IMAGE_PROCESSOR_CONFIG_NAME}, a config file nor a "
+                "Hugging Face Hub name such as google/bit-50"
             )
         return cls.from_dict(read_json(file), **overrides)
 

@@ -1,6 +1,6 @@
-"""Fine-tuning with the BiT-HyperRule, upstream pre-training, evaluation and feature extraction.
+"""Fine-tuning with the BiT-HyperRule and upstream pre-training: the training loop.
 
-Every command of the CLI is one call here::
+`finetune` and `pretrain` (the commands of the same names) are one call each::
 
     from bigtransfer.train import FinetuneConfig, finetune
     result = finetune(FinetuneConfig(model="runs/upstream/model", data="fashion-mnist", output="runs/ft",
@@ -13,7 +13,8 @@ What a run directory holds (only rank 0 writes; every file is written atomically
 `report.json` (top-1, top-5, loss, per-class accuracy, confusion matrix, skipped images), the PNG plots,
 `checkpoint.safetensors` (model, optimizer, step, RNG states and the run's settings, for `resume`),
 `run.json` (the settings) and, while running, `.lock`. The checkpoint, the lock and stopping on a signal are
-`bigtransfer.run_state`; the torch.distributed helpers are `bigtransfer.distributed`.
+`bigtransfer.run_state`; the torch.distributed helpers are `bigtransfer.distributed`; weights are loaded by
+`bigtransfer.checkpoints.loader`, and the run's evaluation is `bigtransfer.inference.evaluate_dataset`.
 
 Reproducibility: the order of examples is a function of (seed, epoch), each example's augmentation of
 (seed, epoch, position) and MixUp of (seed, step), so a resumed run replays exactly what an uninterrupted one
@@ -40,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hyperrule
-from .checkpoints import hub, loader
+from . import hub, hyperrule
+from .checkpoints import loader
 from .config import BitConfig
 from .data import (
     EvalTransform,
@@ -55,6 +56,7 @@ from .data import (
 from .distributed import Context, all_sum, barrier, cuda_devices, distributed, gather_paths
 from .files import write_text_atomic
 from .inference import (
+    PRECISIONS,
     BadImagePolicy,
     bad_image_policy,
     evaluate_dataset,
@@ -89,7 +91,6 @@ logger = logging.getLogger("bigtransfer")
 MODEL_DIRNAME = "model"
 RUN_NAME = "run.json"
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -119,7 +120,7 @@ class _RunSettings:
     resume: bool = False
     on_bad_image: BadImagePolicy = "fail"
     device: str | None = None  # default: cuda when available (cuda:LOCAL_RANK under torchrun), else cpu
-    precision: Precision = "auto"  # auto: bf16 autocast on GPUs that have it, fp16 on other GPUs, fp32 on CPU; bf16 runs on CPUs too
+    precision: str = "auto"  # one of inference.PRECISIONS; auto: bf16 autocast on GPUs that have it, fp16 on other GPUs, fp32 on CPU; bf16 runs on CPUs too
     workers: int = 0  # DataLoader worker processes (0: load in the training process)
     gradient_checkpointing: bool = False
     progress: bool = True
@@ -289,8 +290,8 @@ def _check_settings(config: _RunSettings) -> None:
         raise ValueError(f"max_steps must be >= 1, got {config.max_steps}")
     if config.on_bad_image not in ("fail", "skip"):
         raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {config.on_bad_image!r}")
-    if config.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {config.precision!r}")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"precision must be {', '.join(PRECISIONS)}, got {config.precision!r}")
     if getattr(config, "shots", None) is not None and config.shots < 1:
         raise ValueError(f"shots must be >= 1, got {config.shots}")
     for name, low, inclusive in (("base_lr", 0.0, False), ("weight_decay", 0.0, True), ("mixup_alpha", 0.0, True)):

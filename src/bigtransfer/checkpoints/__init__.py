@@ -1,5 +1,6 @@
 """Checkpoint files: readers (file or directory -> tensors), key maps (pure renames), formats (what a source
-holds), the one loader (config, model class given, one strict load), writers, labels and hub (names -> paths).
+holds), the one loader (config, model class given, one strict load), writers and labels. Names become paths
+in `bigtransfer.hub`.
 """
 
 from .formats import Checkpoint, Preprocessing, describe_variant, read_checkpoint

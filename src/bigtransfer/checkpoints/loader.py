@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import hub
 from ..config import CONFIG_NAME, DTYPES, BitConfig
 from ..errors import CheckpointError
-from . import hub
 from .formats import Checkpoint, describe_variant, read_checkpoint
 from .labels import known_labels
 

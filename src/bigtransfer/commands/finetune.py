@@ -8,6 +8,7 @@ import os
 import sys
 
 from .. import hyperrule
+from ..inference import PRECISIONS
 from ..train import FinetuneConfig, finetune
 from . import non_negative_int, positive_int
 
@@ -56,7 +57,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
                         help="unreadable images: stop with an error naming the file, or skip and list them in the report")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto: bf16 (or fp16) mixed precision on GPUs, fp32 on CPUs; bf16 also runs on CPUs "
                         "(fast with AVX512-BF16 or AMX); fp16 needs a GPU")
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loading processes")

@@ -26,9 +26,9 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from ..config import ARCHITECTURES, CONFIG_NAME
-from ..errors import CheckpointError
-from ..files import atomic_path, read_json, write_text_atomic
+from .config import ARCHITECTURES, CONFIG_NAME
+from .errors import CheckpointError
+from .files import atomic_path, read_json, write_text_atomic
 
 logger = logging.getLogger("bigtransfer")
 
@@ -212,38 +212,16 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     Only the files a BiT model needs are fetched (model.safetensors, else pytorch_model.bin, and the
     preprocessor config); with HF_HUB_OFFLINE set, only the cache is used.
     """
-    hub, errors = _import_hub()
-    local_only, cache = offline(), cache_dir()
-
-    def fetch(filename: str) -> Path | None:
-        try:
-            return Path(
-                hub.hf_hub_download(
-                    repo_id, filename, revision=revision, cache_dir=cache, local_files_only=local_only
-                )
-            )
-        except errors.LocalEntryNotFoundError:
-            raise _Unreachable from None
-        except errors.EntryNotFoundError:  # the repository has no such file
-            return None
-        except errors.RepositoryNotFoundError:
-            raise OSError(
-                f"{repo_id} is not a model repository on the Hugging Face Hub (or it is private or gated; log in "
-                "with `hf auth login`)."
-            ) from None
-        except errors.RevisionNotFoundError:
-            raise OSError(f"{repo_id} has no revision {revision!r} on the Hugging Face Hub.") from None
-
     try:
-        config = fetch(CONFIG_NAME)
+        config = _fetch_from_hub(repo_id, CONFIG_NAME, revision)
     except _Unreachable:
         raise _unreachable_error(repo_id) from None
     if config is None:
         raise CheckpointError(f"{repo_id} has no {CONFIG_NAME}, so it is neither a transformers nor a timm model repository.")
     unreachable = False
-    for filenames in (["model.safetensors"], ["model.safetensors.index.json"], ["pytorch_model.bin"]):
+    for filename in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
         try:
-            weights = fetch(filenames[0])
+            weights = _fetch_from_hub(repo_id, filename, revision)
         except _Unreachable:
             unreachable = True
             continue
@@ -252,7 +230,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
         if weights.name.endswith(".index.json"):
             for shard in sorted(set(read_json(weights).get("weight_map", {}).values())):
                 try:
-                    if fetch(shard) is None:
+                    if _fetch_from_hub(repo_id, shard, revision) is None:
                         raise CheckpointError(f"{repo_id} lists the shard {shard} but does not have it.")
                 except _Unreachable:
                     raise _unreachable_error(repo_id) from None
@@ -262,10 +240,40 @@ def download(repo_id: str, revision: str | None = None) -> Path:
             raise _unreachable_error(repo_id)
         raise CheckpointError(f"{repo_id} has no model.safetensors or pytorch_model.bin.")
     try:
-        fetch("preprocessor_config.json")
+        _fetch_from_hub(repo_id, "preprocessor_config.json", revision)
     except _Unreachable:
         pass  # optional: a default preprocessor config is used without it
     return config.parent
+
+
+def download_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """The cached path of one file of a Hub repository (OSError when it has none or it cannot be reached)."""
+    try:
+        path = _fetch_from_hub(repo_id, filename, revision)
+    except _Unreachable:
+        raise _unreachable_error(repo_id) from None
+    if path is None:
+        raise OSError(f"{repo_id} has no {filename} on the Hugging Face Hub.")
+    return path
+
+
+def _fetch_from_hub(repo_id: str, filename: str, revision: str | None) -> Path | None:
+    """huggingface_hub's download of one file (the cache only when offline); None when the repository lacks it."""
+    hub, errors = _import_hub()
+    try:
+        return Path(hub.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir(),
+                                        local_files_only=offline()))
+    except errors.LocalEntryNotFoundError:
+        raise _Unreachable from None
+    except errors.EntryNotFoundError:  # the repository has no such file
+        return None
+    except errors.RepositoryNotFoundError:
+        raise OSError(
+            f"{repo_id} is not a model repository on the Hugging Face Hub (or it is private or gated; log in "
+            "with `hf auth login`)."
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise OSError(f"{repo_id} has no revision {revision!r} on the Hugging Face Hub.") from None
 
 
 class _Unreachable(Exception):
