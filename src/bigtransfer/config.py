@@ -24,6 +24,14 @@ PADDINGS = (None, "SAME", "VALID")
 ACTIVATIONS = ("relu", "gelu", "silu", "swish", "tanh", "sigmoid", "leaky_relu", "elu", "identity", "linear")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
+# Largest values a config may hold: past these a config.json is damaged or hostile, and building the model would
+# take tens of gigabytes or hours before anything could fail. The largest BiT (R152x4 with the ImageNet-21k head)
+# has 1.1e9 parameters, 36 layers in a stage, stage widths up to 8,192 and 21,843 classes; the largest class count
+# of a public image dataset (Google Landmarks v2) is 203,094.
+LIMITS = dict(num_labels=1_000_000, depths=1_000, hidden_sizes=65_536, embedding_size=65_536, width_factor=64,
+              num_channels=256, num_groups=65_536, stages=16)
+MAX_PARAMETERS = 4_000_000_000  # 16 GB in float32
+
 # Backbone shapes by the paper's names: R{depth}x{width}.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "R50x1": dict(depths=(3, 4, 6, 3), width_factor=1),
@@ -94,6 +102,8 @@ class BitConfig:
         self.embedding_size = _positive_int("embedding_size", embedding_size)
         self.hidden_sizes = [_positive_int("hidden_sizes", size) for size in _sequence("hidden_sizes", hidden_sizes)]
         self.depths = [_positive_int("depths", depth) for depth in _sequence("depths", depths)]
+        if len(self.depths) > LIMITS["stages"]:
+            raise ValueError(f"depths has {len(self.depths)} stages, more than {LIMITS['stages']}")
         if len(self.hidden_sizes) != len(self.depths):
             raise ValueError(
                 f"hidden_sizes and depths must have one entry per stage, got {len(self.hidden_sizes)} "
@@ -130,6 +140,7 @@ class BitConfig:
         kwargs.pop("stage_names", None)  # always derived from depths, as in transformers
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
         self._set_labels(num_labels, id2label, label2id)
+        self._check_size()
         if problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type={problem_type!r} is not one of {PROBLEM_TYPES[1:]}")
         self.problem_type = problem_type
@@ -162,12 +173,13 @@ class BitConfig:
         if id2label is not None:
             if not isinstance(id2label, dict):
                 raise ValueError(f"id2label must be a dict of index -> name, got {type(id2label).__name__}")
+            _within_limit("num_labels", len(id2label))
             try:
                 id2label = {int(key): str(value) for key, value in id2label.items()}
             except (TypeError, ValueError, OverflowError):
-                raise ValueError(f"id2label keys must be class indices (integers), got {list(id2label)}") from None
+                raise ValueError(f"id2label keys must be class indices (integers), got {_shown(list(id2label))}") from None
             if sorted(id2label) != list(range(len(id2label))):
-                raise ValueError(f"id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}")
+                raise ValueError(f"id2label keys must be 0..{len(id2label) - 1}, got {_shown(sorted(id2label))}")
             if num_labels is not None and num_labels != len(id2label):
                 num_labels_given = _non_negative_int("num_labels", num_labels)
                 id2label = {index: f"LABEL_{index}" for index in range(num_labels_given)}
@@ -177,13 +189,33 @@ class BitConfig:
         self.id2label = dict(sorted(id2label.items()))
         if label2id is not None and not isinstance(label2id, dict):
             raise ValueError(f"label2id must be a dict of name -> index, got {type(label2id).__name__}")
-        try:
-            indices = None if label2id is None else {int(index) for index in label2id.values()}
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"label2id values must be class indices (integers), got {list(label2id.values())}") from None
-        if indices != set(self.id2label):
-            label2id = {name: index for index, name in self.id2label.items()}
-        self.label2id = {str(name): int(index) for name, index in label2id.items()}
+        if label2id is not None and not all(_is_index(index) for index in label2id.values()):
+            raise ValueError(f"label2id values must be class indices (integers), got {_shown(list(label2id.values()))}")
+        # Always the inverse of id2label: a label2id kept from before a rename would name the old classes.
+        self.label2id = {name: index for index, name in self.id2label.items()}
+
+    def estimated_parameters(self, num_labels: int | None = None) -> int:
+        """Parameters of the network this config builds (convolutions, norms, head), without building it."""
+        total = self.num_channels * self.embedding_size * 49
+        in_channels = self.embedding_size
+        for depth, out_channels in zip(self.depths, self.stage_widths, strict=True):
+            mid = make_divisible(out_channels * 0.25)
+            total += in_channels * out_channels  # the first layer's projection
+            for index in range(depth):
+                width = in_channels if index == 0 else out_channels
+                total += width * mid + 9 * mid * mid + mid * out_channels + 2 * (width + 2 * mid)
+            in_channels = out_channels
+        labels = self.num_labels if num_labels is None else num_labels
+        return total + 2 * self.num_features + (self.num_features + 1) * labels
+
+    def _check_size(self) -> None:
+        parameters = self.estimated_parameters()
+        if parameters > MAX_PARAMETERS:
+            raise ValueError(
+                f"this config describes a network of {parameters:,} parameters (num_labels {self.num_labels}, depths "
+                f"{self.depths}, stage widths {self.stage_widths}), more than the {MAX_PARAMETERS:,} any BiT needs; "
+                "check these fields"
+            )
 
     def _check_group_divisibility(self) -> None:
         widths = {"embedding_size": self.embedding_size}
@@ -408,14 +440,35 @@ def _sequence(name: str, value: Any) -> list:
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+        raise ValueError(f"{name} must be a positive integer, got {_shown(value)}")
+    return _within_limit(name, value)
 
 
 def _non_negative_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        raise ValueError(f"{name} must be a non-negative integer, got {_shown(value)}")
+    return _within_limit(name, value)
+
+
+def _is_index(value: Any) -> bool:
+    try:
+        int(value)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def _within_limit(name: str, value: int) -> int:
+    limit = LIMITS.get(name)
+    if limit is not None and value > limit:
+        raise ValueError(f"{name} must be at most {limit:,}, got {_shown(value)}")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, shortened (a config may hold a 4,000-digit number or a megabyte string)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"a {len(str(abs(value)))}-digit integer"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _config_path(path: str | os.PathLike) -> Path:

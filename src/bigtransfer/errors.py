@@ -12,6 +12,22 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint that would import or call code when loaded; it was refused and nothing was run."""
 
 
+class NotRegularFileError(OSError):
+    """A path that is a FIFO, a device, a socket or a directory where a regular file was expected: opening it could
+    block forever or never end, so it is refused before any read."""
+
+    def __init__(self, path: str, kind: str):
+        super().__init__(f"{path} is {kind}, not a regular file")
+        self.path, self.kind = path, kind
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.kind))
+
+
+class OutputInUseError(ValueError):
+    """An output directory that holds the user's own files (not the kind of output the command writes)."""
+
+
 class BadImageError(ValueError):
     """An image file that cannot be opened or decoded, or is too large to decode safely; `path` names it."""
 

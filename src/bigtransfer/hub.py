@@ -228,7 +228,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
         if weights is None:
             continue
         if weights.name.endswith(".index.json"):
-            for shard in sorted(set(read_json(weights).get("weight_map", {}).values())):
+            for shard in shard_names(weights):
                 try:
                     if _fetch_from_hub(repo_id, shard, revision) is None:
                         raise CheckpointError(f"{repo_id} lists the shard {shard} but does not have it.")
@@ -244,6 +244,18 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     except _Unreachable:
         pass  # optional: a default preprocessor config is used without it
     return config.parent
+
+
+def shard_names(index_path: Path) -> list[str]:
+    """The shard files a model.safetensors.index.json lists (CheckpointError when its weight_map is not a map of
+    tensor names to file names in the same directory)."""
+    weight_map = read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
+    outside = [shard for shard in weight_map.values() if Path(shard).name != shard or shard in ("", ".", "..")]
+    if outside:
+        raise CheckpointError(f"{index_path} names a shard outside the directory: {outside[0]}")
+    return sorted(set(weight_map.values()))
 
 
 def download_file(repo_id: str, filename: str, revision: str | None = None) -> Path:

@@ -25,64 +25,124 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-from .errors import BadImageError
+from .errors import BadImageError, NotRegularFileError
+from .files import open_regular
 
 __all__ = ["open_image", "load_image", "decode_image", "rgb_array", "flatten_images", "image_to_tensor"]
+
+
+# A progressive JPEG is decoded once per scan: encoders write about 10 (jpegtran's default script), while a crafted
+# 1.6 MB file with 12,000 scans took 133 s of CPU. More than this many is refused before decoding.
+MAX_JPEG_SCANS = 100
+# EXIF orientation -> the transpose that shows the image upright (the tag's values 2-8; 1 is upright already).
+_ORIENTATION_TRANSPOSE = {
+    2: PIL.Image.Transpose.FLIP_LEFT_RIGHT, 3: PIL.Image.Transpose.ROTATE_180, 4: PIL.Image.Transpose.FLIP_TOP_BOTTOM,
+    5: PIL.Image.Transpose.TRANSPOSE, 6: PIL.Image.Transpose.ROTATE_270, 7: PIL.Image.Transpose.TRANSVERSE,
+    8: PIL.Image.Transpose.ROTATE_90,
+}
 
 
 def open_image(path: str | os.PathLike) -> PIL.Image.Image:
     """Open and fully decode a local image file (the first frame of an animation); the file is closed.
 
     An EXIF orientation tag is applied, so photos come out upright as viewers show them (as transformers'
-    `load_image` does; torchvision's and timm's loaders leave them as stored).
+    `load_image` does; torchvision's and timm's loaders leave them as stored); metadata too damaged to read
+    leaves the image as stored.
 
     Raises:
         FileNotFoundError: there is no such file.
-        BadImageError (a ValueError) naming the file: it is not an image PIL can read, it is truncated
-            or corrupt, or it has more pixels than `PIL.Image.MAX_IMAGE_PIXELS` (Pillow's guard against
-            decompression bombs; raise that limit, or set it to None, to read such images).
+        BadImageError (a ValueError) naming the file, for anything else that keeps it from decoding: it is not a
+            regular file (a FIFO would block forever), not an image PIL can read, truncated or corrupt, a
+            progressive JPEG of more than `MAX_JPEG_SCANS` scans, or it has more pixels than
+            `PIL.Image.MAX_IMAGE_PIXELS` (Pillow's guard against decompression bombs; raise that limit, or set it
+            to None, to read such images).
     """
     _check_local(path)
+    name = os.fspath(path)
     try:
-        with PIL.Image.open(path) as image:
-            limit = PIL.Image.MAX_IMAGE_PIXELS  # Pillow only warns between 1x and 2x this: refuse it all
-            if limit is not None and image.width * image.height > limit:
-                raise PIL.Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
-            image.load()  # decodes now, so truncation and corruption are reported here, with the path
-            PIL.ImageOps.exif_transpose(image, in_place=True)  # phone photos: upright, as they are displayed
-            return image
+        handle = open_regular(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {os.fspath(path)!r}") from None
-    except PIL.UnidentifiedImageError:
-        raise BadImageError(os.fspath(path), "not an image file PIL can read") from None
-    except PIL.Image.DecompressionBombError as error:
-        raise BadImageError(
-            os.fspath(path),
-            f"more pixels than PIL.Image.MAX_IMAGE_PIXELS = {PIL.Image.MAX_IMAGE_PIXELS}, refused as a possible "
-            f"decompression bomb ({error}); raise that limit to read it",
-        ) from None
-    except (SyntaxError, EOFError, ValueError) as error:
-        raise BadImageError(os.fspath(path), f"{type(error).__name__}: {error}") from None
-    except OSError as error:
-        if error.filename is not None:  # the file system's own error (permission, a directory, ...)
+        raise FileNotFoundError(f"image file not found: {name!r}") from None
+    except NotRegularFileError as error:  # a FIFO or a device: reading would block or never end
+        raise BadImageError(name, str(error)) from None
+    with handle:
+        try:
+            with PIL.Image.open(handle) as image:
+                _check_budget(image, handle)
+                image.load()  # decodes now, so truncation and corruption are reported here, with the path
+                return upright(image)
+        except PIL.UnidentifiedImageError:
+            raise BadImageError(name, "not an image file PIL can read") from None
+        except PIL.Image.DecompressionBombError as error:
+            raise BadImageError(
+                name,
+                f"more pixels than PIL.Image.MAX_IMAGE_PIXELS = {PIL.Image.MAX_IMAGE_PIXELS}, refused as a possible "
+                f"decompression bomb ({error}); raise that limit to read it",
+            ) from None
+        except BadImageError:
             raise
-        raise BadImageError(os.fspath(path), f"{type(error).__name__}: {error}") from None
+        except Exception as error:  # a decoder meeting damaged bytes raises almost anything (struct.error, ...)
+            raise BadImageError(name, f"{type(error).__name__}: {error}") from None
+
+
+def _check_budget(image: PIL.Image.Image, handle: Any) -> None:
+    """Refuse, before decoding, what would cost far more than an image of its size should."""
+    limit = PIL.Image.MAX_IMAGE_PIXELS  # Pillow only warns between 1x and 2x this: refuse it all
+    if limit is not None and image.width * image.height > limit:
+        raise PIL.Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
+    if image.format == "JPEG" and (image.info.get("progressive") or image.info.get("progression")):
+        position = handle.tell()
+        handle.seek(0)
+        scans = handle.read().count(b"\xff\xda")  # start-of-scan markers: 0xFF in scan data is stuffed as FF00
+        handle.seek(position)
+        if scans > MAX_JPEG_SCANS:
+            raise BadImageError(handle.name if isinstance(handle.name, str) else str(handle.name),
+                                f"a progressive JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} encoders write; "
+                                "refused (each scan decodes the whole image again)")
+
+
+def orientation(image: PIL.Image.Image) -> int:
+    """The EXIF orientation of an image (1, upright, when it has none or its metadata cannot be read)."""
+    try:
+        value = image.getexif().get(PIL.ExifTags.Base.Orientation, 1)
+    except Exception:  # damaged EXIF blocks raise struct.error, TypeError, ...: the pixels are still fine
+        return 1
+    return value if value in _ORIENTATION_TRANSPOSE else 1
+
+
+def upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """The image as viewers show it: its EXIF orientation applied (only the tag is read, so one mistyped tag
+    elsewhere in the metadata does not stop it)."""
+    transpose = _ORIENTATION_TRANSPOSE.get(orientation(image))
+    return image if transpose is None else image.transpose(transpose)
 
 
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     """Open and fully decode an image file as 8-bit RGB; raises `BadImageError` naming the file.
 
     Conversion is the image processor's (`rgb_array`): 16-bit images are scaled rather than clipped,
-    transparency is composited onto white. Files over Pillow's `MAX_IMAGE_PIXELS` (decompression bombs) are
-    refused without being decoded.
+    transparency is composited onto white, and floating-point images (TIFFs) whose values all lie in [0, 1] are
+    scaled to 0..255 with a warning (read as 0..255 they would be black). Files over Pillow's
+    `MAX_IMAGE_PIXELS` (decompression bombs) are refused without being decoded.
     """
     try:
         with open_image(path) as image:
+            if image.mode == "F":
+                image = _unit_floats_to_8bit(image, path)
             return image if image.mode == "RGB" else PIL.Image.fromarray(rgb_array(image))
     except BadImageError:
         raise
     except (OSError, ValueError) as error:
         raise BadImageError(str(path), f"{type(error).__name__}: {error}") from error
+
+
+def _unit_floats_to_8bit(image: PIL.Image.Image, path: str | os.PathLike) -> PIL.Image.Image:
+    pixels = np.asarray(image, dtype=np.float32)
+    if not (np.isfinite(pixels).all() and pixels.min(initial=0.0) >= 0.0 and pixels.max(initial=0.0) <= 1.0):
+        return image  # on the 0..255 scale already, or refused by rgb_array (NaN / Inf)
+    warnings.warn(f"{os.fspath(path)}: a floating-point image with values in [0, 1]; scaled to 0..255", UserWarning,
+                  stacklevel=3)
+    return PIL.Image.fromarray(np.rint(pixels * 255).astype(np.uint8))
 
 
 def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None = None) -> PIL.Image.Image:
@@ -98,12 +158,13 @@ def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None
     if min_size is None:
         return load_image(path)
     try:
-        with PIL.Image.open(path) as image:
+        with open_regular(path) as handle, PIL.Image.open(handle) as image:
             width, height = image.size
             limit = PIL.Image.MAX_IMAGE_PIXELS
             if image.format != "JPEG" or (limit is not None and width * height > limit):
                 raise _FullDecode
-            turned = image.getexif().get(PIL.ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # stored on its side
+            _check_budget(image, handle)
+            turned = orientation(image) in (5, 6, 7, 8)  # stored on its side
             if turned and not isinstance(min_size, int):
                 min_size = (min_size[1], min_size[0])  # the request is in stored orientation
             if isinstance(min_size, int):
@@ -115,10 +176,10 @@ def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None
                 raise _FullDecode
             image.draft("RGB" if image.mode in ("RGB", "YCbCr") else image.mode, request)
             image.load()
-            PIL.ImageOps.exif_transpose(image, in_place=True)  # upright, as `open_image` returns it
+            image = upright(image)  # as `open_image` returns it
             return image if image.mode == "RGB" else PIL.Image.fromarray(rgb_array(image))
     except Exception:
-        # Anything unusual (other formats, bombs, corrupt files) takes the full decode, with its precise errors.
+        # Anything unusual (other formats, bombs, FIFOs, corrupt files) takes the full decode, which reports it.
         return load_image(path)
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 from collections.abc import Iterable
@@ -194,7 +195,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(directory: Path, names: Iterable[str]) -> list[Path]:
-    """Delete the temporaries `files.atomic_path` left beside `directory/<name>` for each of `names`; returns them.
+    """Delete the temporaries `files.atomic_path` and `files.atomic_directory` left beside `directory/<name>` for
+    each of `names`; returns them.
 
     Such a file outlives its writer only when the writer was killed mid-write (SIGKILL, power loss). Call this
     only while holding the run lock: then no live process is writing these names, so none of them is in use.
@@ -203,9 +205,15 @@ def remove_stale_temporaries(directory: Path, names: Iterable[str]) -> list[Path
     removed = []
     with os.scandir(directory) as entries:
         for entry in entries:
-            if entry.is_file(follow_symlinks=False) and any(is_atomic_temporary(entry.name, name) for name in names):
+            if not any(is_atomic_temporary(entry.name, name) for name in names):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif entry.is_file(follow_symlinks=False):
                 Path(entry.path).unlink(missing_ok=True)
-                removed.append(Path(entry.path))
+            else:
+                continue
+            removed.append(Path(entry.path))
     for path in removed:
         logger.info("removed %s, left by a run killed while writing it", path)
     return removed

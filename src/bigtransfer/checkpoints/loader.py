@@ -80,13 +80,14 @@ def read(source: str | os.PathLike, revision: str | None = None) -> Checkpoint:
 def load(
     model_class: type, source: str | os.PathLike, *, config: BitConfig | None = None,
     ignore_mismatched_sizes: bool = False, labels: list[str] | None = None, new_head: bool = False,
-    dtype: Any = "auto", torch_dtype: Any = None, device_map: Any = None, revision: str | None = None,
-    **overrides: Any,
+    allow_non_finite: bool = False, dtype: Any = "auto", torch_dtype: Any = None, device_map: Any = None,
+    revision: str | None = None, **overrides: Any,
 ) -> nn.Module:
     """Build `model_class` from any source; see `BitPreTrainedModel.from_pretrained` for the arguments.
 
     `labels` names the head's classes (a new head when their count differs from the checkpoint's);
-    `new_head=True` always starts a fresh zero-initialised head (the BiT recipe for fine-tuning).
+    `new_head=True` always starts a fresh zero-initialised head (the BiT recipe for fine-tuning);
+    `allow_non_finite=True` loads weights holding NaN or infinity (with a warning) instead of refusing them.
     """
     _check_overrides(model_class, overrides)
     if torch_dtype is not None:
@@ -96,7 +97,7 @@ def load(
     device = _device(device_map)
     checkpoint = read(source, revision)
     model = build(model_class, checkpoint, config=config, overrides=overrides, labels=labels, new_head=new_head,
-                  ignore_mismatched_sizes=ignore_mismatched_sizes)
+                  ignore_mismatched_sizes=ignore_mismatched_sizes, allow_non_finite=allow_non_finite)
     model.name_or_path = os.fspath(source)
     return model.to(device=device, dtype=resolve_dtype(dtype, _stored_dtype(checkpoint))).eval()
 
@@ -104,7 +105,7 @@ def load(
 def build(
     model_class: type, checkpoint: Checkpoint, *, config: BitConfig | None = None,
     overrides: dict[str, Any] | None = None, labels: list[str] | None = None, new_head: bool = False,
-    ignore_mismatched_sizes: bool = False,
+    ignore_mismatched_sizes: bool = False, allow_non_finite: bool = False,
 ) -> nn.Module:
     """`model_class` holding the checkpoint's weights, strictly loaded, in eval mode."""
     overrides = dict(overrides or {})
@@ -122,7 +123,8 @@ def build(
     elif overrides:
         raise ValueError(f"pass either config or config overrides, not both (got {sorted(overrides)})")
     model = model_class(config)
-    load_state(model, checkpoint, ignore_mismatched_sizes=ignore_mismatched_sizes, new_head=new_head)
+    load_state(model, checkpoint, ignore_mismatched_sizes=ignore_mismatched_sizes, new_head=new_head,
+               allow_non_finite=allow_non_finite)
     return model.eval()
 
 
@@ -155,14 +157,14 @@ def head_size(checkpoint: Checkpoint) -> int:
 
 
 def load_state(model: nn.Module, checkpoint: Checkpoint, ignore_mismatched_sizes: bool = False,
-               new_head: bool = False) -> None:
+               new_head: bool = False, allow_non_finite: bool = False) -> None:
     """Strictly load the checkpoint into `model`: the one place keys are matched, checked and re-initialised.
 
     The `bit.` prefix is removed for models that are the backbone themselves (BitModel). Only the head
     (`classifier.*`) may differ: a head the model lacks is ignored; one missing from the checkpoint, one asked
     for anew (`new_head`), or one whose shape no longer fits when `ignore_mismatched_sizes=True`, starts at
     zero. Any other missing, unexpected or misshapen key raises CheckpointError listing them in the source's
-    own names.
+    own names; so do weights holding NaN or infinity (a diverged run's), unless `allow_non_finite`.
     """
     expected = model.state_dict()
     wrapped = any(key.startswith(_PREFIX) for key in expected)
@@ -200,10 +202,22 @@ def load_state(model: nn.Module, checkpoint: Checkpoint, ignore_mismatched_sizes
     if fresh and not new_head:
         logger.warning("%s: newly initialised (zeros, the BiT recipe's head) because they were %s: %s",
                        type(model).__name__, "missing or resized" if mismatched else "missing", sorted(fresh))
+    _check_finite(checkpoint, {key: value for key, value in state.items() if key not in fresh}, named, allow_non_finite)
     for key, value in state.items():
         if value.dtype != expected[key].dtype and value.is_floating_point():
             state[key] = value.to(expected[key].dtype)
     model.load_state_dict(state, strict=True)
+
+
+def _check_finite(checkpoint: Checkpoint, state: dict[str, torch.Tensor], named, allowed: bool) -> None:
+    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if not bad:
+        return
+    message = f"{checkpoint.source}: {len(bad)} tensor(s) hold NaN or infinite values: {named(bad[:5])}"
+    if not allowed:
+        raise CheckpointError(message + "; such weights give NaN outputs (a diverged run?). Pass allow_non_finite=True "
+                              "to load them anyway")
+    logger.warning("%s; loaded as asked (allow_non_finite=True)", message)
 
 
 # ---------------------------------------------------------------------------------------------------------------

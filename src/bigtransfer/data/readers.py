@@ -6,11 +6,13 @@ Each returns an :class:`~bigtransfer.data.sources.ArraySource` holding uint8 ima
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
+from ..files import open_regular
 from .safe_pickle import safe_load
 from .sampling import stratified_split
 from .sources import ArraySource
@@ -41,35 +43,51 @@ IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension (count)
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+MAX_IDX_BYTES = 4 << 30  # the largest idx data this reads (Fashion-MNIST's training images are 47 MB)
+
+
 def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.ndarray:
     """Read an idx file (gzip-compressed or not): magic, big-endian uint32 sizes, then the data.
 
-    Raises ValueError naming the file when the magic number is malformed or not ``expected_magic``, or
-    when the data length does not match the header.
+    The header's sizes are checked (against `MAX_IDX_BYTES` and the data present) before the data is read, so a
+    small compressed file cannot expand into gigabytes. Raises ValueError naming the file when the magic number is
+    malformed or not ``expected_magic``, or when the data length does not match the header.
     """
-    with open(path, "rb") as file:
-        raw = file.read()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 4:
+    with open_regular(path) as raw_file:
+        compressed = raw_file.read(2) == b"\x1f\x8b"
+        raw_file.seek(0)
+        stream = gzip.GzipFile(fileobj=raw_file) if compressed else raw_file
+        try:
+            return _read_idx_stream(stream, path, expected_magic)
+        except (OSError, EOFError, gzip.BadGzipFile) as error:
+            raise ValueError(f"{path}: not a readable idx file ({type(error).__name__}: {error})") from None
+
+
+def _read_idx_stream(stream, path, expected_magic: int | None) -> np.ndarray:
+    head = stream.read(4)
+    if len(head) < 4:
         raise ValueError(f"{path}: too short for an idx header")
-    magic = int.from_bytes(raw[:4], "big")
-    type_code, ndim = raw[2], raw[3]
-    if raw[:2] != b"\x00\x00" or type_code not in _IDX_DTYPES or ndim == 0:
+    magic = int.from_bytes(head, "big")
+    type_code, ndim = head[2], head[3]
+    if head[:2] != b"\x00\x00" or type_code not in _IDX_DTYPES or ndim == 0:
         raise ValueError(f"{path}: not an idx file (magic 0x{magic:08x})")
     if expected_magic is not None and magic != expected_magic:
         raise ValueError(f"{path}: idx magic 0x{magic:08x}, expected 0x{expected_magic:08x}")
-    header_end = 4 + 4 * ndim
-    if len(raw) < header_end:
+    sizes = stream.read(4 * ndim)
+    if len(sizes) < 4 * ndim:
         raise ValueError(f"{path}: truncated idx header")
-    shape = tuple(int(n) for n in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    shape = tuple(int(n) for n in np.frombuffer(sizes, dtype=">u4"))
     dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected_bytes = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header_end != expected_bytes:
+    expected_bytes = math.prod(shape) * dtype.itemsize
+    if expected_bytes > MAX_IDX_BYTES:
+        raise ValueError(f"{path}: header says {shape} ({expected_bytes:,} bytes of data), more than {MAX_IDX_BYTES:,}")
+    data = stream.read(expected_bytes + 1)
+    if len(data) != expected_bytes:
         raise ValueError(
-            f"{path}: header says {shape} ({expected_bytes} bytes of data) but the file holds {len(raw) - header_end}"
+            f"{path}: header says {shape} ({expected_bytes} bytes of data) but the file holds "
+            f"{len(data) if len(data) <= expected_bytes else 'more'}"
         )
-    return np.frombuffer(raw, dtype=dtype, offset=header_end).reshape(shape).astype(dtype.newbyteorder("="))
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def _find_file(root: Path, stem: str) -> Path:
@@ -132,8 +150,22 @@ def _get(record: dict, key: str, path: Path):
     raise ValueError(f"{path}: missing key {key!r} (keys: {sorted(map(str, record))})")
 
 
-def _names(values) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+def _integer_list(values, where: str) -> np.ndarray:
+    """A flat list (or 1-D integer array) of integers as int64; anything else is refused before numpy walks it."""
+    if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    if not isinstance(values, list) or not all(type(value) is int for value in values):
+        raise ValueError(f"{where} must be a list of integers")
+    return np.asarray(values, dtype=np.int64)
+
+
+def _names(values, where: str) -> list[str]:
+    if not isinstance(values, list) or not all(isinstance(value, (bytes, str)) for value in values):
+        raise ValueError(f"{where} must be a list of names")
+    try:
+        return [value.decode() if isinstance(value, bytes) else value for value in values]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{where}: a name is not UTF-8 ({error.reason})") from None
 
 
 def _load_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,10 +174,11 @@ def _load_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.
     record = safe_load(path)
     if not isinstance(record, dict):
         raise ValueError(f"{path}: expected a dict, got {type(record).__name__}")
-    data = np.asarray(_get(record, "data", path))
-    labels = np.asarray(_get(record, label_key, path), dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: data must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+    data, labels = _get(record, "data", path), _get(record, label_key, path)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        shown = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: data must be a uint8 array of shape (N, 3072), got {shown}")
+    labels = _integer_list(labels, f"{path}: {label_key}")
     if len(labels) != len(data):
         raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
@@ -178,7 +211,10 @@ def load_cifar(root: str | os.PathLike, split: str = "train", num_classes: int =
         meta_path, names_key, label_key = root / "meta", "fine_label_names", "fine_labels"
     if not meta_path.is_file():
         raise FileNotFoundError(f"CIFAR meta file not found: {meta_path}")
-    classes = _names(_get(safe_load(meta_path), names_key, meta_path))
+    meta = safe_load(meta_path)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a dict, got {type(meta).__name__}")
+    classes = _names(_get(meta, names_key, meta_path), f"{meta_path}: {names_key}")
     if len(classes) != num_classes:
         raise ValueError(f"{meta_path}: {len(classes)} class names, expected {num_classes}")
     batches = [_load_cifar_batch(path, label_key, num_classes) for path in files]

@@ -1,20 +1,29 @@
-"""Loading data pickles (CIFAR's python batches) without running code from the file.
+"""Loading data pickles (CIFAR's python batches) without running code from the file, within a budget.
 
 ``pickle.load`` calls whatever global a file names, so a crafted file can run any command. The unpickler
 here resolves only the few numpy functions that rebuild arrays; plain containers, strings, bytes and
 numbers need no globals at all. Anything else is refused before it is called.
+
+Nor may a small file cost much: arrays are only ever rebuilt from the bytes the file holds (an empty shell
+filled by ``__setstate__``, as numpy writes them, never an allocation of a size the file merely names), and the
+object check visits each shared container once, so a kilobyte of references to references (the "billion laughs"
+shape) is walked in microseconds, not 2^60 steps.
 """
 
 from __future__ import annotations
 
 import codecs
 import io
+import math
 import os
 import pickle
 
 import numpy as np
 
 from ..errors import UnsafePickleError
+from ..files import read_bytes
+
+MAX_PICKLE_BYTES = 2 << 30  # CIFAR-100's training pickle is 155 MB
 
 try:  # numpy >= 2 moved the array internals to numpy._core; pickles written by either name them
     from numpy._core import multiarray as _multiarray
@@ -31,6 +40,13 @@ def _dtype(*args, **kwargs) -> np.dtype:
     return dtype
 
 
+def _reconstruct(subtype, shape, dtype):
+    """numpy's array shell for unpickling: refused unless empty (its data must come from the file itself)."""
+    if not isinstance(shape, tuple) or math.prod(int(size) for size in shape) != 0:
+        raise UnsafePickleError(f"refusing to allocate an array of shape {str(shape)[:60]} that the file does not hold")
+    return _multiarray._reconstruct(subtype, shape, dtype)
+
+
 def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
     if encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
         raise UnsafePickleError(f"refusing _codecs.encode with encoding {encoding!r}")
@@ -40,8 +56,8 @@ def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
 _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): _dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _multiarray._reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy.core.numeric", "_frombuffer"): _numeric._frombuffer,
     ("numpy._core.numeric", "_frombuffer"): _numeric._frombuffer,
     # Python 3 writes bytes as _codecs.encode(text, "latin1") in protocol 2 (a pure data conversion).
@@ -65,15 +81,25 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError("refusing persistent ids in a data pickle")
 
 
+MAX_CONTAINERS = 10_000_000  # distinct lists, tuples and dicts: CIFAR-100's train pickle has 6
+
+
 def _check_no_objects(value, where: str) -> None:
-    if isinstance(value, np.ndarray) and value.dtype.hasobject:
-        raise UnsafePickleError(f"{where}: object arrays are not allowed")
-    if isinstance(value, dict):
-        for item in value.values():
-            _check_no_objects(item, where)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _check_no_objects(item, where)
+    """Refuse object arrays anywhere in `value`; each container is visited once however often it is shared."""
+    seen: set[int] = set()
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, np.ndarray):
+            if item.dtype.hasobject:
+                raise UnsafePickleError(f"{where}: object arrays are not allowed")
+            continue
+        if not isinstance(item, (dict, list, tuple)) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if len(seen) > MAX_CONTAINERS:
+            raise ValueError(f"{where} holds more than {MAX_CONTAINERS:,} containers; not a data pickle")
+        pending.extend(item.values() if isinstance(item, dict) else item)
 
 
 def safe_load(path: str | os.PathLike, encoding: str = "bytes"):
@@ -86,8 +112,7 @@ def safe_load(path: str | os.PathLike, encoding: str = "bytes"):
             never run), naming the file.
         ValueError: a truncated or corrupt pickle, naming the file.
     """
-    with open(path, "rb") as file:
-        data = file.read()
+    data = read_bytes(path, MAX_PICKLE_BYTES, "data pickle")
     try:
         value = RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
     except UnsafePickleError as error:

@@ -11,6 +11,7 @@ File-backed sources raise :class:`BadImageError` (naming the file) for images th
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..config import LIMITS
 from ..errors import BadImageError
+from ..files import read_bytes
 from ..images import decode_image, load_image
 from .sampling import stratified_split
 
@@ -158,12 +161,24 @@ def _check_split(split: str) -> str:
 
 
 def _list_class_folder(folder: Path) -> list[str]:
-    files = []
-    for directory, subdirectories, names in os.walk(folder, followlinks=True):
-        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
-        for name in sorted(names):
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(os.path.join(directory, name))
+    """The image files under `folder`, sorted, recursively; symbolic links are followed, but a directory reached
+    twice (a link loop, or two links to one place) is listed once, and FIFOs, devices and sockets never."""
+    files, seen = [], set()
+
+    def visit(directory: str) -> None:
+        identity = os.stat(directory)
+        key = (identity.st_dev, identity.st_ino)
+        if key in seen:
+            return
+        seen.add(key)
+        with os.scandir(directory) as scan:
+            entries = sorted((entry for entry in scan if not entry.name.startswith(".")), key=lambda entry: entry.name)
+        files.extend(entry.path for entry in entries if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+        for entry in entries:  # files first, then sub-folders (os.walk's order)
+            if entry.is_dir():
+                visit(entry.path)
+
+    visit(str(folder))
     return files
 
 
@@ -229,30 +244,44 @@ class ImageFolderSource(FileSource):
 # ------------------------------------------------------------------ CSV
 
 
+MAX_CSV_BYTES = 1 << 30  # 1 GiB: ten million rows of paths
+
+
 def _read_csv_rows(csv_path: Path) -> list[tuple[int, str, str]]:
     """``(line number, path, label)`` rows; a first row naming the columns is skipped."""
+    text = read_bytes(csv_path, MAX_CSV_BYTES, "CSV list of images")
     rows = []
-    with open(csv_path, newline="", encoding="utf-8-sig") as file:  # -sig: spreadsheets write a BOM
-        for line_number, row in enumerate(csv.reader(file), start=1):
+    line_number = 0
+    try:
+        decoded = text.decode("utf-8-sig")  # -sig: spreadsheets write a byte-order mark
+        for line_number, row in enumerate(csv.reader(io.StringIO(decoded, newline="")), start=1):
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) != 2:
-                raise ValueError(f"{csv_path} row {line_number}: expected 'path,label', got {row!r}")
+                raise ValueError(f"{csv_path} row {line_number}: expected 'path,label', got {_shorter(row)}")
             path, label = row[0].strip(), row[1].strip()
             if not rows and line_number == 1 and path.lower() in _CSV_HEADER_NAMES:
                 continue
             rows.append((line_number, path, label))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{csv_path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
+    except csv.Error as error:  # e.g. a field past csv's size limit, a NUL byte
+        raise ValueError(f"{csv_path} row {line_number + 1}: not a readable CSV row ({error})") from None
     if not rows:
         raise ValueError(f"{csv_path} lists no images")
     return rows
 
 
+def _shorter(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _parse_int(text: str) -> int | None:
-    try:
-        value = int(text)
-    except ValueError:
+    """A non-negative integer label (one too long to be a class index reads as 10**18), else None (a name)."""
+    if not (text.isascii() and text.isdigit()):
         return None
-    return value if value >= 0 else None
+    return int(text) if len(text) <= 18 else 10**18
 
 
 class CsvSource(FileSource):
@@ -286,7 +315,11 @@ class CsvSource(FileSource):
         all_labels = [label for table in tables.values() for _, label in table]
         integer_labels = [_parse_int(label) for label in all_labels]
         if all(value is not None for value in integer_labels):
-            classes = [str(i) for i in range(max(integer_labels) + 1)]
+            largest = max(integer_labels)
+            if largest >= LIMITS["num_labels"]:
+                raise ValueError(f"{csv_path}: label {largest} would make {largest + 1:,} classes, more than "
+                                 f"{LIMITS['num_labels']:,}; integer labels are class indices 0..N-1")
+            classes = [str(i) for i in range(largest + 1)]
         else:
             classes = sorted(set(all_labels))
         index_of = {name: i for i, name in enumerate(classes)}
