@@ -258,8 +258,10 @@ def test_a_run_removes_the_temporaries_a_killed_write_left_once_it_holds_the_loc
     stale[0].write_bytes(checkpoint[: len(checkpoint) // 2])
     # Not this run's temporaries: `bigtransfer evaluate --output` writes report.json without the lock, and
     # nothing outside the run directory itself is touched.
+    # (model/ itself is the run's own output and is replaced as a whole, so the sample sits in a sub-folder.)
     kept = [run / ".report.json.a0b1c2d3.tmp", run / f".{train.CHECKPOINT_NAME}.tmp",
-            run / f"{train.CHECKPOINT_NAME}.a0b1c2d3.tmp", run / "model" / f".{train.CHECKPOINT_NAME}.a0b1c2d3.tmp"]
+            run / f"{train.CHECKPOINT_NAME}.a0b1c2d3.tmp", run / "eval" / f".{train.CHECKPOINT_NAME}.a0b1c2d3.tmp"]
+    (run / "eval").mkdir()
     for path in stale[1:] + kept:
         path.write_text("partial")
 

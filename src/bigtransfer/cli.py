@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from .errors import original_message
+from .report import printable
 
 # Command modules, in the order `bigtransfer --help` lists them.
 COMMANDS = ["convert", "demo", "pretrain", "finetune", "evaluate", "predict", "features", "export", "bench"]
@@ -37,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bigtransfer: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print(f"bigtransfer {args.command}: error: out of memory; for training, raise --batch-split (same result, "
+              "smaller micro-batches) or pass --gradient-checkpointing; elsewhere, lower --batch-size", file=sys.stderr)
+        return 1
     except (ValueError, OSError, TypeError, RuntimeError, KeyError, ImportError) as error:
         if args.debug:
             raise
@@ -58,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 def _one_line(message: object) -> str:
     """Messages from other libraries sometimes span lines, or carry a DataLoader worker's traceback; the CLI's
     error is always one line."""
-    return " ".join(line.strip() for line in original_message(str(message)).splitlines() if line.strip())
+    text = " ".join(line.strip() for line in original_message(str(message)).splitlines() if line.strip())
+    return printable(text)
 
 
 if __name__ == "__main__":

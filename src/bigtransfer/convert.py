@@ -16,7 +16,7 @@ from typing import Any
 from .checkpoints import loader
 from .checkpoints.formats import describe_variant, read_checkpoint
 from .checkpoints.writers import save_transformers
-from .files import write_text_atomic
+from .files import atomic_directory, claim_output, read_json
 from .modeling import BitForImageClassification
 from .processing import IMAGE_PROCESSOR_CONFIG_NAME
 
@@ -95,6 +95,7 @@ def convert_checkpoint(
     labels: list[str] | None = None,
     image_size: int | None = None,
     name: str | None = None,
+    overwrite: bool = False,
 ) -> ConversionResult:
     """Convert any supported checkpoint into a transformers-layout directory.
 
@@ -103,10 +104,16 @@ def convert_checkpoint(
     resolution). The directory loads with `BitForImageClassification.from_pretrained` here and, for width 1,
     in transformers. `name` is the name a local file is known by (for the preprocessing its tag implies).
 
+    The three files replace `output_dir` as a whole (a crash leaves the old directory or the new one). An
+    `output_dir` that holds anything but a BiT model directory's files is refused unless `overwrite` (its
+    other files are then kept), and so is one that is, holds or lies inside the source.
+
     Example:
         >>> result = convert_checkpoint("BiT-M-R50x1-ILSVRC2012.npz", "bit-m-r50x1-in1k")
         >>> print(result.summary())
     """
+    output_dir = claim_output(output_dir, "BiT model directory", is_model_directory, [source], overwrite,
+                              flag="OUT_DIR", create=False)
     checkpoint = read_checkpoint(source, name) if name is not None else loader.read(source)
     overrides = {} if num_labels is None else {"num_labels": num_labels}
     model = loader.build(BitForImageClassification, checkpoint, overrides=overrides, labels=labels,
@@ -120,9 +127,9 @@ def convert_checkpoint(
         preprocessor, description = checkpoint.preprocessor_dict(), f"{IMAGE_PROCESSOR_CONFIG_NAME} of the source"
         if image_size is not None:
             preprocessor = _resized_preprocessor(preprocessor, _positive_size(image_size))
-    output_dir = Path(output_dir)
-    save_transformers(model, output_dir)
-    write_text_atomic(output_dir / IMAGE_PROCESSOR_CONFIG_NAME, json.dumps(preprocessor, indent=2) + "\n")
+    with atomic_directory(output_dir, keep_existing=overwrite) as written:
+        save_transformers(model, written)
+        (written / IMAGE_PROCESSOR_CONFIG_NAME).write_text(json.dumps(preprocessor, indent=2) + "\n", encoding="utf-8")
     return ConversionResult(
         format=checkpoint.format,
         variant=describe_variant(model.config),
@@ -133,6 +140,22 @@ def convert_checkpoint(
         output_dir=output_dir,
         files=["config.json", "model.safetensors", IMAGE_PROCESSOR_CONFIG_NAME],
     )
+
+
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               IMAGE_PROCESSOR_CONFIG_NAME)
+
+
+def is_model_directory(path: Path) -> bool:
+    """Whether `path` holds nothing but a BiT model directory's files (so `convert` may replace it)."""
+    names = {entry.name for entry in path.iterdir()}
+    shards = {name for name in names if name.startswith("model-") and name.endswith(".safetensors")}
+    if not names <= set(MODEL_FILES) | shards:
+        return False
+    try:
+        return "config.json" not in names or read_json(path / "config.json").get("model_type") == "bit"
+    except (OSError, ValueError):
+        return False
 
 
 def _positive_size(image_size: Any) -> int:

@@ -12,14 +12,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import os
+import secrets
 import statistics
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from .inference import fold_weight_standardization
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 DEFAULT_OPSET = 18  # 18: GroupNorm exports as InstanceNormalization, which ORT runs natively (21's GroupNormalization is expanded into slower ops)
+MIN_OPSET = 18  # the oldest opset torch.onnx's (dynamo) exporter writes
 CHECK_SHAPES = ((2, 224, 224), (1, 160, 192))
 MIN_IMAGE_SIZE = 64  # the dynamic height / width start here: at least a 2x2 map after the stride-32 network  # a second batch size and a non-square size: the axes are dynamic
 
@@ -114,10 +118,26 @@ def export(
         fold_weight_standardization(prepared)
     wrapped = ExportedOutputs(prepared).eval()
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot export to {path}: it is a directory; give the file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Batch 2, not 1: exporters specialise dimensions whose example size is 1.
     example = torch.randn(2, prepared.config.num_channels, image_size, image_size)
     report = ExportReport(str(path), format, wrapped.output_names)
+    with _staged(path, onnx=format == "onnx") as staged:  # written and checked beside `path`, then put in its place; nothing if it fails
+        _write(format, wrapped, example, staged, opset, report)
+        if check:
+            training = reference.training
+            try:
+                _check(report, reference.eval(), staged, format, prepared.config.num_channels, tolerance)
+            finally:
+                reference.train(training)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _write(format: str, wrapped: ExportedOutputs, example: torch.Tensor, path: Path, opset: int,
+           report: ExportReport) -> None:
     if format == "onnx":
         _export_onnx(wrapped, example, path, opset)
         report.operators = onnx_operators(path)
@@ -128,19 +148,69 @@ def export(
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(wrapped, example, check_trace=False)
-        traced = torch.jit.freeze(traced)
-        traced.save(str(path))
+        torch.jit.freeze(traced).save(str(path))
     else:
         program = torch.export.export(wrapped, (example,), dynamic_shapes={"pixel_values": _dynamic_axes()})
         torch.export.save(program, str(path))
-    if check:
-        training = reference.training
-        try:
-            _check(report, reference.eval(), path, format, prepared.config.num_channels, tolerance)
-        finally:
-            reference.train(training)
-    report.seconds = time.perf_counter() - start
-    return report
+
+
+@contextlib.contextmanager
+def _staged(path: Path, onnx: bool) -> Iterator[Path]:
+    """A hidden name to write the export under, beside `path`; once the block succeeds it replaces `path` in one
+    rename (a kill or a failed check leaves the previous file as it was). Weights an ONNX file keeps in external
+    data (models over 2 GB) go to `NAME.TOKEN.data`, a name of their own, so the previous file's data is deleted
+    only after the file that refers to it is replaced."""
+    token = secrets.token_hex(4)
+    staged = path.with_name(f".{path.name}.{token}.tmp")
+    previous = _external_data(path) if onnx else []
+    try:
+        yield staged
+        written = _move_external_data(staged, path, token) if onnx else []
+        for file in [staged, *written]:
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(staged, path)
+        for old in set(previous) - set(written):
+            old.unlink(missing_ok=True)
+    except BaseException:
+        for file in _external_data(staged) if onnx else []:
+            file.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
+        raise
+
+
+def _move_external_data(staged: Path, path: Path, token: str) -> list[Path]:
+    """Give the staged file's external data files their final names, and the file the new locations."""
+    data = _external_data(staged)
+    if not data:
+        return []
+    import onnx  # there is external data only where onnx wrote it
+
+    model = onnx.load(str(staged), load_external_data=False)
+    names = {old.name: f"{path.name}.{token}.{index}.data" for index, old in enumerate(data)}
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value in names:
+                entry.value = names[entry.value]
+    for old in data:
+        os.replace(old, path.parent / names[old.name])
+    onnx.save(model, str(staged))
+    return [path.parent / name for name in names.values()]
+
+
+def _external_data(path: Path) -> list[Path]:
+    """The external data files an ONNX file refers to (none for other files or unreadable ones)."""
+    if not path.is_file():
+        return []
+    try:
+        import onnx  # the onnx extra; without it there is nothing to look up
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return []
+    locations = {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
+                 if entry.key == "location"}
+    return [path.parent / location for location in sorted(locations) if Path(location).name == location]
 
 
 def _dynamic_axes() -> dict[int, Any]:
@@ -153,11 +223,19 @@ def _dynamic_axes() -> dict[int, Any]:
 
 
 def _export_onnx(wrapped: ExportedOutputs, example: torch.Tensor, path: Path, opset: int) -> None:
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is not supported: torch.onnx's exporter writes opset {MIN_OPSET} or newer")
     program = torch.onnx.export(
         wrapped, (example,), dynamo=True, opset_version=opset, input_names=["pixel_values"],
         output_names=wrapped.output_names, dynamic_shapes={"pixel_values": _dynamic_axes()}, verbose=False,
     )
     program.save(str(path))
+    import onnx
+
+    written = next((entry.version for entry in onnx.load(str(path), load_external_data=False).opset_import
+                    if entry.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise ValueError(f"asked for ONNX opset {opset}, but the exporter wrote opset {written}")
 
 
 def onnx_operators(path: str | os.PathLike) -> dict[str, int]:

@@ -117,11 +117,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it takes `path`'s place as a whole, on error it is
     removed. An existing `path` is exchanged for it in one step (Linux `renameat2(RENAME_EXCHANGE)`), then
     deleted; where the file system cannot exchange, the old directory is moved aside first, so a crash there
-    leaves it as `.NAME.*.old` beside the missing `path`."""
+    leaves it as `.NAME.*.old` beside the missing `path`. With `keep_existing`, entries of the old directory
+    that the new one does not have are carried over (hard links, so nothing is copied) before the exchange."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise NotADirectoryError(f"cannot write {path}: it is a {'symbolic link' if path.is_symlink() else 'file'}, "
@@ -129,6 +130,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX, dir=path.parent))
     try:
         yield temporary
+        if keep_existing and path.is_dir():
+            _link_missing(path, temporary)
         for file in sorted(temporary.rglob("*")):
             if file.is_file():
                 with open(file, "rb+") as written:
@@ -145,6 +148,27 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _link_missing(source: Path, target: Path) -> None:
+    """Hard-link (or copy, across file systems) the entries of `source` that `target` lacks into `target`."""
+    for entry in source.iterdir():
+        destination = target / entry.name
+        if destination.exists() or destination.is_symlink():
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), destination)
+        elif entry.is_dir():
+            shutil.copytree(entry, destination, copy_function=_link_or_copy, symlinks=True)
+        else:
+            _link_or_copy(entry, destination)
+
+
+def _link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def _exchange(first: Path, second: Path) -> bool:
@@ -186,9 +210,9 @@ def is_atomic_temporary(filename: str, name: str) -> bool:
 
 def claim_output(
     path: str | os.PathLike, kind: str, recognise: Callable[[Path], bool], inputs: Iterable[Any] = (),
-    overwrite: bool = False, flag: str = "--output",
+    overwrite: bool = False, flag: str = "--output", create: bool = True,
 ) -> Path:
-    """Check that a command may write `path` (a directory), and create it.
+    """Check that a command may write `path` (a directory), and create it (unless `create=False`).
 
     Refused: `path` equal to, inside, or above one of `inputs` (local paths the command reads); a symbolic link;
     a file; an existing directory that is neither empty nor `recognise`d as this command's `kind` of output,
@@ -207,9 +231,10 @@ def claim_output(
         listing = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
         raise OutputInUseError(
             f"{flag} {path} already holds files that are not a {kind} ({listing}); choose a new or empty directory, "
-            "or pass --overwrite to write into it anyway (files of the same names are replaced)"
+            "or pass --overwrite to write into it anyway (files of the same names are replaced, the others kept)"
         )
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

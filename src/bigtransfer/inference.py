@@ -719,6 +719,13 @@ def evaluate_dataset(
         losses_array = np.concatenate([part[2] for part in gathered])
         skipped = [path for part in gathered for path in part[3]]
     names = list(class_names) if class_names is not None else list(dataset.classes)
+    if len(labels_array) == 0:
+        raise ValueError(f"nothing to evaluate: the evaluation data has no readable image ({len(skipped)} skipped, "
+                         f"of {len(dataset)})")
+    if not np.isfinite(losses_array).all():
+        bad = int((~np.isfinite(losses_array)).sum())
+        raise ValueError(f"the model's outputs are NaN or infinite on {bad} of {len(losses_array)} evaluation images "
+                         "(non-finite weights or inputs?); no report was made")
     return EvaluationReport.from_predictions(topk_array, labels_array, losses_array, names, skipped)
 
 

@@ -24,11 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_path, read_json, write_text_atomic
+from .files import atomic_directory, atomic_path, read_bytes, read_json, write_text_atomic
 
 REPORT_NAME = "report.json"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAMES = ("loss.png", "lr.png", "accuracy.png", "confusion_matrix.png")
+EVALUATION_FILES = (REPORT_NAME, "accuracy.png", "confusion_matrix.png")  # what `bigtransfer evaluate --output` writes
+MAX_METRICS_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
@@ -93,12 +95,39 @@ class EvaluationReport:
         )
 
 
+def to_json(report: EvaluationReport, indent: int | None = None) -> str:
+    """The report as valid JSON: NaN (a class without images) and infinities are written as null."""
+    return json.dumps(_finite_or_none(report.to_dict()), indent=indent, allow_nan=False)
+
+
 def write_report(report: EvaluationReport, path: str | os.PathLike) -> Path:
     """Write the report as JSON atomically (NaN written as null); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(_finite_or_none(report.to_dict()), indent=2) + "\n")
+    write_text_atomic(path, to_json(report, indent=2) + "\n")
     return path
+
+
+def is_evaluation_directory(path: Path) -> bool:
+    """Whether `path` holds nothing but what `write_evaluation` writes (so it may be replaced)."""
+    return {entry.name for entry in path.iterdir()} <= set(EVALUATION_FILES)
+
+
+def write_evaluation(report: EvaluationReport, directory: str | os.PathLike, keep_existing: bool = False) -> Path:
+    """report.json, accuracy.png and confusion_matrix.png, replacing `directory` as a whole (atomically; other
+    files it held are carried over with `keep_existing`)."""
+    directory = Path(directory)
+    with atomic_directory(directory, keep_existing) as written:
+        write_report(report, written / REPORT_NAME)
+        plot_accuracy(report, [], written / "accuracy.png")
+        plot_confusion_matrix(report, written / "confusion_matrix.png")
+    return directory
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (terminal escapes, carriage returns) shown as escapes: class names come
+    from files and must not move the cursor or fake lines on a terminal."""
+    return "".join(char if char.isprintable() or char == " " else repr(char)[1:-1] for char in str(text))
 
 
 def read_report(path: str | os.PathLike) -> EvaluationReport:
@@ -120,12 +149,14 @@ def _finite_or_none(value: Any) -> Any:
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl file (a torn last line from a killed run is ignored)."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    text = read_bytes(path, MAX_METRICS_BYTES, "metrics.jsonl").decode("utf-8", "replace")
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):  # a line of anything else is not a record this package wrote
+            records.append(record)
     return records
 
 

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from .checkpoints.writers import save_safetensors
 from .files import atomic_path, is_atomic_temporary
 
 logger = logging.getLogger("bigtransfer")
@@ -60,7 +60,7 @@ def save_run_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.o
     metadata = {"format": CHECKPOINT_FORMAT, "state": json.dumps(full_state)}
     path = Path(path)
     with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+        save_safetensors(tensors, temporary, metadata)
     return path
 
 

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ from torch import nn
 
 from . import hub, hyperrule
 from .checkpoints import loader
+from .checkpoints.writers import save_transformers
 from .config import BitConfig
 from .data import (
     EvalTransform,
@@ -52,9 +54,10 @@ from .data import (
     collate_skip_bad,
     few_shot_indices,
     open_source,
+    spec_paths,
 )
 from .distributed import Context, all_sum, barrier, cuda_devices, distributed, gather_paths
-from .files import write_text_atomic
+from .files import atomic_directory, claim_output, read_json, write_text_atomic
 from .inference import (
     PRECISIONS,
     BadImagePolicy,
@@ -64,9 +67,10 @@ from .inference import (
     squash_processor,
 )
 from .modeling import BitForImageClassification
-from .processing import BIT_MEAN, BIT_STD, IMAGE_PROCESSOR_CONFIG_NAME
+from .processing import BIT_MEAN, BIT_STD
 from .report import (
     METRICS_NAME,
+    PLOT_NAMES,
     REPORT_NAME,
     EvaluationReport,
     plot_run,
@@ -126,6 +130,7 @@ class _RunSettings:
     progress: bool = True
     plots: bool = True
     log_every: int = 1  # steps between metrics.jsonl records
+    overwrite: bool = False  # write into an existing folder that is not a run, or start an existing run afresh
 
 
 @dataclasses.dataclass
@@ -511,16 +516,51 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 def _run(job: _Job) -> RunResult:
     settings, context = job.settings, job.context
-    output = Path(settings.output)
-    if context.is_main:
-        output.mkdir(parents=True, exist_ok=True)
+    # Every rank checks (so a refusal stops them all, not only rank 0); rank 0 creates the directory.
+    output = claim_output(settings.output, "bigtransfer run directory", is_run_directory, _inputs(settings),
+                          settings.overwrite, create=context.is_main)
     barrier(context)
     lock = RunLock(output) if context.is_main else contextlib.nullcontext()
     with lock, StopSignals() as signals, torch.random.fork_rng(devices=cuda_devices(context)):
         if context.is_main:  # holds the lock: no live process writes these files
-            remove_stale_temporaries(output, (CHECKPOINT_NAME, RUN_NAME, METRICS_NAME))
+            remove_stale_temporaries(output, (CHECKPOINT_NAME, RUN_NAME, METRICS_NAME, MODEL_DIRNAME))
+            if settings.overwrite and not settings.resume:
+                _remove_run_files(output)
+        barrier(context)
         torch.manual_seed(settings.seed + context.rank)  # only stochastic layers (drop path) draw from it
         return _loop(job, output, signals)
+
+
+RUN_FILES = (CHECKPOINT_NAME, RUN_NAME, METRICS_NAME, REPORT_NAME, MODEL_DIRNAME, *PLOT_NAMES)
+
+
+def is_run_directory(path: Path) -> bool:
+    """Whether `path` is a directory a run wrote: its run.json describes a finetune or pretrain run, or it holds
+    nothing but a run's lock (a run stopped before writing anything)."""
+    names = {entry.name for entry in path.iterdir()}
+    if names <= {LOCK_NAME}:
+        return True
+    try:
+        description = read_json(path / RUN_NAME)
+    except (OSError, ValueError):
+        return False
+    return description.get("kind") in ("finetune", "pretrain") and isinstance(description.get("settings"), dict)
+
+
+def _inputs(settings: _RunSettings) -> list[Any]:
+    """The local paths a run reads (the model, the data), which its output must not be, hold or lie in."""
+    model = getattr(settings, "model", None)
+    return [model, *spec_paths(settings.data), *spec_paths(settings.eval_data)]
+
+
+def _remove_run_files(output: Path) -> None:
+    """--overwrite: the previous run's files go, so the new run starts afresh (nothing else is touched)."""
+    for name in RUN_FILES:
+        path = output / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 @dataclasses.dataclass
@@ -612,7 +652,8 @@ def _setup(job: _Job, output: Path) -> _Loop:
     plan = BatchPlan(len(job.indices), settings.batch_size, settings.seed, context.world_size, context.rank,
                      settings.batch_split)
     return _Loop(job, output, network, optimizer, torch.amp.GradScaler("cuda", enabled=use_scaler),
-                 precision_autocast(context.device, settings.precision), plan, run_signature(settings),
+                 precision_autocast(context.device, settings.precision), plan,
+                 dict(run_signature(settings), data_fingerprint=job.source.fingerprint()),
                  has_checkpoint=(output / CHECKPOINT_NAME).is_file())
 
 
@@ -621,12 +662,15 @@ def _resume(loop: _Loop) -> None:
     job, output, context = loop.job, loop.output, loop.job.context
     if loop.has_checkpoint and not job.settings.resume:
         raise ValueError(
-            f"{output} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose another --output"
+            f"{output} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it, --overwrite to start "
+            "it again, or choose another --output"
         )
     if loop.has_checkpoint:
         tensors, state = load_run_state(loop.checkpoint_path)
         stored, signature = state["signature"], loop.signature
-        differing = {key for key in set(signature) | set(stored) if signature.get(key) != stored.get(key)}
+        # A key the checkpoint lacks was not recorded by the version that wrote it; it cannot be compared.
+        differing = {key for key in set(signature) | set(stored)
+                     if signature.get(key) != stored.get(key) and key in stored}
         if differing:
             changes = ", ".join(f"{key}: {stored.get(key)!r} -> {signature.get(key)!r}" for key in sorted(differing))
             raise ValueError(f"cannot resume {output}: settings differ from the checkpoint's ({changes})")
@@ -656,7 +700,11 @@ def _open_streams(loop: _Loop) -> None:
     )
     loop.batches = iter(loader)
     loop.progress = progress_bar(settings.progress and context.is_main, job.total_steps, loop.start_step, job.kind)
-    loop.metrics_file = open(loop.output / METRICS_NAME, "a", encoding="utf-8") if context.is_main else None
+    if context.is_main:
+        metrics = loop.output / METRICS_NAME
+        if metrics.is_symlink():  # appending would write wherever it points
+            raise ValueError(f"{metrics} is a symbolic link; a run writes its own metrics.jsonl")
+        loop.metrics_file = open(metrics, "a", encoding="utf-8")
 
 
 def _close_streams(loop: _Loop) -> None:
@@ -744,15 +792,16 @@ def _finish(loop: _Loop, completed: int) -> RunResult:
     job, context, output = loop.job, loop.job.context, loop.output
     if completed > loop.start_step or not loop.has_checkpoint:
         _save(loop, completed)
+    model_dir = output / MODEL_DIRNAME
+    if context.is_main:  # the model before its evaluation, so an evaluation that fails leaves the model saved
+        job.model.eval()
+        with atomic_directory(model_dir) as written:  # config, weights and processor replace the old as one
+            save_transformers(job.model, written)
+            squash_processor(job.crop, job.mean, job.std).save_pretrained(written)
     report = _evaluate_job(job, job.model)
     report.skipped_images = sorted(set(loop.skipped) | set(report.skipped_images))
     report.step = completed
-    model_dir = output / MODEL_DIRNAME
     if context.is_main:
-        job.model.eval()
-        job.model.save_pretrained(model_dir)
-        processor = squash_processor(job.crop, job.mean, job.std)
-        write_text_atomic(model_dir / IMAGE_PROCESSOR_CONFIG_NAME, processor.to_json_string())
         write_report(report, output / REPORT_NAME)
         if job.settings.plots:
             plot_run(output, report)

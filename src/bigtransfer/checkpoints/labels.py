@@ -5,7 +5,11 @@ from __future__ import annotations
 import gzip
 import os
 from importlib import resources
-from pathlib import Path
+
+from ..config import LIMITS
+from ..files import read_bytes
+
+MAX_LABELS_BYTES = 256 << 20  # a million class names of 256 bytes
 
 
 def imagenet_labels() -> list[str]:
@@ -41,7 +45,11 @@ def known_labels(num_labels: int) -> list[str] | None:
 
 def read_labels(path: str | os.PathLike) -> list[str]:
     """Class names from a text file, one per line (surrounding whitespace and trailing blank lines ignored)."""
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines()]
+    try:
+        text = read_bytes(path, MAX_LABELS_BYTES, "labels file").decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
+    lines = [line.strip() for line in text.splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     blank = [number for number, line in enumerate(lines, start=1) if not line]
@@ -49,4 +57,6 @@ def read_labels(path: str | os.PathLike) -> list[str]:
         raise ValueError(f"{path}: line {blank[0]} is empty; the labels file needs one class name per line")
     if not lines:
         raise ValueError(f"{path} holds no class names")
+    if len(lines) > LIMITS["num_labels"]:
+        raise ValueError(f"{path} holds {len(lines):,} class names, more than {LIMITS['num_labels']:,}")
     return lines

@@ -42,7 +42,7 @@ def save_transformers(model: torch.nn.Module, directory: str | os.PathLike, safe
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     if safe_serialization:
         with atomic_path(directory / SAFE_WEIGHTS_NAME) as temporary:
-            save_file(state, str(temporary), metadata={"format": "pt"})
+            save_safetensors(state, temporary, {"format": "pt"})
         (directory / WEIGHTS_NAME).unlink(missing_ok=True)
     else:
         with atomic_path(directory / WEIGHTS_NAME) as temporary:
@@ -93,6 +93,16 @@ def save_npz(model_or_state, path: str | os.PathLike) -> Path:
     return path
 
 
+def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with its write errors (a full disk) as the OSError they are."""
+    try:
+        save_file(state, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as error:  # safetensors raises its own SafetensorError for I/O failures
+        raise OSError(f"cannot write {path}: {error}") from None
+
+
 def _recorded(model_or_state) -> dict:
     """The config fields a model's tensors cannot tell (nothing for a bare state dict)."""
     config = getattr(model_or_state, "config", None)
@@ -105,7 +115,7 @@ def _save_tensors(state: dict[str, torch.Tensor], path: Path, recorded: dict) ->
     with atomic_path(path) as temporary:
         if path.suffix == ".safetensors":
             metadata = {"format": "pt"} | ({RECORDED_CONFIG_KEY: json.dumps(recorded)} if recorded else {})
-            save_file(state, str(temporary), metadata=metadata)
+            save_safetensors(state, temporary, metadata)
         else:
             torch.save(state, temporary)
     return path

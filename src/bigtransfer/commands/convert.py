@@ -23,13 +23,16 @@ def register(subparsers) -> None:
     parser.add_argument("--num-labels", type=non_negative_int, metavar="N", help="replace the head with a fresh zero-initialised N-class head")
     parser.add_argument("--labels", metavar="FILE", help="class names, one per line (a new head if their count differs)")
     parser.add_argument("--image-size", type=positive_int, metavar="N", help="evaluation resolution for the preprocessor config")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an OUT_DIR that holds other files (they are kept; the model's are replaced)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     labels = read_labels(args.labels) if args.labels else None
     result = convert_checkpoint(
-        args.source, args.output_dir, num_labels=args.num_labels, labels=labels, image_size=args.image_size
+        args.source, args.output_dir, num_labels=args.num_labels, labels=labels, image_size=args.image_size,
+        overwrite=args.overwrite,
     )
     print(result.summary())
     return 0

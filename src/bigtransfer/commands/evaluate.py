@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from pathlib import Path
 
+from ..data import spec_paths
+from ..files import claim_output
 from ..inference import evaluate
-from ..report import REPORT_NAME, plot_accuracy, plot_confusion_matrix, write_report
+from ..report import is_evaluation_directory, to_json, write_evaluation
 from . import add_inference_arguments, positive_int
 from .finetune import DATA_HELP, parse_classes
 
@@ -23,26 +23,28 @@ def register(subparsers) -> None:
     parser.add_argument("--device")
     parser.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail")
     parser.add_argument("--output", metavar="DIR", help="write report.json, accuracy.png and confusion_matrix.png here")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --output that holds other files")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
     add_inference_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun the first process reports
+    if args.output:  # refused before anything is evaluated, on every rank
+        claim_output(args.output, "bigtransfer evaluation", is_evaluation_directory, [args.model, *spec_paths(args.data)],
+                     args.overwrite, create=False)
     report = evaluate(
         args.model, args.data, split=args.split, classes=args.classes, batch_size=args.batch_size,
         device=args.device, on_bad_image=args.on_bad_image, optimized=args.optimize,
         reduced_decode=not args.full_decode,
     )
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process reports
+    if not main_process:
         return 0
     if args.output:
-        output = Path(args.output)
-        write_report(report, output / REPORT_NAME)
-        plot_accuracy(report, [], output / "accuracy.png")
-        plot_confusion_matrix(report, output / "confusion_matrix.png")
+        write_evaluation(report, args.output, keep_existing=args.overwrite)
     if args.json:
-        print(json.dumps(report.to_dict()))
+        print(to_json(report))
     else:
         print(report.summary())
     return 0

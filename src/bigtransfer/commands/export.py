@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..checkpoints import loader
 from ..export import DEFAULT_OPSET, export, time_against_pytorch
+from ..files import check_outside_inputs
 from ..modeling import BitBackbone, BitForImageClassification, BitModel
 from . import non_negative_int, positive_int
 
@@ -29,6 +30,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    check_outside_inputs(args.output, [args.model])
     model = load_model(args.model)
     report = export(
         model, args.output, args.format, image_size=args.image_size, fold=not args.no_fold,

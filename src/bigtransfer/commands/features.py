@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..data import spec_paths
+from ..files import check_outside_inputs
 from ..inference import extract_features, write_features
 from . import add_inference_arguments, positive_int
 from .finetune import DATA_HELP, parse_classes
@@ -25,6 +27,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outside_inputs(args.output, [args.model, *spec_paths(args.data)])
     features, labels = extract_features(
         args.model, args.data, split=args.split, classes=args.classes, batch_size=args.batch_size,
         device=args.device, on_bad_image=args.on_bad_image, optimized=args.optimize,

@@ -8,6 +8,7 @@ import os
 import sys
 
 from .. import hyperrule
+from ..config import LIMITS
 from ..inference import PRECISIONS
 from ..train import FinetuneConfig, finetune
 from . import non_negative_int, positive_int
@@ -30,6 +31,8 @@ def parse_classes(text: str | None) -> list[int | str] | None:
         if item.isdigit():
             classes.append(int(item))
         elif dash and low.isdigit() and high.isdigit():
+            if len(high) > 9 or int(high) - int(low) >= LIMITS["num_labels"]:
+                raise argparse.ArgumentTypeError(f"{item!r} spans more than {LIMITS['num_labels']:,} classes")
             classes.extend(range(int(low), int(high) + 1))
         else:
             classes.append(item)
@@ -54,6 +57,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--save-every", type=non_negative_int, default=0, metavar="N", help="checkpoint every N steps (always at the end)")
     parser.add_argument("--eval-every", type=non_negative_int, default=0, metavar="N", help="evaluate every N steps")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start the run in --output again (its previous files are replaced), or write into an "
+                        "existing folder that is not a run directory")
     parser.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
                         help="unreadable images: stop with an error naming the file, or skip and list them in the report")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -71,7 +77,7 @@ def run_settings(args: argparse.Namespace) -> dict:
         data=args.data, output=args.output, classes=args.classes, eval_data=args.eval_data,
         batch_size=args.batch_size, batch_split=args.batch_split, max_steps=args.max_steps, seed=args.seed,
         resize=args.resize, crop=args.crop, save_every=args.save_every, eval_every=args.eval_every,
-        resume=args.resume, on_bad_image=args.on_bad_image, device=args.device, precision=args.precision,
+        resume=args.resume, overwrite=args.overwrite, on_bad_image=args.on_bad_image, device=args.device, precision=args.precision,
         workers=args.workers, gradient_checkpointing=args.gradient_checkpointing, progress=args.progress,
         plots=args.plots,
     )

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..inference import predict
+from ..report import printable
 from . import add_inference_arguments, positive_int
 
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"image": image, "predictions": [{"label": label, "score": score} for label, score in predictions]}))
         else:
-            print(image)
+            print(printable(image))
             for label, score in predictions:
-                print(f"  {score:7.2%}  {label}")
+                print(f"  {score:7.2%}  {printable(label)}")
     return 0

@@ -23,7 +23,7 @@ from .sources import (
     ImageSource,
     select_classes,
 )
-from .spec import ACCEPTED_SPECS, open_source
+from .spec import ACCEPTED_SPECS, open_source, spec_paths
 from .transforms import BIT_MEAN, BIT_STD, EvalTransform, TrainTransform, to_normalized_tensor
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "safe_load",
     "sample_seed",
     "select_classes",
+    "spec_paths",
     "stratified_split",
     "to_normalized_tensor",
 ]

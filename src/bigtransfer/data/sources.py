@@ -11,7 +11,9 @@ File-backed sources raise :class:`BadImageError` (naming the file) for images th
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +61,21 @@ class ImageSource:
         """A typical ``(height, width)`` of the images (the median over a few, read from headers only)."""
         raise NotImplementedError
 
+    def fingerprint(self) -> str:
+        """What this source holds, in one line: example and class counts and a SHA-256 of the class names, the
+        labels and `_identity()` (file paths, or pixel bytes). A resumed run refuses data whose fingerprint
+        changed (classes renamed, images added, removed or relabelled)."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(list(self.classes)).encode("utf-8"))
+        digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        for part in self._identity():
+            digest.update(part)
+        return f"{len(self)} examples, {self.num_classes} classes, sha256 {digest.hexdigest()[:16]}"
+
+    def _identity(self):
+        """Bytes that tell these examples apart from others with the same labels (subclasses say more)."""
+        return ()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes)"
 
@@ -91,6 +108,10 @@ class ArraySource(ImageSource):
     def path(self, index: int) -> str:
         return f"{self.name}[{index}]"
 
+    def _identity(self):
+        yield str(self.images.shape).encode()
+        yield np.ascontiguousarray(self.images).data
+
     def image_size(self) -> tuple[int, int]:
         return int(self.images.shape[1]), int(self.images.shape[2])
 
@@ -115,6 +136,9 @@ class FileSource(ImageSource):
 
     def path(self, index: int) -> str:
         return self.paths[index]
+
+    def _identity(self):
+        yield "\n".join(self.paths).encode("utf-8", "surrogateescape")
 
     def image_size(self, samples: int = 16) -> tuple[int, int]:
         if not self.paths:
@@ -377,6 +401,10 @@ class ClassSubset(ImageSource):
 
     def path(self, index: int) -> str:
         return self.source.path(int(self.indices[index]))
+
+    def _identity(self):
+        yield self.source.fingerprint().encode()
+        yield self.indices.astype(np.int64).tobytes()
 
     def image_size(self) -> tuple[int, int]:
         return self.source.image_size()

@@ -57,6 +57,17 @@ def open_source(
     return select_classes(source, list(classes)) if classes is not None else source
 
 
+def spec_paths(spec: str | os.PathLike | ImageSource | None) -> list[str]:
+    """The local files or folders a data spec reads (none for built-in data sets and ImageSource objects)."""
+    if spec is None or isinstance(spec, ImageSource):
+        return []
+    text = str(spec).strip()
+    named = _NAMED.match(text)
+    if named:
+        return [named["dir"] or FASHION_MNIST_DIR] if named["dir"] or named["name"].startswith("fashion") else []
+    return [] if text.lower() == "digits" else [text]
+
+
 def _open(spec: str, split: str, val_fraction: float, seed: int, val_path) -> ImageSource:
     array_split = "test" if split == "val" else split
     named = _NAMED.match(spec.strip())
