@@ -68,7 +68,7 @@ def open_image(path: str | os.PathLike) -> PIL.Image.Image:
     with handle:
         try:
             with PIL.Image.open(handle) as image:
-                _check_budget(image, handle)
+                _check_budget(image, handle, name)
                 image.load()  # decodes now, so truncation and corruption are reported here, with the path
                 return upright(image)
         except PIL.UnidentifiedImageError:
@@ -85,7 +85,7 @@ def open_image(path: str | os.PathLike) -> PIL.Image.Image:
             raise BadImageError(name, f"{type(error).__name__}: {error}") from None
 
 
-def _check_budget(image: PIL.Image.Image, handle: Any) -> None:
+def _check_budget(image: PIL.Image.Image, handle: Any, name: str) -> None:
     """Refuse, before decoding, what would cost far more than an image of its size should."""
     limit = PIL.Image.MAX_IMAGE_PIXELS  # Pillow only warns between 1x and 2x this: refuse it all
     if limit is not None and image.width * image.height > limit:
@@ -96,8 +96,7 @@ def _check_budget(image: PIL.Image.Image, handle: Any) -> None:
         scans = handle.read().count(b"\xff\xda")  # start-of-scan markers: 0xFF in scan data is stuffed as FF00
         handle.seek(position)
         if scans > MAX_JPEG_SCANS:
-            raise BadImageError(handle.name if isinstance(handle.name, str) else str(handle.name),
-                                f"a progressive JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} encoders write; "
+            raise BadImageError(name, f"a progressive JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} encoders write; "
                                 "refused (each scan decodes the whole image again)")
 
 
@@ -163,7 +162,7 @@ def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None
             limit = PIL.Image.MAX_IMAGE_PIXELS
             if image.format != "JPEG" or (limit is not None and width * height > limit):
                 raise _FullDecode
-            _check_budget(image, handle)
+            _check_budget(image, handle, os.fspath(path))
             turned = orientation(image) in (5, 6, 7, 8)  # stored on its side
             if turned and not isinstance(min_size, int):
                 min_size = (min_size[1], min_size[0])  # the request is in stored orientation

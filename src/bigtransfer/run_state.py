@@ -60,7 +60,7 @@ def save_run_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.o
     metadata = {"format": CHECKPOINT_FORMAT, "state": json.dumps(full_state)}
     path = Path(path)
     with atomic_path(path) as temporary:
-        save_safetensors(tensors, temporary, metadata)
+        save_safetensors(tensors, temporary, metadata, path)
     return path
 
 

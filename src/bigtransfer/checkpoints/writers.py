@@ -42,7 +42,7 @@ def save_transformers(model: torch.nn.Module, directory: str | os.PathLike, safe
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     if safe_serialization:
         with atomic_path(directory / SAFE_WEIGHTS_NAME) as temporary:
-            save_safetensors(state, temporary, {"format": "pt"})
+            save_safetensors(state, temporary, {"format": "pt"}, directory / SAFE_WEIGHTS_NAME)
         (directory / WEIGHTS_NAME).unlink(missing_ok=True)
     else:
         with atomic_path(directory / WEIGHTS_NAME) as temporary:
@@ -93,14 +93,16 @@ def save_npz(model_or_state, path: str | os.PathLike) -> Path:
     return path
 
 
-def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors' save_file, with its write errors (a full disk) as the OSError they are."""
+def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str],
+                     shown: Path | None = None) -> None:
+    """safetensors' save_file, with its write errors (a full disk) as the OSError they are, naming `shown` (the
+    file being replaced, when `path` is its temporary)."""
     try:
         save_file(state, str(path), metadata=metadata)
     except OSError:
         raise
     except Exception as error:  # safetensors raises its own SafetensorError for I/O failures
-        raise OSError(f"cannot write {path}: {error}") from None
+        raise OSError(f"cannot write {shown or path}: {error}") from None
 
 
 def _recorded(model_or_state) -> dict:
@@ -115,7 +117,7 @@ def _save_tensors(state: dict[str, torch.Tensor], path: Path, recorded: dict) ->
     with atomic_path(path) as temporary:
         if path.suffix == ".safetensors":
             metadata = {"format": "pt"} | ({RECORDED_CONFIG_KEY: json.dumps(recorded)} if recorded else {})
-            save_safetensors(state, temporary, metadata)
+            save_safetensors(state, temporary, metadata, path)
         else:
             torch.save(state, temporary)
     return path

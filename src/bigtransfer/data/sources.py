@@ -185,14 +185,17 @@ def _check_split(split: str) -> str:
 
 
 def _list_class_folder(folder: Path) -> list[str]:
-    """The image files under `folder`, sorted, recursively; symbolic links are followed, but a directory reached
-    twice (a link loop, or two links to one place) is listed once, and FIFOs, devices and sockets never."""
-    files, seen = [], set()
+    """The image files under `folder`, sorted, recursively; symbolic links are followed, except to a folder that
+    contains the one being listed (a loop, or a link out to the whole data set) or to one listed already, and
+    FIFOs, devices and sockets are never listed."""
+    files: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    root = os.stat(folder.parent)
 
-    def visit(directory: str) -> None:
+    def visit(directory: str, ancestors: frozenset) -> None:
         identity = os.stat(directory)
         key = (identity.st_dev, identity.st_ino)
-        if key in seen:
+        if key in seen or key in ancestors:
             return
         seen.add(key)
         with os.scandir(directory) as scan:
@@ -200,9 +203,9 @@ def _list_class_folder(folder: Path) -> list[str]:
         files.extend(entry.path for entry in entries if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
         for entry in entries:  # files first, then sub-folders (os.walk's order)
             if entry.is_dir():
-                visit(entry.path)
+                visit(entry.path, ancestors | {key})
 
-    visit(str(folder))
+    visit(str(folder), frozenset({(root.st_dev, root.st_ino)}))
     return files
 
 
