@@ -161,7 +161,7 @@ def _staged(path: Path, onnx: bool) -> Iterator[Path]:
     data (models over 2 GB) go to `NAME.TOKEN.data`, a name of their own, so the previous file's data is deleted
     only after the file that refers to it is replaced."""
     token = secrets.token_hex(4)
-    staged = path.with_name(f".{path.name}.{token}.tmp")
+    staged = path.with_name(f".{path.stem}.{token}{path.suffix}")  # the suffix kept: torch.export wants .pt2
     previous = _external_data(path) if onnx else []
     try:
         yield staged

@@ -1,0 +1,267 @@
+"""Kill-point sweeps: SIGKILL a real process at every file-system step of `convert`, `export` and a run's final
+save (and at points in time in between), then check that what is on disk is the old version or the new one,
+whole, never a mix and never an unverified export.
+
+A server process imports the package once (one thread, so forking is safe) and forks one child per kill point.
+The child counts the file-system operations the writers make (renames, exchanges, fsyncs, unlinks, temporary
+files and directories) and kills itself with SIGKILL just before the N-th; time points are killed by the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bigtransfer import BitConfig, BitForImageClassification, BitImageProcessor
+from bigtransfer.train import FinetuneConfig, finetune
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork and signals")
+
+MIN_KILL_POINTS = 20
+PIXELS = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+
+SERVER = textwrap.dedent('''
+    import json, os, shutil, signal, sys, tempfile, time
+    import torch
+    torch.set_num_threads(1)
+    import bigtransfer.files, bigtransfer.train
+    from bigtransfer import BitForImageClassification, export
+    from bigtransfer.convert import convert_checkpoint
+    from bigtransfer.train import FinetuneConfig, finetune
+
+    state = {"armed": False, "count": 0, "kill_at": 0}
+
+    def counted(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            if state["armed"]:
+                state["count"] += 1
+                if state["count"] == state["kill_at"]:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return original(*args, **kwargs)
+
+        setattr(module, name, wrapper)
+
+    for module, name in ((os, "replace"), (os, "rename"), (os, "fsync"), (os, "unlink"), (os, "mkdir"), (os, "link"),
+                         (shutil, "rmtree"), (tempfile, "mkstemp"), (tempfile, "mkdtemp"),
+                         (bigtransfer.files, "_exchange")):
+        counted(module, name)
+    finish = bigtransfer.train._finish
+
+    def armed_finish(*args, **kwargs):  # the final save only: steps before it are another test's
+        state["armed"] = True
+        return finish(*args, **kwargs)
+
+    bigtransfer.train._finish = armed_finish
+    task = json.loads(sys.argv[1])
+    if task["kind"] == "export":  # import the exporters' machinery once, not in every child
+        import onnx, onnxruntime, onnxscript, torch.export, torch.onnx  # noqa: F401
+        import torch._dynamo  # noqa: F401
+
+    def run():
+        if task["kind"] == "convert":
+            state["armed"] = True
+            convert_checkpoint(task["source"], task["output"], image_size=task["image_size"])
+        elif task["kind"] == "export":
+            model = BitForImageClassification.from_pretrained(task["model"])
+            state["armed"] = True
+            export(model, task["output"], task["format"], image_size=64)
+        else:
+            finetune(FinetuneConfig(**task["settings"]))
+
+    for line in sys.stdin:
+        point = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            state["kill_at"] = point.get("op", 0)
+            try:
+                run()
+            finally:
+                with open(task["count_file"], "w") as handle:
+                    handle.write(str(state["count"]))
+                os._exit(0)
+        if point.get("seconds"):
+            time.sleep(point["seconds"])
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"killed": os.WIFSIGNALED(status)}), flush=True)
+''')
+
+
+class Server:
+    """The forking server for one task; `kill(point)` runs the task in a child killed at `point`."""
+
+    def __init__(self, task: dict, tmp_path: Path):
+        self.count_file = tmp_path / "ops"
+        task = dict(task, count_file=str(self.count_file))
+        environment = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        self.process = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(task)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=environment)
+
+    def run(self, **point) -> bool:
+        """True when the child was killed (False: it finished)."""
+        self.process.stdin.write(json.dumps(point) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        assert line, "the kill-point server died"
+        return json.loads(line)["killed"]
+
+    def operations(self) -> int:
+        """How many counted operations an uninterrupted run makes (after `run()` with no kill)."""
+        return int(self.count_file.read_text())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def _sweep(server: Server, reset, check, seconds: float, at_least: int = MIN_KILL_POINTS) -> int:
+    """Kill before every counted operation and at points in time (at least two, and enough for `at_least` points
+    in all); `reset()` restores the old version before each point and `check(killed)` inspects what is left.
+    Returns the number of kill points."""
+    reset()
+    assert not server.run(), "the uninterrupted run failed"
+    check(False)
+    operations = server.operations()
+    points = [dict(op=op) for op in range(1, operations + 1)]
+    times = max(2, at_least - len(points))
+    points += [dict(seconds=seconds * (index + 1) / (times + 1)) for index in range(times)]
+    for point in points:
+        reset()
+        killed = server.run(**point)
+        check(killed)
+    server.close()
+    return len(points)
+
+
+def _model(num_labels: int, seed: int) -> BitForImageClassification:
+    torch.manual_seed(seed)
+    model = BitForImageClassification(BitConfig.from_variant("tiny", num_labels=num_labels)).eval()
+    with torch.no_grad():
+        model.classifier[1].weight.normal_(std=0.1)
+    return model
+
+
+def _logits(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(PIXELS).logits.numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_convert_killed_anywhere_leaves_the_old_directory_or_the_new_one(tmp_path):
+    old, new = _model(3, seed=1), _model(5, seed=2)
+    old.save_pretrained(tmp_path / "old")
+    BitImageProcessor(size={"shortest_edge": 96}, crop_size=96).save_pretrained(tmp_path / "old")
+    new.save_pretrained(tmp_path / "new-source")
+    versions = {3: (_logits(old), 96), 5: (_logits(new), 128)}  # head size -> (logits, preprocessor size)
+    output = tmp_path / "out"
+    seen = set()
+
+    def reset():
+        shutil.rmtree(output, ignore_errors=True)
+        shutil.copytree(tmp_path / "old", output)
+
+    def check(killed):
+        model = BitForImageClassification.from_pretrained(output)  # strict: config and weights must agree
+        logits, size = versions[model.config.num_labels]
+        assert np.allclose(_logits(model), logits, atol=1e-6)
+        assert BitImageProcessor.from_pretrained(output).crop_size["height"] == size
+        seen.add(model.config.num_labels)
+
+    server = Server(dict(kind="convert", source=str(tmp_path / "new-source"), output=str(output), image_size=128),
+                    tmp_path)
+    assert _sweep(server, reset, check, seconds=1.5) >= MIN_KILL_POINTS
+    assert seen == {3, 5}  # both the old and the new version were seen after kills
+
+
+@pytest.mark.parametrize("format, suffix", [("torchscript", ".pt"), ("onnx", ".onnx")])
+def test_export_killed_anywhere_leaves_the_old_file_or_the_checked_new_one(tmp_path, format, suffix):
+    old, new = _model(3, seed=1), _model(5, seed=2)
+    new.save_pretrained(tmp_path / "model")
+    previous = tmp_path / f"previous{suffix}"
+    from bigtransfer import export
+
+    export(old, previous, format, image_size=64)
+    output = tmp_path / f"exported{suffix}"
+    references = {3: _logits(old), 5: _logits(new)}
+    seen = set()
+
+    def reset():
+        shutil.copyfile(previous, output)
+
+    def check(killed):
+        logits = _run_export(output, format)
+        assert np.allclose(logits, references[logits.shape[1]], atol=1e-4)
+        seen.add(logits.shape[1])
+        assert not [path for path in tmp_path.iterdir() if path.name.endswith(".data")]  # no stray external data
+
+    server = Server(dict(kind="export", model=str(tmp_path / "model"), output=str(output), format=format), tmp_path)
+    # Each ONNX export takes seconds: every step of its save is swept, the time points only in TorchScript's sweep
+    # (the staging and checking around the writer are the same for every format).
+    onnx = format == "onnx"
+    points = _sweep(server, reset, check, seconds=6.0 if onnx else 1.5, at_least=0 if onnx else MIN_KILL_POINTS)
+    assert points >= (4 if onnx else MIN_KILL_POINTS)
+    assert seen == {3, 5}
+
+
+def _run_export(path: Path, format: str) -> np.ndarray:
+    if format == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path))
+        return session.run(None, {session.get_inputs()[0].name: PIXELS.numpy()})[0]
+    with torch.no_grad():
+        return torch.jit.load(str(path))(PIXELS)[0].numpy()
+
+
+def test_a_run_killed_in_its_final_save_leaves_the_old_model_or_the_new_one(tmp_path):
+    images = tmp_path / "images"
+    for index, name in enumerate(["red", "green"]):
+        (images / name).mkdir(parents=True)
+        for number in range(6):
+            pixels = np.full((16, 16, 3), 40, np.uint8)
+            pixels[..., index] = 200 - 10 * number
+            Image.fromarray(pixels).save(images / name / f"{number}.png")
+    run = tmp_path / "run"
+    settings = dict(model="tiny", data=str(images), eval_data=str(images), output=str(run), batch_size=4, max_steps=3,
+                    resize=20, crop=16, seed=1, progress=False, plots=False, resume=True)
+    finished = finetune(FinetuneConfig(**settings))
+    new = BitForImageClassification.from_pretrained(finished.model_dir)
+    old = _model(2, seed=9)  # a different model/ in the run directory, with its own processor
+    shutil.rmtree(tmp_path / "old", ignore_errors=True)
+    old.save_pretrained(tmp_path / "old")
+    BitImageProcessor(size={"height": 24, "width": 24}, crop_size=24).save_pretrained(tmp_path / "old")
+    references = {"old": (_logits(old), 24), "new": (_logits(new), 16)}
+    seen = set()
+
+    def reset():
+        shutil.rmtree(run / "model", ignore_errors=True)
+        shutil.copytree(tmp_path / "old", run / "model")
+
+    def check(killed):
+        model = BitForImageClassification.from_pretrained(run / "model")
+        logits = _logits(model)
+        version = "old" if np.allclose(logits, references["old"][0], atol=1e-6) else "new"
+        assert np.allclose(logits, references[version][0], atol=1e-5)
+        assert BitImageProcessor.from_pretrained(run / "model").crop_size["height"] == references[version][1]
+        seen.add(version)
+
+    server = Server(dict(kind="run", settings=settings), tmp_path)
+    assert _sweep(server, reset, check, seconds=2.0) >= MIN_KILL_POINTS
+    assert seen == {"old", "new"}
