@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import signal
+import struct
 import warnings
 
 import numpy as np
@@ -359,3 +360,133 @@ def test_a_config_json_with_any_value_anywhere_loads_or_raises_value_error(tmp_p
         assert str(error) and "\n" not in str(error).strip()
         return
     assert BitConfig.from_dict(json.loads(loaded.to_json_string())) == loaded
+
+
+# ------------------------------------------------------------------------------------------------ structure fuzzers
+# Mutations of the structure rather than of bytes: EXIF directories, .npz archives, data pickles, tensor views.
+
+EXIF_TAGS = (0x0100, 0x0101, 0x0112, 0x011A, 0x0131, 0x8769, 0x8825, 0x9003)  # widths, orientation, pointers, ...
+
+
+@st.composite
+def exif_blocks(draw):
+    """A little- or big-endian TIFF directory of random entries (any type, count and value, valid or not)."""
+    order = draw(st.sampled_from(["<", ">"]))
+    entries = draw(st.lists(st.tuples(st.sampled_from(EXIF_TAGS), st.integers(0, 14), st.integers(0, 2**32 - 1),
+                                      st.integers(0, 2**32 - 1)), max_size=6))
+    entries.append((0x0112, 3, 1, draw(st.integers(0, 9)) << (16 if order == ">" else 0)))  # an orientation, maybe
+    ifd = struct.pack(order + "H", len(entries)) + b"".join(struct.pack(order + "HHII", *entry) for entry in entries)
+    tail = draw(st.binary(max_size=16))
+    return b"Exif\0\0" + (b"II*\0" if order == "<" else b"MM\0*") + struct.pack(order + "I", 8) + ifd + b"\0" * 4 + tail
+
+
+@SLOWER
+@given(exif_blocks())
+def test_photos_with_any_exif_decode_upright_or_as_stored_or_raise_bad_image_error(tmp_path, exif):
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(path, exif=exif)
+    with no_hang():
+        try:
+            image = load_image(path)
+        except BadImageError as error:
+            assert str(path) in str(error)
+            return
+    assert image.mode == "RGB" and image.size in ((30, 20), (20, 30))
+
+
+@st.composite
+def npz_archives(draw):
+    """Zip archives of .npy members whose headers declare any shape and dtype over any number of bytes."""
+    members = []
+    for index in range(draw(st.integers(1, 3))):
+        shape = tuple(draw(st.lists(st.integers(0, 2**20), max_size=3)))
+        descr = draw(st.sampled_from(["<f4", ">f4", "<i8", "|u1", "|b1", "<c8", "|V8", "|O"]))
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+        body = draw(st.sampled_from([0, 1, 7, 64, 4096]))
+        members.append((f"resnet/block{index}/kernel.npy", header.getvalue() + bytes(body)))
+    return members, draw(st.booleans())
+
+
+@SLOWER
+@given(npz_archives())
+def test_npz_archives_of_any_structure_read_or_raise_checkpoint_error(tmp_path, archive):
+    import zipfile
+
+    members, compressed = archive
+    path = tmp_path / "w.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED) as handle:
+        for name, data in members:
+            handle.writestr(name, data)
+    with no_hang():
+        try:
+            tensors = read_npz(path)
+        except CheckpointError as error:
+            assert str(path) in str(error) and "\n" not in str(error).strip(), str(error)
+            return
+    declared = sum(len(data) for _, data in members)  # what the archive holds uncompressed: nothing beyond it
+    assert sum(value.numel() * value.element_size() for value in tensors.values()) <= declared
+
+
+def _shared(depth: int):
+    value = [1]
+    for _ in range(depth):
+        value = [value, value]
+    return value
+
+
+pickle_values = st.recursive(
+    st.integers() | st.binary(max_size=8) | st.text(max_size=4)
+    | st.builds(lambda n, dtype: np.zeros(n, dtype), st.integers(0, 16), st.sampled_from(["u1", "f4", "i8", "O"]))
+    | st.builds(_shared, st.integers(0, 64)),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.binary(max_size=4), children, max_size=3)
+    | st.tuples(children, children),
+    max_leaves=10,
+)
+
+
+@SLOWER
+@given(pickle_values, st.sampled_from([2, 4, 5]), st.binary(max_size=40))
+def test_data_pickles_of_any_structure_load_or_raise_value_error(tmp_path, value, protocol, injected):
+    data = pickle.dumps({b"data": value, b"labels": value}, protocol=protocol)
+    if injected:  # a GLOBAL opcode naming any module and name, before the payload
+        data = data[:2] + pickle.GLOBAL + injected.replace(b"\n", b"_")[:20] + b"\nx\n" + pickle.POP + data[2:]
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(data)
+    with no_hang():
+        try:
+            safe_load(path)
+        except ValueError as error:  # UnsafePickleError is one
+            assert str(path) in str(error)
+
+
+@st.composite
+def tensor_views(draw):
+    """A view of a small storage with any shape, stride and offset that stays inside the storage."""
+    storage = draw(st.integers(1, 64))
+    ndim = draw(st.integers(1, 4))
+    shape = draw(st.lists(st.integers(1, 1 << 16), min_size=ndim, max_size=ndim))
+    stride = draw(st.lists(st.integers(0, 4), min_size=ndim, max_size=ndim))
+    reach = sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
+    offset = draw(st.integers(0, max(0, storage - 1 - reach))) if reach < storage else None
+    if offset is None:
+        stride = [0] * ndim
+        offset = 0
+    return storage, tuple(shape), tuple(stride), offset
+
+
+@SLOWER
+@given(tensor_views())
+def test_torch_files_with_any_tensor_view_read_dense_or_raise_checkpoint_error(tmp_path, view):
+    storage, shape, stride, offset = view
+    tensor = torch.arange(storage, dtype=torch.float32).as_strided(shape, stride, offset)
+    path = tmp_path / "w.bin"
+    torch.save({"stem.conv.weight": tensor}, path)
+    with no_hang():
+        try:
+            tensors = read_torch_pickle(path)
+        except CheckpointError as error:
+            assert str(path) in str(error) and "declares" in str(error)
+            return
+    loaded = tensors["stem.conv.weight"]
+    assert loaded.numel() * loaded.element_size() <= loaded.untyped_storage().nbytes()
