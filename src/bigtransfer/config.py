@@ -370,6 +370,15 @@ def variant_names() -> list[str]:
     return list(VARIANTS)
 
 
+def is_variant(name: str) -> bool:
+    """Whether `BitConfig.from_variant` knows `name` (an architecture, not a checkpoint)."""
+    try:
+        _variant_key(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _variant_key(name: str) -> tuple[str, bool]:
     """The VARIANTS key for a name (any case, `BiT-S-` implied), and whether it has the -ILSVRC2012 suffix."""
     if not isinstance(name, str):

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,36 +24,40 @@ from .layers import DropPath, GroupNormAct, MaxPool2dSame, StdConv2d, activation
 # Outputs: named fields, with the tuple and dict access of transformers' ModelOutput.
 
 
-class ModelOutput:
-    """Dataclass base whose non-None fields can also be read by position (`out[0]`) or key (`out["logits"]`)."""
+class ModelOutput(dict):
+    """Named fields (each output class is a dataclass) that also read as a dict of the fields that are not None
+    (`out["logits"]`, `out.get("loss")`, `out.keys()`) and by position (`out[0]`), as transformers' ModelOutput does.
 
-    def to_tuple(self) -> tuple:
-        return tuple(value for value in (getattr(self, f.name) for f in dataclasses.fields(self)) if value is not None)
+    Every subclass is a pytree node, so torch.export, torch.onnx, `torch.jit.trace(strict=False)`, `torch.func.vmap`
+    and DDP see its tensors as a plain container's.
+    """
 
-    def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        pytree.register_pytree_node(
+            cls, lambda output: (list(output.values()), list(output.keys())),
+            lambda values, keys: cls(**dict(zip(keys, values, strict=True))),
+            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        )
 
-    def values(self) -> list[Any]:
-        return [getattr(self, key) for key in self.keys()]
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in getattr(self, "__dataclass_fields__", {}):
+            if value is None:
+                dict.pop(self, name, None)
+            else:
+                dict.__setitem__(self, name, value)
+        super().__setattr__(name, value)
 
-    def items(self) -> list[tuple[str, Any]]:
-        return [(key, getattr(self, key)) for key in self.keys()]
+    def __setitem__(self, key: str, value: Any) -> None:
+        setattr(self, key, value)
 
     def __getitem__(self, item):
         if isinstance(item, str):
-            if item not in self.keys():
-                raise KeyError(item)
-            return getattr(self, item)
+            return dict.__getitem__(self, item)
         return self.to_tuple()[item]
 
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self.keys())
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.keys()
+    def to_tuple(self) -> tuple:
+        return tuple(self.values())
 
 
 @dataclasses.dataclass
@@ -201,13 +206,23 @@ class BitStage(nn.Module):
                 ),
             )
 
-    def forward(self, x: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
-        for layer in self.layers:
-            if gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, use_reentrant=False)
+    def forward(self, x: torch.Tensor, checkpointing: Checkpointing | None = None, first_index: int = 0) -> torch.Tensor:
+        """`checkpointing` recomputes the activations of every `checkpointing.every`-th layer in the backward
+        pass (`first_index` is this stage's first layer's index in the whole network)."""
+        for index, layer in enumerate(self.layers, start=first_index):
+            if checkpointing is not None and torch.is_grad_enabled() and index % checkpointing.every == 0:
+                x = checkpoint(layer, x, **{"use_reentrant": False, **checkpointing.options})
             else:
                 x = layer(x)
         return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpointing:
+    """Activation checkpointing settings: every `every`-th layer, with `torch.utils.checkpoint` `options`."""
+
+    every: int = 1
+    options: dict = dataclasses.field(default_factory=dict)
 
 
 class BitEncoder(nn.Module):
@@ -227,15 +242,25 @@ class BitEncoder(nn.Module):
                 BitStage(config, in_channels, out_channels, stride, dilation, rates[start : start + depth])
             )
             in_channels, current_stride, start = out_channels, current_stride * stride, start + depth
-        self.gradient_checkpointing = False
+        self.checkpointing: Checkpointing | None = None
+
+    @property
+    def gradient_checkpointing(self) -> bool:  # the attribute transformers looks for on modules
+        return self.checkpointing is not None
+
+    def run_stages(self, x: torch.Tensor, stages: int | None = None):
+        """(output, hidden states) of the first `stages` stages (all by default), checkpointed when training."""
+        checkpointing = self.checkpointing if self.training else None
+        hidden_states, first = (x,), 0
+        for stage in self.stages[:stages]:
+            x = stage(x, checkpointing, first)
+            hidden_states += (x,)
+            first += len(stage.layers)
+        return x, hidden_states
 
     def forward(self, x: torch.Tensor, output_hidden_states: bool = False):
-        hidden_states = (x,) if output_hidden_states else None
-        for stage in self.stages:
-            x = stage(x, self.gradient_checkpointing and self.training)
-            if output_hidden_states:
-                hidden_states += (x,)
-        return x, hidden_states
+        x, hidden_states = self.run_stages(x)
+        return x, hidden_states if output_hidden_states else None
 
 
 def _mid_channels(out_channels: int) -> int:
@@ -298,22 +323,64 @@ class BitPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def num_parameters(self, only_trainable: bool = False) -> int:
+    @property
+    def base_model(self) -> BitModel:
+        """The backbone (`self.bit`; a BitModel is its own): the usual handle to freeze it."""
+        return getattr(self, self.base_model_prefix, self)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters (`only_trainable`: those that require gradients); BiT has no embedding tables, so
+        `exclude_embeddings` (what transformers' Trainer passes) changes nothing."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each layer's activations in the backward pass: less memory, about a third more compute."""
-        self._base().encoder.gradient_checkpointing = True
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (and buffers)."""
+        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
+        return sum(tensor.nelement() * tensor.element_size() for tensor in tensors)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute activations in the backward pass: less memory, about a third more compute. As in
+        transformers: every `every_n_layers`-th layer, `activation_checkpointing_kwargs` passed to
+        `torch.utils.checkpoint.checkpoint` (`use_reentrant` is False unless given)."""
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+        if offload:
+            raise ValueError("offload=True (activations in pinned host memory) is not supported for BiT; its "
+                             "activations are small next to a transformer's at long sequences")
+        self.base_model.encoder.checkpointing = Checkpointing(every_n_layers, dict(activation_checkpointing_kwargs or {}))
+
+    def activation_checkpointing_disable(self) -> None:
+        self.base_model.encoder.checkpointing = None
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.base_model.encoder.checkpointing is not None
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """The older name of `activation_checkpointing_enable` (both are kept, as in transformers 5)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        self._base().encoder.gradient_checkpointing = False
+        self.activation_checkpointing_disable()
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return self._base().encoder.gradient_checkpointing
+        return self.is_activation_checkpointing
 
-    def _base(self) -> BitModel:
-        return self if isinstance(self, BitModel) else self.bit
+    def enable_input_require_grads(self) -> None:
+        """Make the stem's output require gradients, so checkpointed layers of a frozen backbone (adapters,
+        partial fine-tuning) still pass gradients on, as transformers does for input embeddings."""
+        self.disable_input_require_grads()
+        self._input_grad_hook = self.base_model.embedder.register_forward_hook(
+            lambda module, inputs, output: output.requires_grad_(True)
+        )
+
+    def disable_input_require_grads(self) -> None:
+        hook = getattr(self, "_input_grad_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._input_grad_hook = None
 
     def _checked_pixel_values(self, pixel_values: Any) -> torch.Tensor:
         """`pixel_values` validated, and in the weights' dtype (under autocast the convolutions pick their own)."""
@@ -342,7 +409,8 @@ class BitPreTrainedModel(nn.Module):
                 f"pixel_values is on {pixel_values.device} but the model is on {weight.device}; move one of them "
                 "(pixel_values.to(model.device))"
             )
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()):
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+        if not (traced or torch._C._functorch.is_functorch_wrapped_tensor(pixel_values)):  # vmap / grad: no data checks
             # A sum is one pass with no temporary; only a non-finite sum (or an overflow) needs the exact check.
             if not torch.isfinite(pixel_values.sum()) and not torch.isfinite(pixel_values).all():
                 raise ValueError("pixel_values contains NaN or infinite values")
@@ -456,6 +524,28 @@ class BitForImageClassification(BitPreTrainedModel):
             return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutputWithNoAttention(loss, logits, outputs.hidden_states)
 
+    # -- timm's names: the backbone's features, the head, a new head ------------------------------------------
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The backbone's last feature map, after the final norm (timm's `forward_features`)."""
+        return self.bit(pixel_values, return_dict=True).last_hidden_state
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (`pre_logits=True`) or logits from `forward_features`' output (timm's `forward_head`)."""
+        pooled = self.bit.pooler(features).flatten(1)
+        return pooled if pre_logits else self.classifier(pooled)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new head of `num_classes` (0: none, features out), zero-initialised as the BiT recipe starts one."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        parameter = next(self.parameters())
+        head = nn.Linear(self.config.num_features, num_classes) if num_classes else nn.Identity()
+        if num_classes:
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        self.classifier[1] = head.to(device=parameter.device, dtype=parameter.dtype)
+        self.config.num_labels = self.num_labels = num_classes
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training loss for `labels`, following `config.problem_type` (set on first use, as in transformers)."""
         num_labels = self.config.num_labels
@@ -520,6 +610,19 @@ class BitBackbone(BitPreTrainedModel):
         """Channels of each returned feature map, with `width_factor` applied."""
         return [self.num_features[index] for index in self.config.out_indices]
 
+    @property
+    def out_feature_channels(self) -> dict[str, int]:
+        """Channels of every stage's map by stage name (transformers' BackboneMixin)."""
+        return dict(zip(self.stage_names, self.num_features, strict=True))
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's description of the returned maps: channels, reduction (stride) and module, per map."""
+        reductions = [4] + [min(4 * 2**index, self.config.output_stride) for index in range(len(self.config.depths))]
+        modules = ["bit.embedder"] + [f"bit.encoder.stages.{index}" for index in range(len(self.config.depths))]
+        return [dict(num_chs=self.num_features[index], reduction=reductions[index], module=modules[index])
+                for index in self.config.out_indices]
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -530,18 +633,11 @@ class BitBackbone(BitPreTrainedModel):
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
         pixel_values = self._checked_pixel_values(pixel_values)
-        wanted = {index % len(self.stage_names) for index in self.config.out_indices}
-        x = self.bit.embedder(pixel_values)
-        feature_maps = (x,) if 0 in wanted else ()
-        hidden_states = (x,) if output_hidden_states else None
-        encoder = self.bit.encoder
-        last_stage = len(encoder.stages) if output_hidden_states else max(wanted)
-        for stage_number, stage in enumerate(encoder.stages[:last_stage], start=1):
-            x = stage(x, encoder.gradient_checkpointing and self.training)
-            if stage_number in wanted:
-                feature_maps += (x,)
-            if output_hidden_states:
-                hidden_states += (x,)
+        wanted = sorted({index % len(self.stage_names) for index in self.config.out_indices})
+        stages = len(self.bit.encoder.stages) if output_hidden_states else max(wanted)
+        _, states = self.bit.encoder.run_stages(self.bit.embedder(pixel_values), stages)
+        feature_maps = tuple(states[index] for index in wanted)
+        hidden_states = states if output_hidden_states else None
         if not return_dict:
             return (feature_maps,) + ((hidden_states,) if output_hidden_states else ())
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)

@@ -45,7 +45,7 @@ from torch import nn
 from . import hub, hyperrule
 from .checkpoints import loader
 from .checkpoints.writers import save_transformers
-from .config import BitConfig
+from .config import BitConfig, is_variant
 from .data import (
     EvalTransform,
     ImageSource,
@@ -320,11 +320,7 @@ def _is_random_init(name: str, google_names_are_weights: bool) -> bool:
     """
     if Path(name).exists() or (google_names_are_weights and hub.is_google_name(name)):
         return False
-    try:
-        BitConfig.from_variant(name)
-    except ValueError:
-        return False
-    return True
+    return is_variant(name)
 
 
 def _seeded_init(build: Callable[[], nn.Module], seed: int) -> nn.Module:
