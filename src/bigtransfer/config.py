@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from pathlib import Path
@@ -10,9 +11,10 @@ from typing import Any
 
 import torch
 
+from . import hub
 from .files import read_json, write_text_atomic
+from .hub import CONFIG_NAME
 
-CONFIG_NAME = "config.json"
 # The one precision vocabulary: what `dtype=`, `--precision` and the bench accept, as torch dtypes.
 DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -304,6 +306,17 @@ class BitConfig:
         """Set several fields at once, validated as the constructor validates them (derived fields follow)."""
         self.__dict__.update(type(self).from_dict(self.to_dict(), **values).__dict__)
 
+    @property
+    def use_return_dict(self) -> bool:
+        """transformers' name for `return_dict`."""
+        return self.return_dict
+
+    @property
+    def dtype(self) -> Any:
+        """The weights' dtype a saved config records (a torch dtype), None on a fresh config (as in transformers)."""
+        recorded = self.extra.get("dtype") or self.extra.get("torch_dtype")
+        return DTYPES.get(str(recorded).removeprefix("torch."), recorded) if recorded is not None else None
+
     def __getattr__(self, name: str) -> Any:
         # Keys of config.json this class has no field for (architectures, dtype, ...) read as attributes, as
         # in transformers; anything else is still an AttributeError, so typos are not hidden.
@@ -343,9 +356,28 @@ class BitConfig:
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> BitConfig:
-        """Read a config.json file, or the one in a directory; `overrides` replace its values."""
-        return cls.from_dict(read_json(_config_path(path)), **overrides)
+    def from_pretrained(cls, path: str | os.PathLike, *, return_unused_kwargs: bool = False, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False, subfolder: str | None = None, **overrides: Any):
+        """Read a config.json file, the one in a directory (or its `subfolder`), or a Hugging Face Hub repository's;
+        `overrides` replace its values. With `return_unused_kwargs=True` (as in transformers), overrides that are
+        not config fields are left out and returned: `(config, unused)`."""
+        local = Path(path) / subfolder if subfolder and Path(path).is_dir() else Path(path)
+        if not local.exists() and hub.is_hub_name(str(path)) and not os.path.isabs(path):
+            options = hub.HubOptions(revision, cache_dir, token, local_files_only, subfolder=subfolder)
+            local = hub.download_file(str(path), CONFIG_NAME, options)
+        unused = {key: overrides.pop(key) for key in list(overrides) if key not in _FIELDS} if return_unused_kwargs else {}
+        config = cls.from_dict(read_json(_config_path(local)), **overrides)
+        return (config, unused) if return_unused_kwargs else config
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> BitConfig:
+        """Read a config JSON file (transformers' `from_json_file`)."""
+        return cls.from_dict(read_json(path))
+
+    def push_to_hub(self, repo_id: str, **options: Any):
+        """Upload config.json to the Hugging Face Hub repository `repo_id` (created if missing)."""
+        return hub.push_folder(repo_id, self.save_pretrained, **options)
 
     @classmethod
     def from_variant(cls, name: str, **overrides: Any) -> BitConfig:
@@ -487,3 +519,6 @@ def _config_path(path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise OSError(f"no {CONFIG_NAME} found at {path}")
     return path
+
+
+_FIELDS = frozenset(inspect.signature(BitConfig.__init__).parameters) - {"self", "kwargs"}

@@ -8,6 +8,11 @@ class CheckpointError(ValueError):
     """A weight file or directory that cannot be read or does not fit the model (message names file, key, shapes)."""
 
 
+class MismatchedSizesError(CheckpointError, RuntimeError):
+    """A head whose size does not fit the model's (a ValueError here, a RuntimeError as transformers raises it, so
+    `except RuntimeError` written for transformers catches it too)."""
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint that would import or call code when loaded; it was refused and nothing was run."""
 

@@ -16,6 +16,7 @@ Without a network, every path fails with one sentence that says what was missing
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,18 +27,19 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from .config import ARCHITECTURES, CONFIG_NAME
 from .errors import CheckpointError
 from .files import atomic_path, read_json, write_text_atomic
 
 logger = logging.getLogger("bigtransfer")
 
+CONFIG_NAME = "config.json"  # a transformers repository's config (the package's other modules take the name from here)
 GOOGLE_BASE_URL = "https://storage.googleapis.com/bit_models/"
+GOOGLE_ARCHITECTURES = ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")  # what Google released
 # Every file Google published with the paper and the distillation follow-up, by name -> path under the bucket.
 GOOGLE_FILES: dict[str, str] = {
     f"BiT-{upstream}-{architecture}{suffix}": f"BiT-{upstream}-{architecture}{suffix}.npz"
     for upstream in ("S", "M")
-    for architecture in ARCHITECTURES
+    for architecture in GOOGLE_ARCHITECTURES
     for suffix in ("", "-ILSVRC2012")
 }
 GOOGLE_FILES.update(
@@ -49,6 +51,30 @@ _TIMEOUT_S = 30
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared: where the cache is, and whether we may go online.
+
+
+@dataclasses.dataclass(frozen=True)
+class HubOptions:
+    """How names are fetched, from transformers' `from_pretrained` arguments: a Hub `revision` (branch, tag or
+    commit), `cache_dir` (instead of HF_HUB_CACHE), `token`, `local_files_only` (as HF_HUB_OFFLINE=1 for this
+    call), `force_download` and a `subfolder` of the repository."""
+
+    revision: str | None = None
+    cache_dir: str | os.PathLike | None = None
+    token: str | bool | None = None
+    local_files_only: bool = False
+    force_download: bool = False
+    subfolder: str | None = None
+    use_safetensors: bool | None = None  # True: safetensors weights only; False: pytorch_model.bin only
+
+    def cache(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else cache_dir()
+
+    def offline(self) -> bool:
+        return self.local_files_only or offline()
+
+
+DEFAULT_OPTIONS = HubOptions()
 
 
 def cache_dir() -> Path:
@@ -88,7 +114,7 @@ def is_google_name(name: str) -> bool:
     return google_file(name) is not None
 
 
-def download_google(name: str, progress: bool = True) -> Path:
+def download_google(name: str, progress: bool = True, options: HubOptions = DEFAULT_OPTIONS) -> Path:
     """Return the cached path of a Google BiT .npz, downloading it (with a progress bar) when needed.
 
     A cached file whose size or SHA-256 no longer matches the record written at download time is
@@ -101,19 +127,19 @@ def download_google(name: str, progress: bool = True) -> Path:
     if relative is None:
         raise ValueError(f"unknown Google BiT checkpoint {name!r}; known: {', '.join(GOOGLE_FILES)}")
     url = GOOGLE_BASE_URL + relative
-    target = cache_dir() / "bit_models" / relative
+    target = options.cache() / "bit_models" / relative
     record_path = target.with_name(target.name + ".json")
-    if target.is_file() and record_path.is_file():
+    if target.is_file() and record_path.is_file() and not options.force_download:
         problem = _check_against_record(target, record_path)
         if problem is None:
             return target
-        if offline():
+        if options.offline():
             raise CheckpointError(
                 f"the cached {target} is corrupted ({problem}) and HF_HUB_OFFLINE is set, so it cannot be "
                 "downloaded again; delete it and retry with a network connection."
             )
         logger.warning("%s is corrupted (%s); downloading it again", target, problem)
-    elif offline():
+    elif options.offline():
         raise OSError(f"{name} is not in the cache ({target}) and HF_HUB_OFFLINE is set, so it cannot be downloaded.")
     _fetch(url, target, record_path, progress)
     return target
@@ -206,22 +232,24 @@ def is_hub_name(name: str) -> bool:
     return bool(_REPO_ID.fullmatch(str(name))) and not str(name).startswith((".", "/"))
 
 
-def download(repo_id: str, revision: str | None = None) -> Path:
+def download(repo_id: str, options: HubOptions = DEFAULT_OPTIONS) -> Path:
     """The cached snapshot directory of a transformers or timm repository: config.json plus its weights.
 
     Only the files a BiT model needs are fetched (model.safetensors, else pytorch_model.bin, and the
     preprocessor config); with HF_HUB_OFFLINE set, only the cache is used.
     """
     try:
-        config = _fetch_from_hub(repo_id, CONFIG_NAME, revision)
+        config = _fetch_from_hub(repo_id, CONFIG_NAME, options)
     except _Unreachable:
-        raise _unreachable_error(repo_id) from None
+        raise _unreachable_error(repo_id, options) from None
     if config is None:
         raise CheckpointError(f"{repo_id} has no {CONFIG_NAME}, so it is neither a transformers nor a timm model repository.")
     unreachable = False
-    for filename in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+    names = {None: ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
+             True: ("model.safetensors", "model.safetensors.index.json"), False: ("pytorch_model.bin",)}
+    for filename in names[options.use_safetensors]:
         try:
-            weights = _fetch_from_hub(repo_id, filename, revision)
+            weights = _fetch_from_hub(repo_id, filename, options)
         except _Unreachable:
             unreachable = True
             continue
@@ -230,20 +258,36 @@ def download(repo_id: str, revision: str | None = None) -> Path:
         if weights.name.endswith(".index.json"):
             for shard in shard_names(weights):
                 try:
-                    if _fetch_from_hub(repo_id, shard, revision) is None:
+                    if _fetch_from_hub(repo_id, shard, options) is None:
                         raise CheckpointError(f"{repo_id} lists the shard {shard} but does not have it.")
                 except _Unreachable:
-                    raise _unreachable_error(repo_id) from None
+                    raise _unreachable_error(repo_id, options) from None
         break
     else:
         if unreachable:
-            raise _unreachable_error(repo_id)
-        raise CheckpointError(f"{repo_id} has no model.safetensors or pytorch_model.bin.")
+            raise _unreachable_error(repo_id, options)
+        shown = {None: "model.safetensors or pytorch_model.bin", True: "model.safetensors", False: "pytorch_model.bin"}
+        raise CheckpointError(f"{repo_id} has no {shown[options.use_safetensors]}.")
     try:
-        _fetch_from_hub(repo_id, "preprocessor_config.json", revision)
+        _fetch_from_hub(repo_id, "preprocessor_config.json", options)
     except _Unreachable:
         pass  # optional: a default preprocessor config is used without it
     return config.parent
+
+
+def push_folder(repo_id: str, write, *, commit_message: str | None = None, private: bool | None = None,
+                token: str | bool | None = None, revision: str | None = None, create_pr: bool = False):
+    """Write files with `write(directory)` into a temporary directory and upload them to the Hub repository
+    `repo_id` (created when missing), as transformers' `push_to_hub` does; returns huggingface_hub's CommitInfo."""
+    import tempfile
+
+    hub, _ = _import_hub()
+    api = hub.HfApi(token=token) if token not in (None, True) else hub.HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as directory:
+        write(Path(directory))
+        return api.upload_folder(repo_id=repo_id, folder_path=directory, commit_message=commit_message or "Upload with bigtransfer",
+                                 revision=revision, create_pr=create_pr)
 
 
 def shard_names(index_path: Path) -> list[str]:
@@ -258,23 +302,27 @@ def shard_names(index_path: Path) -> list[str]:
     return sorted(set(weight_map.values()))
 
 
-def download_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
+def download_file(repo_id: str, filename: str, options: HubOptions = DEFAULT_OPTIONS) -> Path:
     """The cached path of one file of a Hub repository (OSError when it has none or it cannot be reached)."""
     try:
-        path = _fetch_from_hub(repo_id, filename, revision)
+        path = _fetch_from_hub(repo_id, filename, options)
     except _Unreachable:
-        raise _unreachable_error(repo_id) from None
+        raise _unreachable_error(repo_id, options) from None
     if path is None:
         raise OSError(f"{repo_id} has no {filename} on the Hugging Face Hub.")
     return path
 
 
-def _fetch_from_hub(repo_id: str, filename: str, revision: str | None) -> Path | None:
+def _fetch_from_hub(repo_id: str, filename: str, options: HubOptions) -> Path | None:
     """huggingface_hub's download of one file (the cache only when offline); None when the repository lacks it."""
     hub, errors = _import_hub()
+    revision = options.revision
     try:
-        return Path(hub.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir(),
-                                        local_files_only=offline()))
+        return Path(hub.hf_hub_download(
+            repo_id, filename, revision=revision, cache_dir=options.cache(), local_files_only=options.offline(),
+            **{key: value for key, value in (("token", options.token), ("force_download", options.force_download),
+                                             ("subfolder", options.subfolder)) if value},
+        ))
     except errors.LocalEntryNotFoundError:
         raise _Unreachable from None
     except errors.EntryNotFoundError:  # the repository has no such file
@@ -292,14 +340,15 @@ class _Unreachable(Exception):
     """A file that is neither cached nor downloadable right now (offline, or no network)."""
 
 
-def _unreachable_error(repo_id: str) -> OSError:
-    if offline():
+def _unreachable_error(repo_id: str, options: HubOptions) -> OSError:
+    if options.offline():
         return OSError(
-            f"{repo_id} is not in the Hugging Face cache ({cache_dir()}) and HF_HUB_OFFLINE is set, so it cannot be downloaded."
+            f"{repo_id} is not in the Hugging Face cache ({options.cache()}) and HF_HUB_OFFLINE is set, so it cannot "
+            "be downloaded."
         )
     return ConnectionError(
         f"cannot download {repo_id}: the Hugging Face Hub cannot be reached (no network connection?) and no copy "
-        f"is cached in {cache_dir()}."
+        f"is cached in {options.cache()}."
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import hub
 from .checkpoints import loader, writers
 from .config import BitConfig, make_divisible
 from .layers import DropPath, GroupNormAct, MaxPool2dSame, StdConv2d, activation
@@ -418,7 +420,7 @@ class BitPreTrainedModel(nn.Module):
 
     # -- persistence (file handling lives in bigtransfer.checkpoints) ------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_name: str | os.PathLike, **kwargs: Any):
+    def from_pretrained(cls, path_or_name: str | os.PathLike | None = None, *args: Any, **kwargs: Any):
         """Load a model from a transformers-layout directory (config.json + model.safetensors or pytorch_model.bin),
         a Hub name (`google/bit-50`, `timm/resnetv2_50x1_bit.goog_in21k`), a single weights file in any supported
         format (timm, Google .npz, original big_transfer) or a Google name (`BiT-M-R50x1`).
@@ -433,15 +435,48 @@ class BitPreTrainedModel(nn.Module):
         A weights file or Google name has no config.json: its architecture is read off the tensors, and a
         `num_labels` other than its head's starts a new zero head (no flag needed).
 
+        transformers' other loading arguments work as there: `pretrained_model_name_or_path=`, `config=`,
+        `state_dict=` (these tensors instead of the source's), `output_loading_info=True` (returns the model
+        and its missing / unexpected / mismatched keys), `subfolder`, `cache_dir`, `token`, `local_files_only`,
+        `force_download`, `use_safetensors`; `low_cpu_mem_usage`, `trust_remote_code` and `attn_implementation`
+        are accepted and mean nothing here (see `checkpoints.loader.IGNORED_ARGUMENTS`). A head whose size does
+        not fit raises `MismatchedSizesError`, both a ValueError and (as in transformers) a RuntimeError.
+
         Example:
             >>> model = BitForImageClassification.from_pretrained("runs/pets/model", num_labels=37,
             ...                                                   ignore_mismatched_sizes=True)
         """
+        if args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes the source and keyword arguments only")
         return loader.load(cls, path_or_name, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True) -> None:
-        """Write config.json and model.safetensors (or pytorch_model.bin) atomically, loadable by transformers."""
-        writers.save_transformers(self, save_directory, safe_serialization=safe_serialization)
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, safe_serialization: bool = True, *,
+        max_shard_size: int | str | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+        is_main_process: bool = True, push_to_hub: bool = False, **hub_kwargs: Any,
+    ) -> None:
+        """Write config.json and model.safetensors (or pytorch_model.bin) atomically, loadable by transformers.
+
+        As in transformers: `max_shard_size` ("5GB", bytes) splits the weights into indexed shards, `state_dict`
+        saves those tensors, `is_main_process=False` writes nothing (other ranks), `push_to_hub=True` also uploads
+        the directory (`repo_id=`, default the directory's name, and `push_to_hub`'s other arguments).
+        """
+        if not is_main_process:
+            return
+        writers.save_transformers(self, save_directory, safe_serialization=safe_serialization,
+                                  max_shard_size=max_shard_size, state_dict=state_dict)
+        if push_to_hub:
+            self.push_to_hub(hub_kwargs.pop("repo_id", Path(save_directory).name), **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
+                    max_shard_size: int | str | None = None, safe_serialization: bool = True):
+        """Upload config.json and the weights to the Hugging Face Hub repository `repo_id` (created if missing)."""
+        return hub.push_folder(
+            repo_id, lambda directory: writers.save_transformers(
+                self, directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size),
+            commit_message=commit_message, private=private, token=token, revision=revision, create_pr=create_pr,
+        )
 
 
 class BitModel(BitPreTrainedModel):

@@ -570,7 +570,7 @@ class BitImageProcessor:
         """
         path = Path(os.fspath(path))
         if not path.exists() and hub.is_hub_name(str(path)) and not path.is_absolute():
-            path = hub.download_file(str(path), IMAGE_PROCESSOR_CONFIG_NAME, revision)
+            path = hub.download_file(str(path), IMAGE_PROCESSOR_CONFIG_NAME, hub.HubOptions(revision=revision))
         if path.is_dir():
             nested = path / PROCESSOR_CONFIG_NAME
             if nested.is_file():

@@ -30,7 +30,7 @@ from ..processing import (
     BitImageProcessor,
 )
 from . import keymaps
-from .readers import READERS, file_kind, read_directory_weights, read_recorded_config
+from .readers import READERS, file_kind, has_directory_weights, read_directory_weights, read_recorded_config
 
 # Weight-standardization eps of each source implementation: timm and transformers 1e-8, the original
 # big_transfer code (PyTorch, TF2 and JAX alike) 1e-10. Logits reproduce only with the source's value.
@@ -196,15 +196,17 @@ class Checkpoint:
         return f"{keymaps.source_key(key, self.naming)} (here {key})"
 
 
-def read_checkpoint(path: str | os.PathLike, name: str | None = None) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, name: str | None = None, use_safetensors: bool | None = None) -> Checkpoint:
     """Read a weights file (any format) or a transformers / timm directory into a `Checkpoint`.
 
     `name` is the name the file is known by (a hub or Google name), used only to pick the preprocessing
-    when the file itself does not say (timm tags, -ILSVRC2012, distilled resolutions).
+    when the file itself does not say (timm tags, -ILSVRC2012, distilled resolutions). A directory of weights
+    without config.json (what transformers' Trainer saves for a model that is not its own class) is read like a
+    weights file: its architecture is inferred.
     """
     path = Path(path)
     if path.is_dir():
-        return _read_directory(path, name)
+        return _read_directory(path, name, use_safetensors)
     if not path.exists():
         raise OSError(f"no such file or directory: {path}")
     kind = file_kind(path)
@@ -234,14 +236,17 @@ def _preprocessing_for(naming: str, hint: str, config: dict[str, Any]) -> Prepro
     return TRANSFORMERS_DEFAULT
 
 
-def _read_directory(directory: Path, name: str | None) -> Checkpoint:
+def _read_directory(directory: Path, name: str | None, use_safetensors: bool | None) -> Checkpoint:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
+        if has_directory_weights(directory):
+            return _from_tensors(read_directory_weights(directory, use_safetensors), "directory", str(directory),
+                                 name or directory.name)
         hint = (f"; it looks like a run directory: pass {directory / 'model'}"
                 if (directory / "model" / CONFIG_NAME).is_file() else "; pass the weights file itself")
         raise CheckpointError(f"{directory} is a directory without {CONFIG_NAME}{hint}")
     config = read_json(config_path)
-    tensors = read_directory_weights(directory)
+    tensors = read_directory_weights(directory, use_safetensors)
     if "architecture" in config and "model_type" not in config:
         return _read_timm_directory(directory, config, tensors, name)
     preprocessor_path = directory / IMAGE_PROCESSOR_CONFIG_NAME

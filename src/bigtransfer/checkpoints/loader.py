@@ -20,7 +20,8 @@ from torch import nn
 
 from .. import hub
 from ..config import CONFIG_NAME, DTYPES, BitConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MismatchedSizesError
+from . import keymaps
 from .formats import Checkpoint, describe_variant, read_checkpoint
 from .labels import known_labels
 
@@ -29,33 +30,30 @@ logger = logging.getLogger("bigtransfer")
 HEAD_PREFIX = "classifier."  # the only keys allowed to differ between a checkpoint and a model
 _PREFIX = "bit."
 CONFIG_FIELDS = frozenset(inspect.signature(BitConfig.__init__).parameters) - {"self", "kwargs"}
-# transformers' Hub arguments and the environment variables huggingface_hub reads instead (set those).
-HUB_ENVIRONMENT = {
-    "cache_dir": "HF_HUB_CACHE", "token": "HF_TOKEN", "use_auth_token": "HF_TOKEN",
-    "local_files_only": "HF_HUB_OFFLINE=1", "proxies": "HTTPS_PROXY",
-}
+# transformers' Hub arguments that huggingface_hub takes from the environment instead (set those).
+HUB_ENVIRONMENT = {"proxies": "HTTPS_PROXY"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Source -> Checkpoint.
 
 
-def resolve(source: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
+def resolve(source: str | os.PathLike, options: hub.HubOptions = hub.DEFAULT_OPTIONS) -> tuple[Path, str | None]:
     """A local file or directory holding `source`, and the name it is known by (Google and Hub names only).
 
-    Google names (`BiT-M-R50x1`) and Hub names (`google/bit-50`) are downloaded into the cache (`hub`); a Hub
-    `revision` is a branch, tag or commit (local paths ignore it).
+    Google names (`BiT-M-R50x1`) and Hub names (`google/bit-50`) are downloaded into the cache (`hub`, as
+    `options` say); a local directory's `options.subfolder` is looked into.
     """
     text = os.fspath(source)
     if not str(text).strip():
         raise ValueError("the model name or path is empty")
     path = Path(text).expanduser()
     if path.exists():
-        return path, None
+        return (path / options.subfolder if options.subfolder else path), None
     if hub.is_google_name(text):
-        return hub.download_google(text), text
+        return hub.download_google(text, options=options), text
     if hub.is_hub_name(text) and not os.path.isabs(text):
-        return hub.download(text, revision), text
+        return hub.download(text, options), text
     hint = ""
     if text.lower().startswith("bit-"):
         released = [name for name in hub.GOOGLE_FILES if "/" not in name and "-ILSVRC" not in name]
@@ -67,47 +65,107 @@ def resolve(source: str | os.PathLike, revision: str | None = None) -> tuple[Pat
     )
 
 
-def read(source: str | os.PathLike, revision: str | None = None) -> Checkpoint:
+def read(source: str | os.PathLike, options: hub.HubOptions = hub.DEFAULT_OPTIONS) -> Checkpoint:
     """The Checkpoint of any source `resolve` takes."""
-    path, name = resolve(source, revision)
-    return read_checkpoint(path, name)
+    path, name = resolve(source, options)
+    return read_checkpoint(path, name, use_safetensors=options.use_safetensors)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoint -> model.
 
+# transformers' from_pretrained arguments that mean nothing for BiT: accepted, and ignored for the reason given.
+IGNORED_ARGUMENTS = {
+    "low_cpu_mem_usage": "weights are always loaded straight into the one model built",
+    "trust_remote_code": "no code from a checkpoint is ever run",
+    "attn_implementation": "BiT has no attention",
+    "_fast_init": "initialisation is always skipped for loaded weights",
+    "use_flash_attention_2": "BiT has no attention",
+}
+
 
 def load(
-    model_class: type, source: str | os.PathLike, *, config: BitConfig | None = None,
-    ignore_mismatched_sizes: bool = False, labels: list[str] | None = None, new_head: bool = False,
-    allow_non_finite: bool = False, dtype: Any = "auto", torch_dtype: Any = None, device_map: Any = None,
-    revision: str | None = None, **overrides: Any,
-) -> nn.Module:
+    model_class: type, source: str | os.PathLike | None = None, *, config: BitConfig | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None, ignore_mismatched_sizes: bool = False,
+    labels: list[str] | None = None, new_head: bool = False, allow_non_finite: bool = False,
+    output_loading_info: bool = False, dtype: Any = "auto", torch_dtype: Any = None, device_map: Any = None,
+    pretrained_model_name_or_path: str | os.PathLike | None = None, revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None, token: str | bool | None = None, use_auth_token: Any = None,
+    local_files_only: bool = False, force_download: bool = False, subfolder: str | None = None,
+    use_safetensors: bool | None = None, **overrides: Any,
+):
     """Build `model_class` from any source; see `BitPreTrainedModel.from_pretrained` for the arguments.
 
     `labels` names the head's classes (a new head when their count differs from the checkpoint's);
     `new_head=True` always starts a fresh zero-initialised head (the BiT recipe for fine-tuning);
     `allow_non_finite=True` loads weights holding NaN or infinity (with a warning) instead of refusing them.
     """
+    for name in IGNORED_ARGUMENTS:
+        overrides.pop(name, None)
     _check_overrides(model_class, overrides)
+    source = _one_source(source, pretrained_model_name_or_path)
     if torch_dtype is not None:
         if dtype != "auto":
             raise TypeError("pass dtype or its older name torch_dtype, not both")
         dtype = torch_dtype
+    _refuse_meta_device()
     device = _device(device_map)
-    checkpoint = read(source, revision)
-    model = build(model_class, checkpoint, config=config, overrides=overrides, labels=labels, new_head=new_head,
-                  ignore_mismatched_sizes=ignore_mismatched_sizes, allow_non_finite=allow_non_finite)
-    model.name_or_path = os.fspath(source)
-    return model.to(device=device, dtype=resolve_dtype(dtype, _stored_dtype(checkpoint))).eval()
+    options = hub.HubOptions(revision, cache_dir, token if token is not None else use_auth_token, local_files_only,
+                             force_download, subfolder, use_safetensors)
+    checkpoint = _checkpoint(source, state_dict, config, options)
+    model, info = _build(model_class, checkpoint, config=config, overrides=overrides, labels=labels,
+                         new_head=new_head, ignore_mismatched_sizes=ignore_mismatched_sizes,
+                         allow_non_finite=allow_non_finite)
+    model.name_or_path = "" if source is None else os.fspath(source)
+    model = model.to(device=device, dtype=resolve_dtype(dtype, _stored_dtype(checkpoint))).eval()
+    return (model, info) if output_loading_info else model
 
 
-def build(
+def _one_source(source: Any, keyword: Any) -> Any:
+    if keyword is not None:
+        if source is not None:
+            raise TypeError("pass the source once: positionally or as pretrained_model_name_or_path, not both")
+        return keyword
+    return source
+
+
+def _checkpoint(source: Any, state_dict: dict[str, torch.Tensor] | None, config: BitConfig | None,
+                options: hub.HubOptions) -> Checkpoint:
+    """What to build from: the source read, or a given state dict (with the source's config, or `config`)."""
+    if state_dict is None:
+        if source is None:
+            raise ValueError("from_pretrained needs a model name or path (or a state_dict with a config)")
+        return read(source, options)
+    if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        raise TypeError("state_dict must be a dict of names to tensors")
+    described = read(source, options) if source is not None else None
+    fields = config.to_dict() if config is not None else described.config if described is not None else None
+    if fields is None:
+        raise ValueError("from_pretrained(state_dict=...) needs a config, or a source that has one")
+    return Checkpoint(keymaps.TRANSFORMERS, "state_dict", "the given state_dict",
+                      keymaps.to_transformers(state_dict, keymaps.detect_naming(state_dict)), dict(fields),
+                      inferred=False, prefixed=any(key.startswith(_PREFIX) for key in state_dict))
+
+
+def _refuse_meta_device() -> None:
+    """Loading inside `with torch.device("meta")` would build weights that hold nothing (transformers refuses)."""
+    probe = torch.empty(0)
+    if probe.device.type == "meta":
+        raise RuntimeError("cannot load weights inside a torch.device('meta') context: the model would hold no "
+                           "values. Build it there without weights (BitForImageClassification(config)), or load outside")
+
+
+def build(model_class: type, checkpoint: Checkpoint, **options: Any) -> nn.Module:
+    """`model_class` holding the checkpoint's weights, strictly loaded, in eval mode (`options` as `load`'s:
+    config, overrides, labels, new_head, ignore_mismatched_sizes, allow_non_finite)."""
+    return _build(model_class, checkpoint, **options)[0]
+
+
+def _build(
     model_class: type, checkpoint: Checkpoint, *, config: BitConfig | None = None,
     overrides: dict[str, Any] | None = None, labels: list[str] | None = None, new_head: bool = False,
     ignore_mismatched_sizes: bool = False, allow_non_finite: bool = False,
-) -> nn.Module:
-    """`model_class` holding the checkpoint's weights, strictly loaded, in eval mode."""
+) -> tuple[nn.Module, dict[str, list]]:
     overrides = dict(overrides or {})
     size = head_size(checkpoint)
     if labels is not None:
@@ -123,9 +181,9 @@ def build(
     elif overrides:
         raise ValueError(f"pass either config or config overrides, not both (got {sorted(overrides)})")
     model = model_class(config)
-    load_state(model, checkpoint, ignore_mismatched_sizes=ignore_mismatched_sizes, new_head=new_head,
-               allow_non_finite=allow_non_finite)
-    return model.eval()
+    info = load_state(model, checkpoint, ignore_mismatched_sizes=ignore_mismatched_sizes, new_head=new_head,
+                      allow_non_finite=allow_non_finite)
+    return model.eval(), info
 
 
 def _config(checkpoint: Checkpoint, overrides: dict[str, Any], new_head: bool) -> BitConfig:
@@ -157,14 +215,15 @@ def head_size(checkpoint: Checkpoint) -> int:
 
 
 def load_state(model: nn.Module, checkpoint: Checkpoint, ignore_mismatched_sizes: bool = False,
-               new_head: bool = False, allow_non_finite: bool = False) -> None:
+               new_head: bool = False, allow_non_finite: bool = False) -> dict[str, list]:
     """Strictly load the checkpoint into `model`: the one place keys are matched, checked and re-initialised.
 
     The `bit.` prefix is removed for models that are the backbone themselves (BitModel). Only the head
     (`classifier.*`) may differ: a head the model lacks is ignored; one missing from the checkpoint, one asked
     for anew (`new_head`), or one whose shape no longer fits when `ignore_mismatched_sizes=True`, starts at
     zero. Any other missing, unexpected or misshapen key raises CheckpointError listing them in the source's
-    own names; so do weights holding NaN or infinity (a diverged run's), unless `allow_non_finite`.
+    own names; so do weights holding NaN or infinity (a diverged run's), unless `allow_non_finite`. Returns
+    transformers' loading info: missing (re-initialised), unexpected (ignored) and mismatched keys.
     """
     expected = model.state_dict()
     wrapped = any(key.startswith(_PREFIX) for key in expected)
@@ -174,6 +233,7 @@ def load_state(model: nn.Module, checkpoint: Checkpoint, ignore_mismatched_sizes
         for key, value in checkpoint.state.items()
         if not (key.startswith(HEAD_PREFIX) and (new_head or not has_head))
     }
+    ignored = [key for key in checkpoint.state if key.startswith(HEAD_PREFIX) and not has_head]
 
     def named(keys: list[str]) -> list[str]:
         return [checkpoint.source_key(key if wrapped or key.startswith(HEAD_PREFIX) else _PREFIX + key) for key in keys]
@@ -191,12 +251,16 @@ def load_state(model: nn.Module, checkpoint: Checkpoint, ignore_mismatched_sizes
         where = "the model" if not checkpoint.inferred else target
         hint = " (pass ignore_mismatched_sizes=True to start a new head)" if all(
             key.startswith(HEAD_PREFIX) for key in fatal) else ""
-        raise CheckpointError(f"{checkpoint.source}: " + "; ".join(
+        error = MismatchedSizesError if hint else CheckpointError
+        raise error(f"{checkpoint.source}: " + "; ".join(
             f"{named([key])[0]} has shape {tuple(state[key].shape)} in the checkpoint but "
             f"{tuple(expected[key].shape)} in {where}" for key in fatal) + hint)
+    info = dict(missing_keys=[], unexpected_keys=ignored, error_msgs=[],
+                mismatched_keys=[(key, tuple(state[key].shape), tuple(expected[key].shape)) for key in mismatched])
     for key in mismatched:
         state.pop(key)
     fresh = [key for key in expected if key not in state]
+    info["missing_keys"] = [key for key in fresh if key not in {name for name, _, _ in info["mismatched_keys"]}]
     for key in fresh:
         state[key] = torch.zeros_like(expected[key])
     if fresh and not new_head:
@@ -207,6 +271,7 @@ def load_state(model: nn.Module, checkpoint: Checkpoint, ignore_mismatched_sizes
         if value.dtype != expected[key].dtype and value.is_floating_point():
             state[key] = value.to(expected[key].dtype)
     model.load_state_dict(state, strict=True)
+    return info
 
 
 def _check_finite(checkpoint: Checkpoint, state: dict[str, torch.Tensor], named, allowed: bool) -> None:
@@ -233,8 +298,8 @@ def _check_overrides(model_class: type, overrides: dict[str, Any]) -> None:
     hint = f"; for the Hub's {', '.join(hub_names)}" if hub_names else ""
     raise TypeError(
         f"{model_class.__name__}.from_pretrained got unexpected keyword arguments {unknown}: it takes BitConfig "
-        f"fields ({', '.join(sorted(CONFIG_FIELDS))}) and ignore_mismatched_sizes, config, dtype, torch_dtype, "
-        f"device_map, revision{hint}"
+        f"fields ({', '.join(sorted(CONFIG_FIELDS))}) and the loading arguments of transformers (config, "
+        f"state_dict, dtype, device_map, revision, cache_dir, token, subfolder, ...){hint}"
     )
 
 

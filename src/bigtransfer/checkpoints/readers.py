@@ -201,22 +201,29 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return READERS[file_kind(path)](path)
 
 
-def read_directory_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_directory_weights(directory: str | os.PathLike, use_safetensors: bool | None = None) -> dict[str, torch.Tensor]:
     """The state dict of a transformers- or timm-layout directory: model.safetensors, else the shards its
-    model.safetensors.index.json lists, else pytorch_model.bin."""
+    model.safetensors.index.json lists, else pytorch_model.bin (`use_safetensors`: True, safetensors only;
+    False, pytorch_model.bin only)."""
     directory = Path(directory)
-    if (directory / SAFE_WEIGHTS_NAME).is_file():
-        return read_safetensors(directory / SAFE_WEIGHTS_NAME)
-    if (directory / SAFE_WEIGHTS_INDEX_NAME).is_file():
-        state: dict[str, torch.Tensor] = {}
-        for shard in shard_names(directory / SAFE_WEIGHTS_INDEX_NAME):
-            state.update(read_safetensors(directory / shard))
-        return state
-    if (directory / WEIGHTS_NAME).is_file():
+    if use_safetensors is not False:
+        if (directory / SAFE_WEIGHTS_NAME).is_file():
+            return read_safetensors(directory / SAFE_WEIGHTS_NAME)
+        if (directory / SAFE_WEIGHTS_INDEX_NAME).is_file():
+            state: dict[str, torch.Tensor] = {}
+            for shard in shard_names(directory / SAFE_WEIGHTS_INDEX_NAME):
+                state.update(read_safetensors(directory / shard))
+            return state
+    if use_safetensors is not True and (directory / WEIGHTS_NAME).is_file():
         return read_torch_pickle(directory / WEIGHTS_NAME)
-    raise CheckpointError(
-        f"no weights in {directory}: expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {WEIGHTS_NAME}"
-    )
+    expected = {None: f"{SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {WEIGHTS_NAME}",
+                True: f"{SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (use_safetensors=True)",
+                False: f"{WEIGHTS_NAME} (use_safetensors=False)"}[use_safetensors]
+    raise CheckpointError(f"no weights in {directory}: expected {expected}")
+
+
+def has_directory_weights(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME))
 
 
 def read_recorded_config(path: str | os.PathLike) -> dict:

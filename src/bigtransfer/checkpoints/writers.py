@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +21,20 @@ from safetensors.torch import save_file
 
 from ..files import atomic_path
 from . import keymaps
-from .readers import RECORDED_CONFIG_KEY, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+from .readers import RECORDED_CONFIG_KEY, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
 RECORDED_FIELDS = ("num_groups", "ws_eps", "gn_eps", "hidden_act", "global_padding", "embedding_dynamic_padding")
 
 
-def save_transformers(model: torch.nn.Module, directory: str | os.PathLike, safe_serialization: bool = True) -> Path:
+def save_transformers(
+    model: torch.nn.Module, directory: str | os.PathLike, safe_serialization: bool = True,
+    max_shard_size: int | str | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """config.json + model.safetensors (or pytorch_model.bin), each written atomically: the layout
     `from_pretrained` reads here and in transformers. The config records the class (`architectures`) and the
-    weights' dtype, as transformers does."""
+    weights' dtype, as transformers does. `max_shard_size` (bytes, or "5GB", "500MB", "2GiB") splits the weights
+    into model-0000i-of-0000N.safetensors files and an index; `state_dict` saves those tensors instead of the
+    model's. Weight files of another layout left from an earlier save are removed."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"cannot save model: {directory} is a file, not a directory")
@@ -39,16 +45,62 @@ def save_transformers(model: torch.nn.Module, directory: str | os.PathLike, safe
     config.extra["dtype"] = str(parameter.dtype if parameter is not None else torch.float32).removeprefix("torch.")
     config.extra.pop("torch_dtype", None)
     config.save_pretrained(directory)
-    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    if safe_serialization:
-        with atomic_path(directory / SAFE_WEIGHTS_NAME) as temporary:
-            save_safetensors(state, temporary, {"format": "pt"}, directory / SAFE_WEIGHTS_NAME)
-        (directory / WEIGHTS_NAME).unlink(missing_ok=True)
-    else:
+    state = {key: value.detach().cpu().contiguous() for key, value in (state_dict or model.state_dict()).items()}
+    if not safe_serialization:
+        if max_shard_size is not None:
+            raise ValueError("max_shard_size shards safetensors files only: keep safe_serialization=True")
         with atomic_path(directory / WEIGHTS_NAME) as temporary:
             torch.save(state, temporary)
-        (directory / SAFE_WEIGHTS_NAME).unlink(missing_ok=True)
+        written = {WEIGHTS_NAME}
+    else:
+        written = _save_shards(state, directory, None if max_shard_size is None else parse_size(max_shard_size))
+    _remove_other_weights(directory, written)
     return directory
+
+
+def _save_shards(state: dict[str, torch.Tensor], directory: Path, shard_bytes: int | None) -> set[str]:
+    """model.safetensors, or shards of at most `shard_bytes` (a larger tensor gets a shard of its own) and the index."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if shard_bytes is not None and shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    if len(shards) == 1:
+        with atomic_path(directory / SAFE_WEIGHTS_NAME) as temporary:
+            save_safetensors(state, temporary, {"format": "pt"}, directory / SAFE_WEIGHTS_NAME)
+        return {SAFE_WEIGHTS_NAME}
+    names = [f"model-{index:05d}-of-{len(shards):05d}.safetensors" for index in range(1, len(shards) + 1)]
+    for name, shard in zip(names, shards, strict=True):
+        with atomic_path(directory / name) as temporary:
+            save_safetensors(shard, temporary, {"format": "pt"}, directory / name)
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+             "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard}}
+    with atomic_path(directory / SAFE_WEIGHTS_INDEX_NAME) as temporary:
+        temporary.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return {*names, SAFE_WEIGHTS_INDEX_NAME}
+
+
+def _remove_other_weights(directory: Path, written: set[str]) -> None:
+    for path in directory.iterdir():
+        stale = path.name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME) or (
+            path.name.startswith("model-") and path.name.endswith(".safetensors"))
+        if stale and path.name not in written:
+            path.unlink()
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or transformers' size strings: "5GB" (10^9), "500MB", "2GiB" (2^30), "100KB"."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B\s*", str(size), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size must be a number of bytes or a size such as '5GB' or '500MiB', got {size!r}")
+    number, unit, binary = float(match[1]), match[2].upper(), bool(match[3])
+    return max(1, int(number * (1024 if binary else 1000) ** " KMGT".index(unit or " ")))
 
 
 def transformers_state(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
