@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
@@ -104,15 +105,22 @@ def padding_for(padding: str | None, kernel_size: int, stride: int, dilation: in
     return symmetric, False
 
 
+@functools.lru_cache(maxsize=256)
+def _probe_positions(count: int) -> torch.Tensor:
+    """64 positions spread evenly over a weight of `count` values (all of them for smaller weights)."""
+    return torch.linspace(0, count - 1, min(count, 64)).round().long().unique()
+
+
 class StdConv2d(nn.Conv2d):
     """Conv2d with Weight Standardization.
 
-    In inference (eval mode with no gradient needed for the weight) the standardized weight is computed once and
-    reused until the weight changes: the cache is keyed on the parameter object, its version counter, storage,
-    shape, device and dtype, so an optimizer step, `load_state_dict`, `.to()` or assigning a new parameter is
-    never missed. A forward that builds a gradient, and `train()` / `eval()`, drop the cache (so optimizers that
-    skip the version counter, such as fused AdamW, are safe too). Only writes through `weight.data` bypass the
-    version counter: call `model.eval()` again after those. Training recomputes it every call (in eager mode
+    In inference on a CPU (eval mode with no gradient needed for the weight) the standardized weight is computed
+    once and reused until the weight changes: the cache is keyed on the parameter object, its version counter,
+    storage, shape, device and dtype, so an optimizer step, `load_state_dict`, `.to()` or assigning a new
+    parameter is never missed, and on 64 of the weight's values spread over it, compared on every call, which
+    catches writes through `weight.data` (a hand-rolled EMA), which skip the version counter. A forward that
+    builds a gradient, and `train()` / `eval()`, drop the cache. On GPUs, where standardizing costs microseconds
+    and a comparison would stall the stream, nothing is cached. Training recomputes it every call (in eager mode
     through ATen's batch-norm kernels, see `standardize_weight_for_training`).
     """
 
@@ -142,18 +150,19 @@ class StdConv2d(nn.Conv2d):
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
             return standardize_weight(weight, self.eps)  # plain ops: compilers fuse them, exporters see reductions
         builds_graph = torch.is_grad_enabled() and weight.requires_grad
-        if self.training or builds_graph:
+        if self.training or builds_graph or weight.device.type != "cpu":
             self._cache = None  # the weight is being trained: a cached copy would go stale and waste memory
             if builds_graph:
                 return standardize_weight_for_training(weight, self.eps)
             return standardize_weight(weight, self.eps)
         key = (weight._version, weight.data_ptr(), weight.shape, weight.device, weight.dtype, self.eps)
         cache = self._cache
-        if cache is None or cache[0]() is not weight or cache[1] != key:
+        with torch.no_grad(), torch.inference_mode(False):
             # A normal tensor even when first built under inference_mode: a later forward outside it may need
             # the weight saved for backward (input gradients through a frozen model), which inference tensors refuse.
-            with torch.no_grad(), torch.inference_mode(False):
-                cache = self._cache = (weakref.ref(weight), key, standardize_weight(weight, self.eps))
+            probe = weight.detach().reshape(-1)[_probe_positions(weight.numel())]
+            if cache is None or cache[0]() is not weight or cache[1] != key or not torch.equal(cache[3], probe):
+                cache = self._cache = (weakref.ref(weight), key, standardize_weight(weight, self.eps), probe.clone())
         return cache[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -589,6 +589,44 @@ class BitImageProcessor:
             )
         return cls.from_dict(read_json(file), **overrides)
 
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> BitImageProcessor:
+        """Read a preprocessor config JSON file (transformers' `from_json_file`)."""
+        return cls.from_dict(read_json(path))
+
+    def push_to_hub(self, repo_id: str, **options: Any):
+        """Upload preprocessor_config.json to the Hugging Face Hub repository `repo_id` (created if missing)."""
+        return hub.push_folder(repo_id, self.save_pretrained, **options)
+
+    # ------------------------------------------------------------------ single steps (transformers' methods)
+    # On one (C, H, W) image, a torch tensor or a numpy array, returned as the same type.
+
+    def resize(self, image: Any, size: Any, resample: Any = None, **kwargs: Any) -> Any:
+        """Resize as `preprocess` does: `size` is a dict (or transformers' SizeDict) of height/width or
+        shortest_edge (and longest_edge)."""
+        size = _as_size_dict(_size_mapping(size), "size", False, _SIZE_KEY_SETS)
+        pixels, back = _one_image(image)
+        height, width = _resized_hw(pixels.shape[-2], pixels.shape[-1], size)
+        return back(_resize(pixels, height, width, _as_resample(self.resample if resample is None else resample)))
+
+    def center_crop(self, image: Any, size: Any, **kwargs: Any) -> Any:
+        """Center crop to size["height"] x size["width"], zero padding where the image is smaller."""
+        size = _as_size_dict(_size_mapping(size), "size", True, _SIZE_KEY_SETS[:1])
+        pixels, back = _one_image(image)
+        return back(_center_crop(pixels, size["height"], size["width"]))
+
+    def rescale(self, image: Any, scale: float, **kwargs: Any) -> Any:
+        """`image * scale`, in float32."""
+        pixels, back = _one_image(image)
+        return back(pixels.float() * float(scale))
+
+    def normalize(self, image: Any, mean: Any, std: Any, **kwargs: Any) -> Any:
+        """`(image - mean) / std` per channel, in float32."""
+        pixels, back = _one_image(image)
+        mean = torch.tensor(_as_floats(mean, "mean"), dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(_as_floats(std, "std"), dtype=torch.float32).view(-1, 1, 1)
+        return back((pixels.float() - mean) / std)
+
     def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
         """Write `directory/preprocessor_config.json` (created if needed); returns the written paths."""
         directory = Path(os.fspath(directory))
@@ -661,6 +699,27 @@ def _normalized(processed: list[torch.Tensor], options: _CallOptions) -> Any:
         pixel_values = torch.from_numpy(batch)
         return pixel_values if options.device is None else pixel_values.to(options.device)
     return batch if options.return_tensors == "np" else list(batch)
+
+
+def _size_mapping(size: Any) -> Any:
+    """A dict from transformers' SizeDict (attributes height, width, shortest_edge, longest_edge)."""
+    if isinstance(size, Mapping) or isinstance(size, (int, list, tuple)):
+        return size
+    names = ("height", "width", "shortest_edge", "longest_edge")
+    return {name: getattr(size, name) for name in names if getattr(size, name, None) is not None}
+
+
+def _one_image(image: Any):
+    """(the image as a (C, H, W) tensor, a function giving results back as the input's type)."""
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3:
+            raise ValueError(f"expected one (C, H, W) image, got shape {tuple(image.shape)}")
+        return image, lambda result: result.to(image.device)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3:
+            raise ValueError(f"expected one (C, H, W) image, got shape {image.shape}")
+        return torch.from_numpy(np.ascontiguousarray(image)), lambda result: result.numpy()
+    raise TypeError(f"expected a (C, H, W) torch tensor or numpy array, got {type(image).__name__}")
 
 
 class ProcessorTransform:
