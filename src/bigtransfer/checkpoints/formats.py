@@ -249,6 +249,8 @@ def _read_directory(directory: Path, name: str | None, use_safetensors: bool | N
     tensors = read_directory_weights(directory, use_safetensors)
     if "architecture" in config and "model_type" not in config:
         return _read_timm_directory(directory, config, tensors, name)
+    if isinstance(config.get("backbone_config"), dict) and config.get("model_type") != "bit":
+        config, tensors = _hybrid_backbone(directory, config, tensors)
     preprocessor_path = directory / IMAGE_PROCESSOR_CONFIG_NAME
     preprocessor = read_json(preprocessor_path) if preprocessor_path.is_file() else None
     return Checkpoint(
@@ -256,6 +258,19 @@ def _read_directory(directory: Path, name: str | None, use_safetensors: bool | N
         config, inferred=False, preprocessing=None if preprocessor else TRANSFORMERS_DEFAULT,
         preprocessor_config=preprocessor, prefixed=any(key.startswith("bit.") for key in tensors),
     )
+
+
+def _hybrid_backbone(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    """The BiT inside a hybrid model (DPT-hybrid, ViT-hybrid): its backbone_config and the tensors under
+    `...backbone.` (`dpt.embeddings.backbone.bit.*`, `vit.embeddings.patch_embeddings.backbone.bit.*`)."""
+    backbone = config["backbone_config"]
+    if backbone.get("model_type", "bit") != "bit":
+        raise CheckpointError(f"{directory} holds a {config.get('model_type')} model whose backbone is "
+                              f"{backbone.get('model_type')}, not BiT")
+    found = {f".{key}".split(".backbone.", 1)[1]: value for key, value in tensors.items() if ".backbone." in f".{key}"}
+    if not found:
+        raise CheckpointError(f"{directory}: its config names a BiT backbone but no weights are under '...backbone.'")
+    return dict(backbone, model_type="bit"), found
 
 
 def _read_timm_directory(

@@ -35,16 +35,7 @@ def save_transformers(
     weights' dtype, as transformers does. `max_shard_size` (bytes, or "5GB", "500MB", "2GiB") splits the weights
     into model-0000i-of-0000N.safetensors files and an index; `state_dict` saves those tensors instead of the
     model's. Weight files of another layout left from an earlier save are removed."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"cannot save model: {directory} is a file, not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    config.extra["architectures"] = [type(model).__name__]
-    parameter = next(model.parameters(), None)
-    config.extra["dtype"] = str(parameter.dtype if parameter is not None else torch.float32).removeprefix("torch.")
-    config.extra.pop("torch_dtype", None)
-    config.save_pretrained(directory)
+    directory = save_config(model, directory)
     state = {key: value.detach().cpu().contiguous() for key, value in (state_dict or model.state_dict()).items()}
     if not safe_serialization:
         if max_shard_size is not None:
@@ -55,6 +46,22 @@ def save_transformers(
     else:
         written = _save_shards(state, directory, None if max_shard_size is None else parse_size(max_shard_size))
     _remove_other_weights(directory, written)
+    return directory
+
+
+def save_config(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """The model's config.json, recording its class (`architectures`) and its weights' dtype as transformers
+    does; returns the directory (created if needed)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"cannot save model: {directory} is a file, not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    config.extra["architectures"] = [type(model).__name__]
+    parameter = next(model.parameters(), None)
+    config.extra["dtype"] = str(parameter.dtype if parameter is not None else torch.float32).removeprefix("torch.")
+    config.extra.pop("torch_dtype", None)
+    config.save_pretrained(directory)
     return directory
 
 
