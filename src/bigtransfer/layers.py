@@ -108,7 +108,8 @@ def padding_for(padding: str | None, kernel_size: int, stride: int, dilation: in
 @functools.lru_cache(maxsize=256)
 def _probe_positions(count: int) -> torch.Tensor:
     """64 positions spread evenly over a weight of `count` values (all of them for smaller weights)."""
-    return torch.linspace(0, count - 1, min(count, 64)).round().long().unique()
+    samples = min(count, 64)
+    return torch.tensor(sorted({index * (count - 1) // max(samples - 1, 1) for index in range(samples)}))
 
 
 class StdConv2d(nn.Conv2d):
