@@ -625,6 +625,8 @@ class BitBackbone(BitPreTrainedModel):
     Only the requested maps are kept, and stages after the last requested one are not run.
     """
 
+    backbone_type = "transformers"  # transformers' BackboneType.TRANSFORMERS, as its plain value
+
     def __init__(self, config: BitConfig):
         super().__init__(config)
         self.bit = BitModel(config)
