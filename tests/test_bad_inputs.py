@@ -1083,7 +1083,7 @@ HOSTILE_CASES = [
          check=_and(_fails(r"opset 13 is not supported: torch\.onnx's exporter writes opset 18 or newer"),
                     lambda result, tmp: _only(tmp, {"model"}))),
     Case("message: out of memory on the command line", lambda tmp: _out_of_memory_cli(tmp),
-         check=_fails(r"error: out of memory; for training, raise --batch-split")),
+         check=_fails(r"error: out of memory \([\d.]+ [GM]iB free now\); free memory \(other programs\) or use a machine")),
     Case("message: class names are printed escaped", _cli("predict", "--model", _label_escapes, lambda tmp: str(tmp / "a.png"),
                                                           "--top-k", "3"),
          check=lambda result, tmp: _equal(("\x1b" in result.out, "\r" in result.out, "\\x1b[2J" in result.out), (False, False, True))),

@@ -1,7 +1,10 @@
-"""The package's own exception types; each is a ValueError or OSError so generic handlers still catch them."""
+"""The package's own exception types (each a ValueError or OSError, so generic handlers still catch them) and the
+helpers that word messages: the original text of a DataLoader worker's error, close matches for a mistyped name."""
 
+import difflib
 import pickle
 import re
+from collections.abc import Iterable
 
 
 class CheckpointError(ValueError):
@@ -15,6 +18,11 @@ class MismatchedSizesError(CheckpointError, RuntimeError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint that would import or call code when loaded; it was refused and nothing was run."""
+
+
+class SourceNotFoundError(FileNotFoundError):
+    """A model source that is neither an existing path nor a name that could be resolved (the message lists what
+    is accepted and the closest known names)."""
 
 
 class NotRegularFileError(OSError):
@@ -31,6 +39,11 @@ class NotRegularFileError(OSError):
 
 class OutputInUseError(ValueError):
     """An output directory that holds the user's own files (not the kind of output the command writes)."""
+
+
+class OutOfMemoryError(RuntimeError, MemoryError):
+    """Work that does not fit the memory: the message gives the sizes and what to change. A RuntimeError as torch's
+    out-of-memory errors are, and a MemoryError."""
 
 
 class BadImageError(ValueError):
@@ -68,3 +81,11 @@ def original_message(text: str) -> str:
     last_frame = max((index for index, line in enumerate(lines) if line[:1].isspace()), default=-1)
     original = "\n".join(lines[last_frame + 1 :]).strip()
     return re.sub(r"^[\w.]+: ", "", original, count=1)  # drop "module.Type: "
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """" (did you mean X?)" naming the closest of `choices` to a mistyped `word`, or "" when none is close."""
+    scored = sorted(((difflib.SequenceMatcher(None, word, choice).ratio(), choice) for choice in set(choices)),
+                    reverse=True)
+    matches = [choice for score, choice in scored[:3] if score >= max(0.6, scored[0][0] - 0.05)] if scored else []
+    return f" (did you mean {' or '.join(matches)}?)" if matches else ""

@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hub, hyperrule
+from . import hub, hyperrule, machine
 from .checkpoints import loader
 from .checkpoints.writers import save_transformers
-from .config import BitConfig, is_variant
+from .config import BitConfig, is_variant, variant_names
 from .data import (
     EvalTransform,
     ImageSource,
@@ -56,7 +56,8 @@ from .data import (
     open_source,
     spec_paths,
 )
-from .distributed import Context, all_sum, barrier, cuda_devices, distributed, gather_paths
+from .distributed import Context, all_gather, all_sum, barrier, cuda_devices, distributed, gather_paths
+from .errors import OutOfMemoryError, SourceNotFoundError
 from .files import atomic_directory, claim_output, read_json, write_text_atomic
 from .inference import (
     PRECISIONS,
@@ -114,7 +115,8 @@ class _RunSettings:
     classes: Sequence[int | str] | None = None  # keep only these classes of the data, relabelled 0..k-1
     eval_data: str | ImageSource | None = None  # default: the "test" split of `data`
     batch_size: int = 512
-    batch_split: int = 1  # micro-batches per step: same result, 1/batch_split of the activation memory
+    batch_split: int | str = "auto"  # micro-batches per step: same result, 1/batch_split of the activation memory;
+    # "auto": the fewest that fit the memory this process may use (measured on a probe, see machine.py)
     max_steps: int | None = None
     seed: int = 0
     resize: int | None = None  # training squash-resize ("precrop"); default from the HyperRule
@@ -207,7 +209,7 @@ def finetune(config: FinetuneConfig) -> RunResult:
     with distributed(config.device) as context:
         source = open_source(config.data, "train", classes=config.classes)
         eval_source = open_source(config.eval_data or config.data, "test", classes=config.classes)
-        _check_same_classes(source, eval_source)
+        _check_classes(source, eval_source)
         indices = (
             few_shot_indices(source.labels, config.shots, config.seed, source.classes)
             if config.shots else np.arange(len(source))
@@ -243,7 +245,7 @@ def pretrain(config: PretrainConfig) -> RunResult:
     with distributed(config.device) as context:
         source = open_source(config.data, "train", classes=config.classes)
         eval_source = open_source(config.eval_data or config.data, "test", classes=config.classes)
-        _check_same_classes(source, eval_source)
+        _check_classes(source, eval_source)
         model, mean, std = _training_model(config.model, source.classes, config.seed, fine_tune=False)
         precrop, crop = _resolution(config, source, config.model)
         total = config.max_steps or max(1, math.ceil(config.epochs * len(source) / config.batch_size))
@@ -288,9 +290,10 @@ def _check_settings(config: _RunSettings) -> None:
         raise ValueError(f"output {config.output} is a file: a run needs a directory (new or a previous run's)")
     if isinstance(config.data, ImageSource) and config.eval_data is None:
         raise ValueError("data is an ImageSource object: pass the evaluation set as eval_data too")
-    for name in ("batch_size", "batch_split"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {config.batch_size!r}")
+    if config.batch_split != "auto" and not (isinstance(config.batch_split, int) and config.batch_split >= 1):
+        raise ValueError(f"batch_split must be 'auto' or an integer >= 1, got {config.batch_split!r}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {config.max_steps}")
     if config.on_bad_image not in ("fail", "skip"):
@@ -305,7 +308,11 @@ def _check_settings(config: _RunSettings) -> None:
             raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, got {value}")
 
 
-def _check_same_classes(source: ImageSource, eval_source: ImageSource) -> None:
+def _check_classes(source: ImageSource, eval_source: ImageSource) -> None:
+    """The same classes for training and evaluation; a warning when there is only one (nothing to tell apart)."""
+    if len(source.classes) == 1 and int(os.environ.get("RANK", "0")) == 0:
+        logger.warning("the training data has one class (%s): every prediction will be that class and accuracy "
+                       "will read 100 %%; a classifier needs two or more classes (sub-folders)", source.classes[0])
     if list(source.classes) != list(eval_source.classes):
         raise ValueError(
             f"training and evaluation data have different classes: {source.classes} vs {eval_source.classes}"
@@ -350,7 +357,7 @@ def _training_model(name: str, classes: Sequence[str], seed: int, fine_tune: boo
         mean, std = BIT_MEAN, BIT_STD
         _name_labels(model.config, classes)
     else:
-        checkpoint = loader.read(name)
+        checkpoint = _read_weights(name)
         # float32 master weights (--precision autocasts); a pre-training run continues with its own head.
         model = loader.build(BitForImageClassification, checkpoint, labels=list(classes), new_head=fine_tune)
         model.float()
@@ -360,6 +367,18 @@ def _training_model(name: str, classes: Sequence[str], seed: int, fine_tune: boo
         std = tuple(processor.get("image_std", BIT_STD))
     model.config.problem_type = "single_label_classification"
     return model.train(), mean, std
+
+
+def _read_weights(name: str):
+    """loader.read, with the variant names (random weights) among what a missing name could have been."""
+    try:
+        return loader.read(name)
+    except SourceNotFoundError:
+        if loader.looks_local(name) or hub.is_google_name(name):
+            raise
+        architectures = ["tiny", *dict.fromkeys(key.split("-")[-1] for key in variant_names() if key != "tiny")]
+        also = f", a variant name for random weights ({', '.join(architectures)})"
+        raise SourceNotFoundError(loader.missing_source_message(name, also, (*variant_names(), *architectures))) from None
 
 
 def _resolution(config: _RunSettings, source: ImageSource, model_name: str) -> tuple[int, int]:
@@ -482,6 +501,7 @@ class _Job:
     loss: str
     context: Context
     description: dict[str, Any]
+    batch_split: int = 1  # as chosen when the loop is set up (the settings may say "auto")
 
 
 def run_signature(settings: _RunSettings) -> dict[str, Any]:
@@ -506,8 +526,16 @@ def _loss_sum(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Te
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+def _out_of_memory_message(loop: _Loop, requested: int) -> str:
+    plan, device = loop.plan, loop.job.context.device
+    available = machine.available_memory(device)
+    return (
+        f"out of memory with micro-batches of {plan.micro_batch_size} images"
+        + (f": {machine.human_size(requested)} could not be allocated" if requested else "")
+        + (f" ({machine.human_size(available)} free on {device.type} now)" if available is not None else "")
+        + f"; raise --batch-split (e.g. {plan.batch_split * 2}) or pass --gradient-checkpointing (the global batch "
+        "and the result stay the same), or lower --crop"
+    )
 
 
 def _run(job: _Job) -> RunResult:
@@ -616,13 +644,10 @@ def _loop(job: _Job, output: Path, signals: StopSignals) -> RunResult:
                 _save(loop, done)
         else:
             step = job.total_steps
-    except RuntimeError as error:
-        if _is_out_of_memory(error) and not isinstance(error, NonFiniteLossError):
-            raise RuntimeError(
-                f"out of memory with micro-batches of {loop.plan.micro_batch_size} images: raise --batch-split "
-                f"(e.g. {job.settings.batch_split * 2}) or pass --gradient-checkpointing; the global batch and the "
-                "result stay the same"
-            ) from error
+    except (RuntimeError, MemoryError) as error:
+        requested = machine.failed_allocation(error)
+        if requested is not None and not isinstance(error, NonFiniteLossError):
+            raise OutOfMemoryError(_out_of_memory_message(loop, requested)) from error
         raise
     finally:
         _close_streams(loop)
@@ -645,12 +670,34 @@ def _setup(job: _Job, output: Path) -> _Loop:
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[context.device.index] if context.device.type == "cuda" else None
         )
+    autocast = precision_autocast(context.device, settings.precision)
+    job.batch_split = _batch_split(job, autocast)
     plan = BatchPlan(len(job.indices), settings.batch_size, settings.seed, context.world_size, context.rank,
-                     settings.batch_split)
-    return _Loop(job, output, network, optimizer, torch.amp.GradScaler("cuda", enabled=use_scaler),
-                 precision_autocast(context.device, settings.precision), plan,
+                     job.batch_split)
+    return _Loop(job, output, network, optimizer, torch.amp.GradScaler("cuda", enabled=use_scaler), autocast, plan,
                  dict(run_signature(settings), data_fingerprint=job.source.fingerprint()),
                  has_checkpoint=(output / CHECKPOINT_NAME).is_file())
+
+
+def _batch_split(job: _Job, autocast: Any) -> int:
+    """`batch_split`, or for "auto" the fewest micro-batches whose step fits this process's memory (the largest
+    over the processes, so that every rank runs the same plan); says what it chose."""
+    settings, context = job.settings, job.context
+    if settings.batch_split != "auto":
+        return settings.batch_split
+    per_process = settings.batch_size // context.world_size
+    need = machine.step_memory(job.model, job.crop, context.device, autocast)
+    available = machine.available_memory(context.device)
+    split = max(all_gather(context, machine.fit_batch_split(per_process, need, available)))
+    if context.is_main:
+        logger.info(
+            "batch %d %s (a step needs about %s; %s available%s); --batch-split N sets it",
+            settings.batch_size,
+            "in one pass" if split == 1 else f"as {split} micro-batches of {per_process // split}",
+            machine.human_size(need.for_micro_batch(per_process // split)), "?" if available is None else machine.human_size(available),
+            f", per process of {context.world_size}" if context.world_size > 1 else "",
+        )
+    return split
 
 
 def _resume(loop: _Loop) -> None:
@@ -874,7 +921,8 @@ def _run_description(job: _Job) -> dict[str, Any]:
     settings["data"] = str(job.settings.data)
     settings["eval_data"] = None if job.settings.eval_data is None else str(job.settings.eval_data)
     return dict(
-        kind=job.kind, settings=settings, total_steps=job.total_steps, resize=job.precrop, crop=job.crop,
+        kind=job.kind, settings=settings, batch_split=job.batch_split, total_steps=job.total_steps,
+        resize=job.precrop, crop=job.crop,
         mean=list(job.mean), std=list(job.std), weight_decay=job.weight_decay, classes=list(job.source.classes),
         world_size=job.context.world_size, torch=torch.__version__, **job.description,
     )
@@ -889,5 +937,5 @@ def _evaluate_job(job: _Job, model: nn.Module) -> EvaluationReport:
     dataset = TransformedDataset(
         job.eval_source, EvalTransform(job.crop, job.mean, job.std), on_bad_image=bad_image_policy(settings.on_bad_image)
     )
-    batch_size = max(job.settings.batch_size // job.settings.batch_split // job.context.world_size, 32)
+    batch_size = max(job.settings.batch_size // job.batch_split // job.context.world_size, 32)
     return evaluate_dataset(model, dataset, batch_size, job.context, precision=settings.precision)

@@ -20,13 +20,14 @@ from torch import nn
 
 from .. import hub
 from ..config import CONFIG_NAME, DTYPES, BitConfig
-from ..errors import CheckpointError, MismatchedSizesError
+from ..errors import CheckpointError, MismatchedSizesError, SourceNotFoundError, did_you_mean
 from . import keymaps
 from .formats import Checkpoint, describe_variant, read_checkpoint
 from .labels import known_labels
 
 logger = logging.getLogger("bigtransfer")
 
+WEIGHT_SUFFIXES = (".npz", ".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 HEAD_PREFIX = "classifier."  # the only keys allowed to differ between a checkpoint and a model
 _PREFIX = "bit."
 CONFIG_FIELDS = frozenset(inspect.signature(BitConfig.__init__).parameters) - {"self", "kwargs"}
@@ -50,18 +51,41 @@ def resolve(source: str | os.PathLike, options: hub.HubOptions = hub.DEFAULT_OPT
     path = Path(text).expanduser()
     if path.exists():
         return (path / options.subfolder if options.subfolder else path), None
+    local = looks_local(text)
     if hub.is_google_name(text):
-        return hub.download_google(text, options=options), text
-    if hub.is_hub_name(text) and not os.path.isabs(text):
+        try:
+            return hub.download_google(text, options=options), text
+        except OSError as error:
+            if not local:
+                raise
+            raise SourceNotFoundError(
+                f"{text} does not exist ({path.absolute()}); as the name of Google's checkpoint it could not be "
+                f"downloaded either: {error}"
+            ) from error
+    if hub.is_hub_name(text) and not local:
         return hub.download(text, options), text
-    hint = ""
+    raise SourceNotFoundError(missing_source_message(text))
+
+
+def looks_local(text: str) -> bool:
+    """Whether a model name can only be a path: relative or absolute path syntax, or a weights file's suffix."""
+    return text.startswith((".", "/", "~")) or text.count("/") > 1 or Path(text).suffix.lower() in WEIGHT_SUFFIXES
+
+
+def missing_source_message(text: str, also: str = "", names: tuple[str, ...] = ()) -> str:
+    """What was expected of a model source that is neither a path nor a known name (`also`: what else the caller
+    accepts, `names`: its names, for close matches)."""
+    expected = f"a directory with {CONFIG_NAME} and weights, a weights file (timm, Google npz, original big_transfer)"
+    if looks_local(text):
+        return f"{text} does not exist: expected {expected} at {Path(text).expanduser().absolute()} (no such file or directory)"
+    google = [name for name in hub.GOOGLE_FILES if "/" not in name]
+    hint = did_you_mean(text, [*names, *google])
     if text.lower().startswith("bit-"):
-        released = [name for name in hub.GOOGLE_FILES if "/" not in name and "-ILSVRC" not in name]
-        hint = f"; Google released {', '.join(released)}, each also -ILSVRC2012"
-    raise OSError(
-        f"{text} does not exist: expected a directory with {CONFIG_NAME} and weights, a weights file (timm, Google "
-        "npz, original big_transfer), a Google BiT name such as BiT-M-R50x1 or a Hugging Face Hub name such as "
-        f"google/bit-50 (no such file or directory, nor such a name){hint}"
+        released = [name for name in google if "-ILSVRC" not in name]
+        hint += f"; Google released {', '.join(released)}, each also -ILSVRC2012"
+    return (
+        f"{text} does not exist: expected {expected}, a Google BiT name such as BiT-M-R50x1{also} or a Hugging Face "
+        f"Hub name such as google/bit-50 (no such file or directory, nor such a name){hint}"
     )
 
 
@@ -263,7 +287,11 @@ def load_state(model: nn.Module, checkpoint: Checkpoint, ignore_mismatched_sizes
     info["missing_keys"] = [key for key in fresh if key not in {name for name, _, _ in info["mismatched_keys"]}]
     for key in fresh:
         state[key] = torch.zeros_like(expected[key])
-    if fresh and not new_head:
+    old_head = checkpoint.state.get(HEAD_PREFIX + "1.weight")
+    if new_head and has_head and old_head is not None:
+        logger.info("%s: its %d-class head is replaced by a new zero-initialised %d-class head (the BiT recipe)",
+                    checkpoint.source, old_head.shape[0], expected[HEAD_PREFIX + "1.weight"].shape[0])
+    elif fresh and not new_head:
         logger.warning("%s: newly initialised (zeros, the BiT recipe's head) because they were %s: %s",
                        type(model).__name__, "missing or resized" if mismatched else "missing", sorted(fresh))
     _check_finite(checkpoint, {key: value for key, value in state.items() if key not in fresh}, named, allow_non_finite)

@@ -26,6 +26,11 @@ def _int_at_least(text: str, low: int) -> int:
     return value
 
 
+def batch_split(text: str) -> int | str:
+    """An argparse type: "auto" or an integer >= 1."""
+    return "auto" if text.strip().lower() == "auto" else _int_at_least(text, 1)
+
+
 def non_negative_float(text: str) -> float:
     """An argparse type: a finite number >= 0 (NaN and infinity are refused)."""
     try:

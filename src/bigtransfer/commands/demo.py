@@ -29,7 +29,6 @@ def register(subparsers) -> None:
     parser.add_argument("--shots", help="comma-separated examples per class (default 1,2,5,10,25; quick 1,5,10)")
     parser.add_argument("--upstream-epochs", type=float, help="pre-training epochs (default 24; quick 3)")
     parser.add_argument("--finetune-steps", type=positive_int, help="fine-tuning steps (default 100)")
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     parser.set_defaults(func=run)
 
 

@@ -11,7 +11,7 @@ from .. import hyperrule
 from ..config import LIMITS
 from ..inference import PRECISIONS
 from ..train import FinetuneConfig, finetune
-from . import non_negative_int, positive_int
+from . import batch_split, non_negative_int, positive_int
 
 DATA_HELP = (
     "an image folder (one sub-folder per class), a CSV file of path,label rows, digits, fashion-mnist, "
@@ -48,8 +48,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--classes", type=parse_classes, metavar="LIST", help="keep only these classes, e.g. 5-9 or 0,1,2 or Sandal,Shirt")
     parser.add_argument("--eval-data", metavar="SPEC", help="evaluation data (default: the test split of --data)")
     parser.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"global batch size (default {batch_size})")
-    parser.add_argument("--batch-split", type=positive_int, default=1, metavar="N",
-                        help="compute each batch in N micro-batches (same result, less memory)")
+    parser.add_argument("--batch-split", type=batch_split, default="auto", metavar="N|auto",
+                        help="compute each batch in N micro-batches (same result, less memory); auto (the default): "
+                        "the fewest that fit this machine's free memory, measured on a small probe")
     parser.add_argument("--max-steps", type=positive_int, metavar="N", help="train for N optimizer steps (the whole learning-rate schedule is scaled to fit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resize", type=positive_int, metavar="PX", help="training squash-resize before the random crop")
