@@ -1045,7 +1045,7 @@ HOSTILE_CASES = [
         "evaluate", "--model", lambda tmp: str(_non_finite_weights(tmp)), "--data", _data({"a": 3, "b": 3})),
         check=_fails(r"hold NaN or infinite values")),
     Case("numbers: --json is valid JSON when a class has no images", _cli(
-        "evaluate", "--model", _model_dir, "--data", _data({"a": 3, "b": 3, "c": 1}), "--json"),
+        "evaluate", "--model", _model_dir, "--data", _data({"a": 3, "b": 3, "c": 1}), "--split", "test", "--json"),
         check=lambda result, tmp: _strict_json(result.out)),
     Case("numbers: a float TIFF in [0, 1] is scaled, not black", lambda tmp: np.asarray(load_image(_unit_float_tiff(tmp))).max(),
          check=lambda value, tmp: _equal(int(value), 255)),

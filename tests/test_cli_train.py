@@ -39,11 +39,18 @@ def test_finetune_evaluate_predict_features(folder, tmp_path, capsys):
     report = json.loads((run / "report.json").read_text())
     assert list(report["per_class_accuracy"]) == ["circle", "stripes"]
 
+    # The images finetune held out (no --eval-data), named the same way; the default is the whole folder.
     assert main(["evaluate", "--model", str(run / "model"), "--data", str(folder), "--classes", "circle,stripes",
-                 "--json"]) == 0
+                 "--split", "test", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["top1"] == pytest.approx(report["top1"])
     assert evaluated["confusion_matrix"] == report["confusion_matrix"]
+    assert evaluated["data"] == report["data"] and "held out: 20% of each class" in report["data"]["split"]
+    assert main(["evaluate", "--model", str(run / "model"), "--data", str(folder), "--classes", "circle,stripes",
+                 "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    on_disk = len(list((folder / "circle").iterdir())) + len(list((folder / "stripes").iterdir()))
+    assert whole["num_images"] == whole["data"]["images"] == on_disk and whole["data"]["split"] == "all of it"
 
     images = [str(folder / "circle" / "0.png"), str(folder / "square" / "3.png")]
     assert main(["predict", "--model", str(run / "model"), *images, "--top-k", "2", "--json"]) == 0
@@ -59,7 +66,10 @@ def test_finetune_evaluate_predict_features(folder, tmp_path, capsys):
     features = tmp_path / "features.npy"
     assert main(["features", "--model", str(run / "model"), "--data", str(folder), "--output", str(features)]) == 0
     array, labels = np.load(features), np.load(tmp_path / "features.labels.npy")
-    assert array.shape == (24, 512) and labels.shape == (24,) and set(labels.tolist()) == {0, 1, 2}
+    index = json.loads((tmp_path / "features.index.json").read_text())
+    assert array.shape == (30, 512) and labels.shape == (30,) and set(labels.tolist()) == {0, 1, 2}  # all 30 images
+    assert index["classes"] == list(CLASSES) and len(index["paths"]) == 30
+    assert all(Path(path).parent.name == index["classes"][label] for path, label in zip(index["paths"], labels))
 
 
 def test_errors_are_one_line(folder, tmp_path, capsys):

@@ -328,7 +328,7 @@ def test_pretrain_follows_the_upstream_recipe(folder, tmp_path):
 def test_evaluate_features_and_predict_use_the_saved_model(folder, tmp_path):
     result = finetune(config(folder, tmp_path / "run", max_steps=10))
     model_dir = tmp_path / "run" / "model"
-    report = evaluate(model_dir, str(folder))
+    report = evaluate(model_dir, str(folder), split="test")  # the images the run held out
     assert report.top1 == pytest.approx(result.report.top1)
     assert report.loss == pytest.approx(result.report.loss, rel=1e-4)
     features, labels = extract_features(model_dir, str(folder), split="test")
@@ -345,10 +345,14 @@ def test_evaluation_report_metrics():
     topk = np.array([[0, 1], [1, 0], [1, 2], [2, 0]])
     report = EvaluationReport.from_predictions(topk, np.array([0, 0, 1, 2]), np.array([1.0, 2.0, 3.0, 2.0]),
                                                ["a", "b", "c"], skipped_images=["x.png"])
-    assert report.top1 == 0.75 and report.top5 == 1.0 and report.loss == 2.0
+    assert report.top1 == 0.75 and report.loss == 2.0
+    assert report.top5 is None and "top-5" not in report.summary()  # 3 classes: every label is in the top 5
     assert report.per_class_accuracy == {"a": 0.5, "b": 1.0, "c": 1.0}
     assert report.confusion_matrix == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
     assert "1 unreadable skipped" in report.summary()
+    topk = np.array([[1, 2, 3, 4, 0, 5], [5, 0, 1, 2, 3, 4], [1, 2, 3, 4, 5, 0], [1, 2, 3, 4, 5, 0]])
+    six = EvaluationReport.from_predictions(topk, np.array([0, 5, 0, 1]), np.ones(4), list("abcdef"))
+    assert six.top1 == 0.5 and six.top5 == 0.75 and "top-5 75.00 %" in six.summary()
 
 
 def test_model_names_choose_between_random_init_and_pretrained_weights(tmp_path):

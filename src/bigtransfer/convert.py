@@ -19,6 +19,7 @@ from .checkpoints.writers import save_transformers
 from .files import atomic_directory, claim_output, read_json
 from .modeling import BitForImageClassification
 from .processing import IMAGE_PROCESSOR_CONFIG_NAME
+from .report import StageProgress
 
 
 def load_checkpoint(
@@ -96,6 +97,7 @@ def convert_checkpoint(
     image_size: int | None = None,
     name: str | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> ConversionResult:
     """Convert any supported checkpoint into a transformers-layout directory.
 
@@ -106,7 +108,8 @@ def convert_checkpoint(
 
     The three files replace `output_dir` as a whole (a crash leaves the old directory or the new one). An
     `output_dir` that holds anything but a BiT model directory's files is refused unless `overwrite` (its
-    other files are then kept), and so is one that is, holds or lies inside the source.
+    other files are then kept), and so is one that is, holds or lies inside the source. `progress` shows the
+    stages (reading, building, writing) on a terminal: large checkpoints take tens of seconds.
 
     Example:
         >>> result = convert_checkpoint("BiT-M-R50x1-ILSVRC2012.npz", "bit-m-r50x1-in1k")
@@ -114,22 +117,26 @@ def convert_checkpoint(
     """
     output_dir = claim_output(output_dir, "BiT model directory", is_model_directory, [source], overwrite,
                               flag="OUT_DIR", create=False)
-    checkpoint = read_checkpoint(source, name) if name is not None else loader.read(source)
-    overrides = {} if num_labels is None else {"num_labels": num_labels}
-    model = loader.build(BitForImageClassification, checkpoint, overrides=overrides, labels=labels,
-                         new_head=num_labels is not None)
-    preprocessing = checkpoint.preprocessing
-    if preprocessing is not None:
-        if image_size is not None:
-            preprocessing = preprocessing.with_image_size(_positive_size(image_size))
-        preprocessor, description = preprocessing.to_preprocessor_config(), preprocessing.describe()
-    else:  # a transformers directory's own preprocessor_config.json, kept as it is
-        preprocessor, description = checkpoint.preprocessor_dict(), f"{IMAGE_PROCESSOR_CONFIG_NAME} of the source"
-        if image_size is not None:
-            preprocessor = _resized_preprocessor(preprocessor, _positive_size(image_size))
-    with atomic_directory(output_dir, keep_existing=overwrite) as written:
-        save_transformers(model, written)
-        (written / IMAGE_PROCESSOR_CONFIG_NAME).write_text(json.dumps(preprocessor, indent=2) + "\n", encoding="utf-8")
+    with StageProgress(progress, "convert", 3) as stages:
+        stages.next(f"reading {source}")
+        checkpoint = read_checkpoint(source, name) if name is not None else loader.read(source)
+        overrides = {} if num_labels is None else {"num_labels": num_labels}
+        stages.next("building the model")
+        model = loader.build(BitForImageClassification, checkpoint, overrides=overrides, labels=labels,
+                             new_head=num_labels is not None)
+        preprocessing = checkpoint.preprocessing
+        if preprocessing is not None:
+            if image_size is not None:
+                preprocessing = preprocessing.with_image_size(_positive_size(image_size))
+            preprocessor, description = preprocessing.to_preprocessor_config(), preprocessing.describe()
+        else:  # a transformers directory's own preprocessor_config.json, kept as it is
+            preprocessor, description = checkpoint.preprocessor_dict(), f"{IMAGE_PROCESSOR_CONFIG_NAME} of the source"
+            if image_size is not None:
+                preprocessor = _resized_preprocessor(preprocessor, _positive_size(image_size))
+        stages.next(f"writing {output_dir}")
+        with atomic_directory(output_dir, keep_existing=overwrite) as written:
+            save_transformers(model, written)
+            (written / IMAGE_PROCESSOR_CONFIG_NAME).write_text(json.dumps(preprocessor, indent=2) + "\n", encoding="utf-8")
     return ConversionResult(
         format=checkpoint.format,
         variant=describe_variant(model.config),

@@ -25,8 +25,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -43,7 +45,7 @@ from torch import nn
 
 from .checkpoints import keymaps, loader
 from .config import DTYPES
-from .data import ImageSource, TransformedDataset, collate_skip_bad, open_source
+from .data import ImageSource, TransformedDataset, collate_skip_bad, describe_split, open_source, whole_split
 from .distributed import Context, all_gather, distributed, gather_rows
 from .files import atomic_path
 from .images import decode_image
@@ -216,6 +218,8 @@ class OptimizedModel(nn.Module):
         # Kept out of the module tree: the compiled wrapper shares `model`'s parameters (no duplicate state_dict).
         object.__setattr__(self, "_compiled", compiled)
         self._strict_compile = strict_compile
+        self._compiled_inputs: set[tuple] = set()
+        self.compile_seconds = 0.0  # spent compiling so far (each new input shape compiles once)
 
     @property
     def is_compiled(self) -> bool:
@@ -254,7 +258,17 @@ class OptimizedModel(nn.Module):
             # Freezing turns the weights into constants: prepacked for oneDNN, constant-folded. The flag is read
             # when a graph compiles, which happens inside a call, so it is set for the call and restored after.
             with inductor_config.patch(freezing=True):
-                return self._compiled(*args, **kwargs)
+                key = tuple((tuple(value.shape), value.dtype) for value in args if isinstance(value, torch.Tensor))
+                if key in self._compiled_inputs:
+                    return self._compiled(*args, **kwargs)
+                logger.info("optimize(): compiling for input %s (once per shape; tens of seconds on a small CPU)",
+                            "x".join(map(str, key[0][0])) if key else "")
+                started = time.perf_counter()
+                output = self._compiled(*args, **kwargs)
+                self.compile_seconds += time.perf_counter() - started
+                self._compiled_inputs.add(key)
+                logger.info("optimize(): compiled in %.1f s", time.perf_counter() - started)
+                return output
         except (ValueError, TypeError):
             raise
         except Exception as error:  # a missing C++ compiler / Triton shows up only here, on the first call
@@ -483,11 +497,13 @@ class ImageFiles(torch.utils.data.Dataset):
 @dataclasses.dataclass
 class Predictions:
     """What `predict_images` returns: top-k (label, probability) per image (None for a skipped file), and the
-    end-to-end throughput (decode, preprocessing, model) of the call."""
+    end-to-end throughput (decode, preprocessing, model) of the call. `seconds` leaves out the time an optimized
+    model spent compiling during the call, which is `compile_seconds`."""
 
     top_k: list[list[tuple[str, float]] | None]
     num_images: int
     seconds: float
+    compile_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -504,6 +520,7 @@ def predict_images(
     top_k: int = 5,
     reduced_decode: bool = True,
     on_bad_image: str = "raise",
+    progress: bool = False,
 ) -> Predictions:
     """Classify image files in batches: worker processes decode (JPEGs at reduced size) and preprocess while the
     model runs; the last batch is padded to `batch_size` so a compiled model never recompiles.
@@ -519,6 +536,7 @@ def predict_images(
         top_k: how many (label, probability) pairs per image.
         reduced_decode: decode JPEGs at 1/2, 1/4 or 1/8 scale when the processor downsizes anyway.
         on_bad_image: "raise", or "skip" (that entry of `top_k` is None).
+        progress: a progress bar over the images (on a terminal).
 
     Example:
         >>> result = predict_images(optimize(model), paths, BitImageProcessor.from_pretrained(directory))
@@ -547,9 +565,10 @@ def predict_images(
     config = getattr(model, "config", None)
     id2label = getattr(config, "id2label", None) or {}
     model.eval()
-    start = time.perf_counter()
+    start, compiled_before = time.perf_counter(), getattr(model, "compile_seconds", 0.0)
     results: list[list[tuple[str, float]] | None] = []
     pad = getattr(model, "is_compiled", False)  # a compiled graph per batch shape: keep one shape
+    bar = progress_bar(progress, len(dataset), 0, "predict", unit="img")
     for pixels, ok in loader:
         count = pixels.shape[0]
         if pad and count < batch_size:
@@ -565,7 +584,12 @@ def predict_images(
             results.append(
                 [(id2label.get(int(i), str(int(i))), float(s)) for s, i in zip(scores[row], indices[row], strict=True)]
             )
-    return Predictions(results, len(results), time.perf_counter() - start)
+        if bar is not None:
+            bar.update(count)
+    if bar is not None:
+        bar.close()
+    compiling = getattr(model, "compile_seconds", 0.0) - compiled_before
+    return Predictions(results, len(results), time.perf_counter() - start - compiling, compiling)
 
 
 def _processor_transform(processor: Any) -> Callable[[PIL.Image.Image], torch.Tensor]:
@@ -592,13 +616,13 @@ def _output_shape(processor: Any) -> tuple[int, ...] | None:
 
 def predict(
     model: str | os.PathLike, images: Sequence[str | os.PathLike], top_k: int = 5, device: str | None = None, *,
-    optimized: bool = False, reduced_decode: bool = True, on_bad_image: BadImagePolicy = "fail",
+    optimized: bool = False, reduced_decode: bool = True, on_bad_image: BadImagePolicy = "fail", progress: bool = False,
 ) -> list[list[tuple[str, float]] | None]:
     """Top-k (label, probability) for each image file, best first (`predict_images` with the model's own
     processor; `optimized` runs `optimize()` first, which pays for many images, not for a few)."""
     network, processor = load_for_inference(model, device)
     return predict_images(_fast(network, optimized), images, processor, top_k=top_k, reduced_decode=reduced_decode,
-                          on_bad_image=bad_image_policy(on_bad_image)).top_k
+                          on_bad_image=bad_image_policy(on_bad_image), progress=progress).top_k
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -609,7 +633,8 @@ def evaluate(
     model: str | os.PathLike,
     data: str | ImageSource,
     *,
-    split: str = "test",
+    split: str | None = None,
+    val_fraction: float = 0.2,
     classes: Sequence[int | str] | None = None,
     batch_size: int = 128,
     device: str | None = None,
@@ -625,23 +650,32 @@ def evaluate(
     are shared between the processes. Data labels are matched to the model's labels by class name when every data
     class is one of them, else by index.
 
+    `split` None evaluates the whole data set: every image of a folder or CSV file (or digits), the published
+    test split of Fashion-MNIST and CIFAR. "test" / "train" on a folder or CSV file take the held-out
+    `val_fraction` of each class (split seed 0, as `finetune` holds it out without `eval_data`) or the rest.
+    The report's `data` says which images were used.
+
     Example: ``evaluate("runs/ft/model", "fashion-mnist", classes=[5, 6, 7, 8, 9]).top1``.
     """
     with distributed(device) as context:
         network, processor = load_for_inference(model, context.device)
-        source = open_source(data, split, classes=classes)
+        split = split or whole_split(data, "test")
+        source = open_source(data, split, val_fraction=val_fraction, classes=classes)
         classes_out = [network.config.id2label[index] for index in range(network.config.num_labels)]
         dataset = _dataset(source, processor, on_bad_image, reduced_decode)
-        return evaluate_dataset(_fast(network, optimized), dataset, batch_size, context,
-                                label_map=label_map(source.classes, classes_out), class_names=classes_out,
-                                progress=progress)
+        report = evaluate_dataset(_fast(network, optimized), dataset, batch_size, context,
+                                  label_map=label_map(source.classes, classes_out), class_names=classes_out,
+                                  progress=progress)
+        report.data = dict(data=str(data), split=describe_split(data, split, val_fraction), images=len(source))
+        return report
 
 
 def extract_features(
     model: str | os.PathLike,
     data: str | ImageSource,
     *,
-    split: str = "train",
+    split: str | None = None,
+    val_fraction: float = 0.2,
     classes: Sequence[int | str] | None = None,
     batch_size: int = 128,
     device: str | None = None,
@@ -649,24 +683,35 @@ def extract_features(
     progress: bool = False,
     optimized: bool = False,
     reduced_decode: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pre-logits features (the pooled, normalised backbone output, (N, C) float32) and int labels (N,).
+    return_paths: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Pre-logits features (the pooled, normalised backbone output, (N, C) float32) and int labels (N,); with
+    `return_paths`, also the image path of every row and the class name of every label.
 
-    Unreadable images are dropped with `on_bad_image="skip"`, so N can be below the data set's size.
+    Unreadable images are dropped with `on_bad_image="skip"`, so N can be below the data set's size. `split`
+    None takes the whole data set (every image of a folder or CSV file, the published train split of
+    Fashion-MNIST and CIFAR); see `evaluate` for the others.
     """
     with distributed(device) as context:
         network, processor = load_for_inference(model, context.device)
         backbone = _fast(network.bit, optimized)
-        dataset = _dataset(open_source(data, split, classes=classes), processor, on_bad_image, reduced_decode)
-        features, labels = [], []
-        for images, batch_labels, _ in inference_batches(dataset, batch_size, context, progress):
+        source = open_source(data, split or whole_split(data, "train"), val_fraction=val_fraction, classes=classes)
+        dataset = _dataset(source, processor, on_bad_image, reduced_decode)
+        features, labels, skipped = [], [], set()
+        for images, batch_labels, bad in inference_batches(dataset, batch_size, context, progress, "features"):
+            skipped.update(sample.path for sample in bad)
             with torch.no_grad(), precision_autocast(context.device, "auto"):
                 pooled = backbone(images.to(context.device)).pooler_output
             features.append(pooled.flatten(1).float().cpu().numpy())
             labels.append(batch_labels.numpy())
         features_array = np.concatenate(features) if features else np.zeros((0, network.config.num_features), np.float32)
         labels_array = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-        return gather_rows(context, features_array, labels_array)
+        if not return_paths:
+            return gather_rows(context, features_array, labels_array)
+        mine = [source.path(i) for i in range(context.rank, len(source), context.world_size)]
+        paths = np.array([path for path in mine if path not in skipped], dtype=object)
+        features_array, labels_array, paths = gather_rows(context, features_array, labels_array, paths)
+        return features_array, labels_array, [str(path) for path in paths], [str(name) for name in source.classes]
 
 
 def _dataset(source: ImageSource, processor: BitImageProcessor, on_bad_image: str, reduced_decode: bool):
@@ -729,16 +774,17 @@ def evaluate_dataset(
     return EvaluationReport.from_predictions(topk_array, labels_array, losses_array, names, skipped)
 
 
-def inference_batches(dataset: TransformedDataset, batch_size: int, context: Context, progress: bool):
+def inference_batches(dataset: TransformedDataset, batch_size: int, context: Context, progress: bool,
+                      description: str = "evaluate"):
     """This rank's share (every world_size-th image) of a data set, in batches of (images, labels, skipped)."""
     positions = list(range(context.rank, len(dataset), context.world_size))
     batches = [positions[index : index + batch_size] for index in range(0, len(positions), batch_size)]
     loader_ = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skip_bad)
-    bar = progress_bar(progress and context.is_main, len(batches), 0, "evaluate")
+    bar = progress_bar(progress and context.is_main, len(positions), 0, description, unit="img", leave=False)
     for batch in loader_:
         yield batch
         if bar is not None:
-            bar.update(1)
+            bar.update(len(batch[1]) + len(batch[2]))  # labels of the good images, and the skipped ones
     if bar is not None:
         bar.close()
 
@@ -762,14 +808,23 @@ def label_map(data_classes: Sequence[str], model_classes: Sequence[str]) -> np.n
     return None
 
 
-def write_features(path: str | os.PathLike, features: np.ndarray, labels: np.ndarray) -> tuple[Path, Path]:
-    """Save features to `path` (.npy) and labels beside it (`<stem>.labels.npy`), each atomically."""
+def write_features(path: str | os.PathLike, features: np.ndarray, labels: np.ndarray,
+                   paths: Sequence[str] | None = None, classes: Sequence[str] | None = None) -> list[Path]:
+    """Save features to `path` (.npy), labels beside it (`<stem>.labels.npy`) and, given `paths` / `classes`,
+    `<stem>.index.json` ({"classes": [...], "paths": [...]}: row i is the image paths[i], label j the class
+    classes[j]). All are written before any replaces an old one."""
     path = Path(path)
     if path.suffix != ".npy":
         path = path.with_name(path.name + ".npy")
     path.parent.mkdir(parents=True, exist_ok=True)
-    labels_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy")
-    for target, array in ((path, features), (labels_path, labels)):
-        with atomic_path(target) as temporary, open(temporary, "wb") as handle:
-            np.save(handle, array)
-    return path, labels_path
+    stem = path.name[: -len(".npy")]
+    labels_path, index_path = path.with_name(stem + ".labels.npy"), path.with_name(stem + ".index.json")
+    written = [path, labels_path] + ([index_path] if paths is not None or classes is not None else [])
+    with contextlib.ExitStack() as renames:
+        for target, array in ((path, features), (labels_path, labels)):
+            with open(renames.enter_context(atomic_path(target)), "wb") as handle:
+                np.save(handle, array)
+        if len(written) == 3:
+            index = {"classes": list(classes or []), "paths": list(paths or [])}
+            renames.enter_context(atomic_path(index_path)).write_text(json.dumps(index) + "\n", encoding="utf-8")
+    return written

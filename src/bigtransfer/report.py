@@ -40,11 +40,13 @@ class EvaluationReport:
     Fields: `top1`, `top5` (top-k accuracy with k = min(5, classes), in [0, 1]), `loss` (mean softmax
     cross-entropy), `num_images`, `classes`, `per_class_accuracy` (name -> accuracy, NaN for a class without
     images), `confusion_matrix` (rows: true class, columns: predicted class, counts), `skipped_images`
-    (paths of unreadable images left out), `step` (the training step that produced the model, if known).
+    (paths of unreadable images left out), `step` (the training step that produced the model, if known),
+    `data` (which images: the data spec, the split in words, the count). `top5` is None with 5 classes or fewer,
+    where every image is in its top 5.
     """
 
     top1: float
-    top5: float
+    top5: float | None
     loss: float
     num_images: int
     classes: list[str]
@@ -52,6 +54,7 @@ class EvaluationReport:
     confusion_matrix: list[list[int]]
     skipped_images: list[str] = dataclasses.field(default_factory=list)
     step: int | None = None
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)  # {data, split, images}: what was evaluated
 
     @classmethod
     def from_predictions(
@@ -68,7 +71,7 @@ class EvaluationReport:
         if count:
             np.add.at(confusion, (labels, topk[:, 0]), 1)
         top1 = float((topk[:, :1] == labels[:, None]).any(1).mean()) if count else math.nan
-        top5 = float((topk[:, :5] == labels[:, None]).any(1).mean()) if count else math.nan
+        top5 = (float((topk[:, :5] == labels[:, None]).any(1).mean()) if count else math.nan) if num_classes > 5 else None
         per_class = {}
         for index, name in enumerate(classes):
             total = confusion[index].sum()
@@ -87,12 +90,12 @@ class EvaluationReport:
         return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls) if field.name in values})
 
     def summary(self) -> str:
-        """One line: `top-1 81.20 %  top-5 99.10 %  loss 0.5123  (5000 images)`."""
+        """One line: `top-1 81.20 %  top-5 99.10 %  loss 0.5123  (5000 images of fashion-mnist, its published
+        test split)`; no top-5 with 5 classes or fewer."""
         skipped = f", {len(self.skipped_images)} unreadable skipped" if self.skipped_images else ""
-        return (
-            f"top-1 {100 * self.top1:.2f} %  top-5 {100 * self.top5:.2f} %  loss {self.loss:.4f}  "
-            f"({self.num_images} images{skipped})"
-        )
+        top5 = f"top-5 {100 * self.top5:.2f} %  " if self.top5 is not None else ""
+        data = f" of {printable(str(self.data['data']))}, {self.data['split']}" if self.data else ""
+        return f"top-1 {100 * self.top1:.2f} %  {top5}loss {self.loss:.4f}  ({self.num_images} images{data}{skipped})"
 
 
 def to_json(report: EvaluationReport, indent: int | None = None) -> str:
@@ -164,15 +167,44 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 # Plots.
 
 
-def progress_bar(enabled: bool, total: int, initial: int, description: str):
-    """A tqdm bar (None when disabled or tqdm is not installed); the caller updates and closes it."""
+def progress_bar(enabled: bool, total: int, initial: int, description: str, unit: str = "step", leave: bool = True):
+    """A tqdm bar on stderr, shown only on a terminal (None when disabled or tqdm is not installed); the caller
+    updates and closes it. `leave=False` clears it when done (passes inside a longer run)."""
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True)
+    # disable=None: tqdm turns itself off when stderr is not a terminal (logs, CI, pipes).
+    return tqdm(total=total, initial=initial, desc=description, unit=unit, dynamic_ncols=True, disable=None,
+                leave=leave)
+
+
+class StageProgress:
+    """Progress through a few named stages of one long call (`convert`), as a context manager: `next(name)`
+    finishes the stage before and shows the new one."""
+
+    def __init__(self, enabled: bool, description: str, stages: int):
+        self.bar = progress_bar(enabled, stages, 0, description, unit="stage")
+        self.started = False
+
+    def next(self, name: str) -> None:
+        if self.bar is None:
+            return
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_postfix_str(name)
+
+    def __enter__(self) -> StageProgress:
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        if self.bar is not None:
+            if error_type is None:
+                self.bar.update(1)
+            self.bar.close()
 
 
 def _figure(width: float = 6.0, height: float = 4.0):

@@ -52,9 +52,11 @@ from .data import (
     TrainTransform,
     TransformedDataset,
     collate_skip_bad,
+    describe_split,
     few_shot_indices,
     open_source,
     spec_paths,
+    whole_split,
 )
 from .distributed import Context, all_gather, all_sum, barrier, cuda_devices, distributed, gather_paths
 from .errors import OutOfMemoryError, SourceNotFoundError
@@ -113,7 +115,8 @@ class _RunSettings:
     data: str | ImageSource = ""
     output: str | os.PathLike = ""
     classes: Sequence[int | str] | None = None  # keep only these classes of the data, relabelled 0..k-1
-    eval_data: str | ImageSource | None = None  # default: the "test" split of `data`
+    eval_data: str | ImageSource | None = None  # evaluated whole; default: `val_fraction` of `data` held out
+    val_fraction: float = 0.2  # without eval_data: the share of each class of `data` held out for evaluation
     batch_size: int = 512
     batch_split: int | str = "auto"  # micro-batches per step: same result, 1/batch_split of the activation memory;
     # "auto": the fewest that fit the memory this process may use (measured on a probe, see machine.py)
@@ -190,7 +193,7 @@ class RunResult:
 
 # Fields whose change would make a resumed run compute something else.
 _RESUME_FIELDS = (
-    "model", "data", "classes", "eval_data", "batch_size", "max_steps", "seed", "resize", "crop", "base_lr",
+    "model", "data", "classes", "eval_data", "val_fraction", "batch_size", "max_steps", "seed", "resize", "crop", "base_lr",
     "shots", "preset", "freeze_backbone", "mixup_alpha", "epochs", "warmup_steps", "weight_decay", "loss",
 )
 
@@ -207,9 +210,7 @@ def finetune(config: FinetuneConfig) -> RunResult:
     """
     _check_settings(config)
     with distributed(config.device) as context:
-        source = open_source(config.data, "train", classes=config.classes)
-        eval_source = open_source(config.eval_data or config.data, "test", classes=config.classes)
-        _check_classes(source, eval_source)
+        source, eval_source, evaluated = _open_data(config)
         indices = (
             few_shot_indices(source.labels, config.shots, config.seed, source.classes)
             if config.shots else np.arange(len(source))
@@ -233,6 +234,7 @@ def finetune(config: FinetuneConfig) -> RunResult:
             precrop=precrop, crop=crop, mean=mean, std=std, total_steps=total, learning_rate=learning_rate,
             weight_decay=0.0, mixup_alpha=alpha, loss="softmax", context=context,
             description=dict(schedule=[round(b / scale, 3) for b in schedule], mixup_alpha=alpha, examples=size),
+            evaluated=evaluated,
         )
         return _run(job)
 
@@ -243,9 +245,7 @@ def pretrain(config: PretrainConfig) -> RunResult:
     if not config.max_steps and not (math.isfinite(config.epochs) and config.epochs > 0):
         raise ValueError(f"epochs must be a finite number > 0, got {config.epochs}")
     with distributed(config.device) as context:
-        source = open_source(config.data, "train", classes=config.classes)
-        eval_source = open_source(config.eval_data or config.data, "test", classes=config.classes)
-        _check_classes(source, eval_source)
+        source, eval_source, evaluated = _open_data(config)
         model, mean, std = _training_model(config.model, source.classes, config.seed, fine_tune=False)
         precrop, crop = _resolution(config, source, config.model)
         total = config.max_steps or max(1, math.ceil(config.epochs * len(source) / config.batch_size))
@@ -262,6 +262,7 @@ def pretrain(config: PretrainConfig) -> RunResult:
             learning_rate=learning_rate, weight_decay=config.weight_decay, mixup_alpha=0.0, loss=config.loss,
             context=context,
             description=dict(schedule=hyperrule.upstream_schedule(total, warmup), examples=len(source)),
+            evaluated=evaluated,
         )
         return _run(job)
 
@@ -294,6 +295,8 @@ def _check_settings(config: _RunSettings) -> None:
         raise ValueError(f"batch_size must be an integer >= 1, got {config.batch_size!r}")
     if config.batch_split != "auto" and not (isinstance(config.batch_split, int) and config.batch_split >= 1):
         raise ValueError(f"batch_split must be 'auto' or an integer >= 1, got {config.batch_split!r}")
+    if not (isinstance(config.val_fraction, (int, float)) and 0 <= config.val_fraction < 1):
+        raise ValueError(f"val_fraction must lie in [0, 1), got {config.val_fraction!r}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {config.max_steps}")
     if config.on_bad_image not in ("fail", "skip"):
@@ -306,6 +309,23 @@ def _check_settings(config: _RunSettings) -> None:
         value = getattr(config, name, None)
         if value is not None and not (math.isfinite(value) and (value >= low if inclusive else value > low)):
             raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, got {value}")
+
+
+def _open_data(config: _RunSettings) -> tuple[ImageSource, ImageSource, dict[str, Any]]:
+    """(training source, evaluation source, which images are evaluated). Separate evaluation data is used whole
+    and so is the training data; without it, `val_fraction` of each class of `data` is held out (split seed 0,
+    the same for every `seed`), except for data sets published with a test split (Fashion-MNIST, CIFAR)."""
+    if config.eval_data is not None:
+        eval_spec = config.eval_data
+        train_split, eval_split = whole_split(config.data, "train"), whole_split(eval_spec, "test")
+    else:
+        train_split, eval_spec, eval_split = "train", config.data, "test"
+    source = open_source(config.data, train_split, val_fraction=config.val_fraction, classes=config.classes)
+    eval_source = open_source(eval_spec, eval_split, val_fraction=config.val_fraction, classes=config.classes)
+    _check_classes(source, eval_source)
+    evaluated = dict(data=str(eval_spec), split=describe_split(eval_spec, eval_split, config.val_fraction),
+                     images=len(eval_source))
+    return source, eval_source, evaluated
 
 
 def _check_classes(source: ImageSource, eval_source: ImageSource) -> None:
@@ -501,6 +521,7 @@ class _Job:
     loss: str
     context: Context
     description: dict[str, Any]
+    evaluated: dict[str, Any] = dataclasses.field(default_factory=dict)  # which images the evaluation uses
     batch_split: int = 1  # as chosen when the loop is set up (the settings may say "auto")
 
 
@@ -938,4 +959,7 @@ def _evaluate_job(job: _Job, model: nn.Module) -> EvaluationReport:
         job.eval_source, EvalTransform(job.crop, job.mean, job.std), on_bad_image=bad_image_policy(settings.on_bad_image)
     )
     batch_size = max(job.settings.batch_size // job.batch_split // job.context.world_size, 32)
-    return evaluate_dataset(model, dataset, batch_size, job.context, precision=settings.precision)
+    report = evaluate_dataset(model, dataset, batch_size, job.context, precision=settings.precision,
+                              progress=settings.progress)
+    report.data = dict(job.evaluated)
+    return report

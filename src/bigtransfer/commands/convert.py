@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..checkpoints import read_labels
 from ..convert import convert_checkpoint
-from . import non_negative_int, positive_int
+from . import add_progress_argument, non_negative_int, positive_int
 
 
 def register(subparsers) -> None:
@@ -25,6 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--image-size", type=positive_int, metavar="N", help="evaluation resolution for the preprocessor config")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an OUT_DIR that holds other files (they are kept; the model's are replaced)")
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -32,7 +33,7 @@ def run(args) -> int:
     labels = read_labels(args.labels) if args.labels else None
     result = convert_checkpoint(
         args.source, args.output_dir, num_labels=args.num_labels, labels=labels, image_size=args.image_size,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, progress=args.progress,
     )
     print(result.summary())
     return 0

@@ -9,19 +9,13 @@ from ..data import spec_paths
 from ..files import claim_output
 from ..inference import evaluate
 from ..report import is_evaluation_directory, to_json, write_evaluation
-from . import add_inference_arguments, positive_int
-from .finetune import DATA_HELP, parse_classes
+from . import add_data_arguments, add_inference_arguments
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="evaluate a classifier on a data set")
     parser.add_argument("--model", required=True, metavar="DIR", help="model directory (or hub id)")
-    parser.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP)
-    parser.add_argument("--split", choices=("train", "test"), default="test")
-    parser.add_argument("--classes", type=parse_classes, metavar="LIST", help="keep only these classes, e.g. 5-9")
-    parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--device")
-    parser.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail")
+    add_data_arguments(parser, "test")
     parser.add_argument("--output", metavar="DIR", help="write report.json, accuracy.png and confusion_matrix.png here")
     parser.add_argument("--overwrite", action="store_true", help="write into an --output that holds other files")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
@@ -35,9 +29,10 @@ def run(args: argparse.Namespace) -> int:
         claim_output(args.output, "bigtransfer evaluation", is_evaluation_directory, [args.model, *spec_paths(args.data)],
                      args.overwrite, create=False)
     report = evaluate(
-        args.model, args.data, split=args.split, classes=args.classes, batch_size=args.batch_size,
+        args.model, args.data, split=args.split, val_fraction=args.val_fraction, classes=args.classes,
+        batch_size=args.batch_size,
         device=args.device, on_bad_image=args.on_bad_image, optimized=args.optimize,
-        reduced_decode=not args.full_decode,
+        reduced_decode=not args.full_decode, progress=args.progress,
     )
     if not main_process:
         return 0

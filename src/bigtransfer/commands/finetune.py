@@ -8,37 +8,17 @@ import os
 import sys
 
 from .. import hyperrule
-from ..config import LIMITS
 from ..inference import PRECISIONS
 from ..train import FinetuneConfig, finetune
-from . import batch_split, non_negative_int, positive_int
-
-DATA_HELP = (
-    "an image folder (one sub-folder per class), a CSV file of path,label rows, digits, fashion-mnist, "
-    "fashion-mnist:DIR, cifar10:DIR or cifar100:DIR"
+from . import (
+    DATA_HELP,
+    add_progress_argument,
+    batch_split,
+    fraction,
+    non_negative_int,
+    parse_classes,
+    positive_int,
 )
-
-
-def parse_classes(text: str | None) -> list[int | str] | None:
-    """`5,6,7` -> [5, 6, 7]; `5-9` -> [5, 6, 7, 8, 9]; names (`Sandal,Shirt`) are kept as strings."""
-    if text is None:
-        return None
-    classes: list[int | str] = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        low, dash, high = item.partition("-")
-        if item.isdigit():
-            classes.append(int(item))
-        elif dash and low.isdigit() and high.isdigit():
-            if len(high) > 9 or int(high) - int(low) >= LIMITS["num_labels"]:
-                raise argparse.ArgumentTypeError(f"{item!r} spans more than {LIMITS['num_labels']:,} classes")
-            classes.extend(range(int(low), int(high) + 1))
-        else:
-            classes.append(item)
-    if not classes:
-        raise argparse.ArgumentTypeError(f"no classes in {text!r}")
-    return classes
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
@@ -46,13 +26,20 @@ def add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP)
     parser.add_argument("--output", required=True, metavar="RUN_DIR", help="run directory (metrics, model, report, plots, checkpoint)")
     parser.add_argument("--classes", type=parse_classes, metavar="LIST", help="keep only these classes, e.g. 5-9 or 0,1,2 or Sandal,Shirt")
-    parser.add_argument("--eval-data", metavar="SPEC", help="evaluation data (default: the test split of --data)")
+    parser.add_argument("--eval-data", metavar="SPEC",
+                        help="evaluation data, used whole, as is --data then (default: --val-fraction of each class "
+                        "of --data held out; Fashion-MNIST and CIFAR use their published test split)")
+    parser.add_argument("--val-fraction", type=fraction, default=0.2, metavar="F",
+                        help="without --eval-data, the share of each class of --data held out for evaluation "
+                        "(stratified, split seed 0 whatever --seed is; default 0.2)")
     parser.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"global batch size (default {batch_size})")
     parser.add_argument("--batch-split", type=batch_split, default="auto", metavar="N|auto",
                         help="compute each batch in N micro-batches (same result, less memory); auto (the default): "
                         "the fewest that fit this machine's free memory, measured on a small probe")
     parser.add_argument("--max-steps", type=positive_int, metavar="N", help="train for N optimizer steps (the whole learning-rate schedule is scaled to fit)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the initialisation of a variant, the data order, crops, flips and MixUp, and "
+                        "which --shots examples are drawn (default 0)")
     parser.add_argument("--resize", type=positive_int, metavar="PX", help="training squash-resize before the random crop")
     parser.add_argument("--crop", type=positive_int, metavar="PX", help="training crop and evaluation size")
     parser.add_argument("--save-every", type=non_negative_int, default=0, metavar="N", help="checkpoint every N steps (always at the end)")
@@ -69,13 +56,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
                         "(fast with AVX512-BF16 or AMX); fp16 needs a GPU")
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loading processes")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_progress_argument(parser)
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNG plots")
 
 
 def run_settings(args: argparse.Namespace) -> dict:
     return dict(
         data=args.data, output=args.output, classes=args.classes, eval_data=args.eval_data,
+        val_fraction=args.val_fraction,
         batch_size=args.batch_size, batch_split=args.batch_split, max_steps=args.max_steps, seed=args.seed,
         resize=args.resize, crop=args.crop, save_every=args.save_every, eval_every=args.eval_every,
         resume=args.resume, overwrite=args.overwrite, on_bad_image=args.on_bad_image, device=args.device, precision=args.precision,

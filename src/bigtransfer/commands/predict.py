@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     results = predict(args.model, args.images, args.top_k, args.device, optimized=args.optimize,
-                      reduced_decode=not args.full_decode)
+                      reduced_decode=not args.full_decode, progress=args.progress)
     for image, predictions in zip(args.images, results, strict=True):
         if args.json:
             print(json.dumps({"image": image, "predictions": [{"label": label, "score": score} for label, score in predictions]}))

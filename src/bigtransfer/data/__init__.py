@@ -23,7 +23,7 @@ from .sources import (
     ImageSource,
     select_classes,
 )
-from .spec import ACCEPTED_SPECS, open_source, spec_paths
+from .spec import ACCEPTED_SPECS, describe_split, has_own_splits, open_source, spec_paths, whole_split
 from .transforms import BIT_MEAN, BIT_STD, EvalTransform, TrainTransform, to_normalized_tensor
 
 __all__ = [
@@ -47,7 +47,9 @@ __all__ = [
     "TrainTransform",
     "TransformedDataset",
     "collate_skip_bad",
+    "describe_split",
     "few_shot_indices",
+    "has_own_splits",
     "load_cifar",
     "load_digits",
     "load_fashion_mnist",
@@ -60,4 +62,5 @@ __all__ = [
     "spec_paths",
     "stratified_split",
     "to_normalized_tensor",
+    "whole_split",
 ]

@@ -123,10 +123,10 @@ def load_fashion_mnist(root: str | os.PathLike = FASHION_MNIST_DIR, split: str =
 def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0) -> ArraySource:
     """scikit-learn's 1,797 8x8 digits (values 0..16 scaled to 0..255), with a seeded stratified split.
 
-    ``split`` is "train" or "test"; the test part is ``test_fraction`` of every class.
+    ``split`` is "train" or "test"; the test part is ``test_fraction`` of every class; "all" is all 1,797.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"digits split must be 'train' or 'test', got {split!r}")
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"digits split must be 'train', 'test' or 'all', got {split!r}")
     try:
         from sklearn.datasets import load_digits as sklearn_load_digits
     except ImportError as error:  # scikit-learn is an optional dependency (the `train` extra)
@@ -137,7 +137,7 @@ def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0)
     images = np.round(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     labels = bunch.target.astype(np.int64)
     train, test = stratified_split(labels, test_fraction, seed)
-    keep = train if split == "train" else test
+    keep = np.arange(len(labels)) if split == "all" else train if split == "train" else test
     classes = [str(name) for name in bunch.target_names]
     return ArraySource(images[keep], labels[keep], classes, f"digits:{split}")
 

@@ -30,6 +30,8 @@ from .sampling import stratified_split
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # Header names recognised in the first row of a CSV file (first column).
+# "val" is an alias of "test"; "all" is a whole folder or file, unsplit (what a separate evaluation set means).
+SPLITS = ("train", "test", "val", "all")
 _CSV_HEADER_NAMES = {"path", "file", "filename", "file_name", "image", "image_path", "filepath"}
 
 
@@ -166,8 +168,9 @@ def _check_label_range(labels: np.ndarray, num_classes: int, name: str) -> None:
 
 
 def _split_indices(labels: np.ndarray, split: str, val_fraction: float, seed: int, name: str) -> np.ndarray:
-    """Indices of ``split`` ("train" or "test"/"val") in a seeded stratified split of one labelled set."""
-    if split == "train" and val_fraction == 0:
+    """Indices of ``split`` ("train" or "test"/"val") in a seeded stratified split of one labelled set; "all" is
+    every index."""
+    if split == "all" or (split == "train" and val_fraction == 0):
         return np.arange(len(labels))
     if val_fraction <= 0 or val_fraction >= 1:
         raise ValueError(f"{name}: split {split!r} needs 0 < val_fraction < 1 or a separate validation set")
@@ -176,8 +179,8 @@ def _split_indices(labels: np.ndarray, split: str, val_fraction: float, seed: in
 
 
 def _check_split(split: str) -> str:
-    if split not in ("train", "test", "val"):
-        raise ValueError(f"split must be 'train', 'test' or 'val', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train', 'test', 'val' or 'all', got {split!r}")
     return split
 
 
@@ -232,7 +235,7 @@ class ImageFolderSource(FileSource):
 
     Args:
         root: the folder.
-        split: "train" or "test" ("val" is an alias of "test").
+        split: "train" or "test" ("val" is an alias of "test"), or "all": every image of ``root``.
         val_root: an optional separate folder of the same layout for the "test" split; class names are the
             union of both folders so labels agree between splits.
         val_fraction: without ``val_root``, the fraction of each class held out for "test" by a seeded
@@ -257,7 +260,7 @@ class ImageFolderSource(FileSource):
         val_files = _scan_image_folder(Path(val_root)) if val_root is not None else {}
         classes = sorted(set(train_files) | set(val_files))
         index_of = {name: i for i, name in enumerate(classes)}
-        chosen = train_files if (val_root is None or split == "train") else val_files
+        chosen = train_files if (val_root is None or split in ("train", "all")) else val_files
         paths = [p for name in sorted(chosen) for p in chosen[name]]
         labels = np.array([index_of[name] for name in sorted(chosen) for _ in chosen[name]], dtype=np.int64)
         description = str(root if chosen is train_files else val_root)
@@ -320,7 +323,7 @@ class CsvSource(FileSource):
 
     Args:
         csv_path: the file.
-        split: "train" or "test" ("val" is an alias of "test").
+        split: "train" or "test" ("val" is an alias of "test"), or "all": every row of ``csv_path``.
         val_path: an optional CSV for the "test" split; classes are taken from both files.
         val_fraction, seed: without ``val_path``, a seeded stratified held-out split as for image folders.
     """
@@ -350,10 +353,10 @@ class CsvSource(FileSource):
         else:
             classes = sorted(set(all_labels))
         index_of = {name: i for i, name in enumerate(classes)}
-        table = tables["train" if (val_path is None or split == "train") else "test"]
+        table = tables["train" if (val_path is None or split in ("train", "all")) else "test"]
         paths = [path for path, _ in table]
         labels = np.array([index_of[label] for _, label in table], dtype=np.int64)
-        description = str(csv_path if len(tables) == 1 or split == "train" else val_path)
+        description = str(csv_path if len(tables) == 1 or split in ("train", "all") else val_path)
         if val_path is None:
             keep = _split_indices(labels, split, val_fraction, seed, description)
             paths, labels = [paths[i] for i in keep], labels[keep]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .readers import FASHION_MNIST_DIR, load_cifar, load_digits, load_fashion_mnist
-from .sources import CsvSource, ImageFolderSource, ImageSource, select_classes
+from .sources import SPLITS, CsvSource, ImageFolderSource, ImageSource, select_classes
 
 ACCEPTED_SPECS = (
     "a folder with one sub-folder of images per class",
@@ -34,7 +34,8 @@ def open_source(
     val_path: str | os.PathLike | None = None,
     classes: Sequence[int | str] | None = None,
 ) -> ImageSource:
-    """Open the data set named by ``spec`` for ``split`` ("train" or "test"; "val" means "test").
+    """Open the data set named by ``spec`` for ``split`` ("train" or "test"; "val" means "test"; "all" is a whole
+    folder, CSV file or digits, unsplit).
 
     ``spec`` is one of: a folder with one sub-folder per class; a ``.csv`` file of ``path,label`` rows;
     ``digits``; ``fashion-mnist`` or ``fashion-mnist:DIR``; ``cifar10:DIR``; ``cifar100:DIR``. An
@@ -51,10 +52,34 @@ def open_source(
 
     Example: ``open_source("fashion-mnist", "train", classes=range(5))``.
     """
-    if split not in ("train", "test", "val"):
-        raise ValueError(f"split must be 'train', 'test' or 'val', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     source = spec if isinstance(spec, ImageSource) else _open(str(spec), split, val_fraction, seed, val_path)
     return select_classes(source, list(classes)) if classes is not None else source
+
+
+def has_own_splits(spec: str | os.PathLike | ImageSource) -> bool:
+    """Whether `spec` names a data set published with its own train and test files (Fashion-MNIST, CIFAR), which
+    are used as they are; folders, CSV files and digits are split here when a split is asked for."""
+    return not isinstance(spec, ImageSource) and bool(_NAMED.match(str(spec).strip()))
+
+
+def whole_split(spec: str | os.PathLike | ImageSource, published: str) -> str:
+    """The split that means "this whole data set" for `spec`: all of a folder, CSV file or digits, and the
+    `published` split ("train" or "test") of Fashion-MNIST or CIFAR."""
+    return published if has_own_splits(spec) else "all"
+
+
+def describe_split(spec: str | os.PathLike | ImageSource, split: str, val_fraction: float, seed: int = 0) -> str:
+    """Which images of `spec` a split holds, in words for a report."""
+    if isinstance(spec, ImageSource):
+        return "as given"
+    if split == "all":
+        return "all of it"
+    if has_own_splits(spec):
+        return f"its published {'test' if split == 'val' else split} split"
+    part = f"{val_fraction:.0%} of each class" if split in ("test", "val") else f"the other {1 - val_fraction:.0%}"
+    return f"{'held out' if split in ('test', 'val') else 'training part'}: {part} (stratified, split seed {seed})"
 
 
 def spec_paths(spec: str | os.PathLike | ImageSource | None) -> list[str]:
