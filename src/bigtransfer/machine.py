@@ -22,6 +22,7 @@ from torch import nn
 from .errors import OutOfMemoryError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC = Path("/proc")
 _UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number close to 2**63
 # torch's CPU allocator and CUDA caching allocator, and NumPy's, word the failed request like this.
 _REQUEST = re.compile(r"(?:tried to allocate|Tried to allocate|Unable to allocate)\s+([0-9.]+)\s*(bytes|[KMGT]i?B)?")
@@ -39,7 +40,7 @@ def _read(path: Path) -> str | None:
 
 def _own_cgroup(controller: str) -> Path | None:
     """This process's directory of `controller` (v1), or of the unified hierarchy (v2, controller "")."""
-    text = _read(Path("/proc/self/cgroup")) or ""
+    text = _read(PROC / "self" / "cgroup") or ""
     for line in text.splitlines():
         _, controllers, relative = (line.split(":", 2) + ["", ""])[:3]
         if controller in controllers.split(",") or (not controller and controllers == ""):
@@ -94,7 +95,7 @@ def _cgroup_memory_left() -> int | None:
 
 
 def _status_bytes(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", _read(Path("/proc/self/status")) or "", re.MULTILINE)
+    match = re.search(rf"^{field}:\s+(\d+) kB", _read(PROC / "self" / "status") or "", re.MULTILINE)
     return int(match.group(1)) * 1024 if match else 0
 
 
@@ -107,7 +108,7 @@ def available_memory(device: torch.device) -> int | None:
     if device.type != "cpu":
         return None
     limits = []
-    match = re.search(r"^MemAvailable:\s+(\d+) kB", _read(Path("/proc/meminfo")) or "", re.MULTILINE)
+    match = re.search(r"^MemAvailable:\s+(\d+) kB", _read(PROC / "meminfo") or "", re.MULTILINE)
     if match:
         limits.append(int(match.group(1)) * 1024)
     cgroup = _cgroup_memory_left()

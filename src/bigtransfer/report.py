@@ -218,6 +218,28 @@ def _figure(width: float = 6.0, height: float = 4.0):
     return figure
 
 
+def _step_axis(axes) -> None:
+    """Steps are whole numbers: integer ticks, never 2.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("step")
+
+
+def _log_scale_if_wide(axes, values: Sequence[float]) -> bool:
+    """A log y axis when the positive values span a decade or more, labelled in plain numbers (0.3, not
+    3x10^-1); a linear one otherwise, where a log axis would only show minor ticks in scientific notation."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    positive = [value for value in values if value > 0 and math.isfinite(value)]
+    if not positive or max(positive) / min(positive) < 10:
+        return False
+    axes.set_yscale("log", nonpositive="mask")
+    axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    axes.yaxis.set_minor_formatter(NullFormatter())
+    return True
+
+
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
     with atomic_path(path) as temporary:
@@ -242,18 +264,21 @@ def plot_curves(records: list[dict[str, Any]], directory: str | os.PathLike) -> 
             axes.plot(steps[window - 1 :], smooth, label=f"running mean ({window} steps)", linewidth=1.5)
         if evals:
             axes.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="evaluation loss")
-        axes.set_xlabel("step")
+        _step_axis(axes)
         axes.set_ylabel("loss")
-        if all(r["loss"] > 0 for r in train):
-            axes.set_yscale("log")
+        axes.set_title("training loss")
+        _log_scale_if_wide(axes, [*losses.tolist(), *(r["eval_loss"] for r in evals)])
         axes.legend()
         axes.grid(alpha=0.3)
         written.append(_save(figure, directory / "loss.png"))
         figure = _figure()
         axes = figure.add_subplot()
-        axes.plot([r["step"] for r in train], [r["lr"] for r in train])
-        axes.set_xlabel("step")
+        rates = [r["lr"] for r in train]
+        axes.plot(steps, rates, drawstyle="steps-post")
+        _step_axis(axes)
         axes.set_ylabel("learning rate")
+        logarithmic = _log_scale_if_wide(axes, rates)
+        axes.set_title("learning rate" + (" (log scale: a decay is a step down)" if logarithmic else ""))
         axes.grid(alpha=0.3)
         written.append(_save(figure, directory / "lr.png"))
     return written
@@ -276,8 +301,9 @@ def plot_accuracy(report: EvaluationReport, records: list[dict[str, Any]], path:
     if evals:
         axes = figure.add_subplot(1, 2, 2)
         axes.plot([r["step"] for r in evals], [100 * r["eval_top1"] for r in evals], "o-")
-        axes.set_xlabel("step")
+        _step_axis(axes)
         axes.set_ylabel("top-1 accuracy (%)")
+        axes.set_title("evaluation during training")
         axes.grid(alpha=0.3)
     return _save(figure, Path(path))
 
@@ -291,18 +317,22 @@ def plot_confusion_matrix(report: EvaluationReport, path: str | os.PathLike) -> 
     figure = _figure(size, size)
     axes = figure.add_subplot()
     image = axes.imshow(normalised, vmin=0, vmax=1, cmap="Blues")
-    figure.colorbar(image, ax=axes, fraction=0.046)
-    if len(report.classes) <= 30:
-        positions = np.arange(len(report.classes))
+    bar = figure.colorbar(image, ax=axes, fraction=0.046)
+    bar.set_label("share of the true class's images")
+    count = len(report.classes)
+    if count <= 30:
+        positions = np.arange(count)
         axes.set_xticks(positions, labels=report.classes, rotation=90)
         axes.set_yticks(positions, labels=report.classes)
-        if len(report.classes) <= 12:
-            for row in range(len(report.classes)):
-                for column in range(len(report.classes)):
-                    axes.text(column, row, int(matrix[row, column]), ha="center", va="center", fontsize=7,
-                              color="white" if normalised[row, column] > 0.5 else "black")
+        if count <= 12:  # the counts, as large as their cells allow
+            for row in range(count):
+                for column in range(count):
+                    axes.text(column, row, int(matrix[row, column]), ha="center", va="center",
+                              fontsize=max(8, 16 - count), color="white" if normalised[row, column] > 0.5 else "black")
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
+    axes.set_title(f"confusion matrix ({report.num_images} images, counts in the cells)" if count <= 12
+                   else f"confusion matrix ({report.num_images} images)")
     return _save(figure, Path(path))
 
 

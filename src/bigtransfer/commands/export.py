@@ -16,7 +16,8 @@ def register(subparsers) -> None:
         "dynamic batch / height / width, checked against the PyTorch model and timed beside it.",
     )
     parser.add_argument("--model", required=True, help="model directory (config.json + weights) or Hub name")
-    parser.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "exported-program"))
+    parser.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "exported-program"),
+                        help="onnx (default; checked against onnxruntime), torchscript (.pt) or exported-program (.pt2)")
     parser.add_argument("--output", required=True, help="file to write (.onnx, .pt, .pt2)")
     parser.add_argument("--image-size", type=positive_int, default=224, help="example image size for tracing (>= 64)")
     parser.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default 18)")

@@ -99,7 +99,9 @@ def register(subparsers) -> None:
     add_run_arguments(parser, hyperrule.DEFAULT_BATCH_SIZE)
     parser.add_argument("--base-lr", type=float, default=hyperrule.DEFAULT_BASE_LR, help="peak learning rate (default 0.003)")
     parser.add_argument("--shots", type=positive_int, metavar="K", help="train on K examples per class (chosen with --seed)")
-    parser.add_argument("--preset", choices=sorted(hyperrule.PRESETS), default="code", help="HyperRule variant")
+    parser.add_argument("--preset", choices=sorted(hyperrule.PRESETS), default="code",
+                        help="HyperRule tables: code (the released code's, default) or paper (its schedules: decays at "
+                        "30, 60, 90 %%)")
     parser.add_argument("--freeze-backbone", action="store_true", help="train the head only (linear probe)")
     parser.add_argument("--mixup-alpha", type=float, help="override the rule's MixUp alpha (0 disables)")
     parser.set_defaults(func=run)

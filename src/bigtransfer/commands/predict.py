@@ -13,9 +13,9 @@ from . import add_inference_arguments, positive_int
 def register(subparsers) -> None:
     parser = subparsers.add_parser("predict", help="classify image files")
     parser.add_argument("--model", required=True, metavar="DIR", help="model directory (or hub id)")
-    parser.add_argument("images", nargs="+", metavar="IMAGE")
-    parser.add_argument("--top-k", type=positive_int, default=5)
-    parser.add_argument("--device")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, TIFF, ...)")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="labels shown per image, best first (default 5)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image: {image, predictions: [{label, score}]}")
     add_inference_arguments(parser)
     parser.set_defaults(func=run)

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "pretrain", help="pre-train (upstream) with the paper's recipe",
         description="Pre-train a BiT model: SGD momentum 0.9, lr 0.03 x batch/256, linear warmup, weight decay 1e-4, "
-        "/10 decays at 30, 60 and 80 %% of training, softmax or sigmoid cross-entropy.",
+        "/10 decays at 30, 60 and 80 % of training, softmax or sigmoid cross-entropy.",
     )
     parser.add_argument("--model", default="BiT-M-R50x1", metavar="VARIANT|DIR",
                         help="a variant name (random init; default BiT-M-R50x1) or a model directory to continue from")
@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     parser.add_argument("--epochs", type=float, default=90.0, help="passes over the data (default 90; --max-steps wins)")
     parser.add_argument("--base-lr", type=float, default=hyperrule.UPSTREAM_BASE_LR, help="lr per 256 images (default 0.03)")
     parser.add_argument("--warmup-steps", type=non_negative_int, help="linear warmup steps (default 5 %% of training)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay of SGD (default 1e-4)")
     parser.add_argument("--loss", choices=("softmax", "sigmoid"), default="softmax", help="cross-entropy kind")
     parser.set_defaults(func=run)
 
