@@ -69,7 +69,7 @@ def test_finetune_evaluate_predict_features(folder, tmp_path, capsys):
     index = json.loads((tmp_path / "features.index.json").read_text())
     assert array.shape == (30, 512) and labels.shape == (30,) and set(labels.tolist()) == {0, 1, 2}  # all 30 images
     assert index["classes"] == list(CLASSES) and len(index["paths"]) == 30
-    assert all(Path(path).parent.name == index["classes"][label] for path, label in zip(index["paths"], labels))
+    assert all(Path(path).parent.name == index["classes"][label] for path, label in zip(index["paths"], labels, strict=True))
 
 
 def test_errors_are_one_line(folder, tmp_path, capsys):

@@ -4,6 +4,7 @@ from .config import VARIANTS, BitConfig
 from .convert import convert_checkpoint, load_checkpoint
 from .errors import CheckpointError, UnsafeCheckpointError
 from .export import ExportReport, export
+from .fewshot import FewShotReport, fewshot
 from .inference import OptimizedModel, optimize, predict_images
 from .modeling import (
     BackboneOutput,
@@ -31,11 +32,13 @@ __all__ = [
     "BitPreTrainedModel",
     "CheckpointError",
     "ExportReport",
+    "FewShotReport",
     "ImageClassifierOutputWithNoAttention",
     "OptimizedModel",
     "UnsafeCheckpointError",
     "convert_checkpoint",
     "export",
+    "fewshot",
     "load_checkpoint",
     "optimize",
     "predict_images",

@@ -21,13 +21,14 @@ from .errors import BadImageError, OutOfMemoryError, did_you_mean, original_mess
 from .report import printable
 
 # Command modules, in the order `bigtransfer --help` lists them.
-COMMANDS = ["convert", "demo", "pretrain", "finetune", "evaluate", "predict", "features", "export", "bench"]
+COMMANDS = ["convert", "demo", "pretrain", "finetune", "evaluate", "fewshot", "predict", "features", "export",
+            "bench"]
 TRAINING_COMMANDS = ("pretrain", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bigtransfer", description="Big Transfer (BiT): convert, fine-tune, evaluate, predict, export."
+        prog="bigtransfer", description="Big Transfer (BiT): convert, pre-train, fine-tune, evaluate, measure few-shot transfer, predict, export."
     )
     parser.add_argument("--version", action="version", version=f"bigtransfer {__version__} (torch {torch.__version__})")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

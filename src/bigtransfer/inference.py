@@ -439,7 +439,8 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _fast(model: nn.Module, optimized: bool) -> nn.Module:
+def maybe_optimized(model: nn.Module, optimized: bool) -> nn.Module:
+    """`optimize(model)` in place when `optimized`, else `model` as it is."""
     return optimize(model, inplace=True) if optimized else model
 
 
@@ -621,7 +622,7 @@ def predict(
     """Top-k (label, probability) for each image file, best first (`predict_images` with the model's own
     processor; `optimized` runs `optimize()` first, which pays for many images, not for a few)."""
     network, processor = load_for_inference(model, device)
-    return predict_images(_fast(network, optimized), images, processor, top_k=top_k, reduced_decode=reduced_decode,
+    return predict_images(maybe_optimized(network, optimized), images, processor, top_k=top_k, reduced_decode=reduced_decode,
                           on_bad_image=bad_image_policy(on_bad_image), progress=progress).top_k
 
 
@@ -662,8 +663,8 @@ def evaluate(
         split = split or whole_split(data, "test")
         source = open_source(data, split, val_fraction=val_fraction, classes=classes)
         classes_out = [network.config.id2label[index] for index in range(network.config.num_labels)]
-        dataset = _dataset(source, processor, on_bad_image, reduced_decode)
-        report = evaluate_dataset(_fast(network, optimized), dataset, batch_size, context,
+        dataset = processed_dataset(source, processor, on_bad_image, reduced_decode)
+        report = evaluate_dataset(maybe_optimized(network, optimized), dataset, batch_size, context,
                                   label_map=label_map(source.classes, classes_out), class_names=classes_out,
                                   progress=progress)
         report.data = dict(data=str(data), split=describe_split(data, split, val_fraction), images=len(source))
@@ -694,27 +695,50 @@ def extract_features(
     """
     with distributed(device) as context:
         network, processor = load_for_inference(model, context.device)
-        backbone = _fast(network.bit, optimized)
+        backbone = maybe_optimized(network.bit, optimized)
         source = open_source(data, split or whole_split(data, "train"), val_fraction=val_fraction, classes=classes)
-        dataset = _dataset(source, processor, on_bad_image, reduced_decode)
-        features, labels, skipped = [], [], set()
-        for images, batch_labels, bad in inference_batches(dataset, batch_size, context, progress, "features"):
-            skipped.update(sample.path for sample in bad)
+        dataset = processed_dataset(source, processor, on_bad_image, reduced_decode)
+        features, labels, skipped = dataset_features(backbone, dataset, batch_size, context, progress, gather=False)
+        if not return_paths:
+            return gather_rows(context, features, labels)
+        mine = [source.path(i) for i in range(context.rank, len(source), context.world_size)]
+        paths = np.array([path for path in mine if path not in set(skipped)], dtype=object)
+        features, labels, paths = gather_rows(context, features, labels, paths)
+        return features, labels, [str(path) for path in paths], [str(name) for name in source.classes]
+
+
+def dataset_features(
+    backbone: nn.Module, dataset: TransformedDataset, batch_size: int, context: Context, progress: bool = False,
+    gather: bool = True, description: str = "features",
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Pre-logits features (N, C) float32, labels (N,) and the skipped images' paths of a (preprocessed) data set,
+    run through a `BitModel` in eval mode; with `gather`, every rank's rows back in the data set's order (what
+    `extract_features`, the few-shot evaluator and the trainer's few-shot evaluation use)."""
+    was_training = backbone.training
+    backbone.eval()
+    features, labels, skipped = [], [], []
+    try:
+        for images, batch_labels, bad in inference_batches(dataset, batch_size, context, progress, description):
+            skipped.extend(sample.path for sample in bad)
             with torch.no_grad(), precision_autocast(context.device, "auto"):
                 pooled = backbone(images.to(context.device)).pooler_output
             features.append(pooled.flatten(1).float().cpu().numpy())
             labels.append(batch_labels.numpy())
-        features_array = np.concatenate(features) if features else np.zeros((0, network.config.num_features), np.float32)
-        labels_array = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-        if not return_paths:
-            return gather_rows(context, features_array, labels_array)
-        mine = [source.path(i) for i in range(context.rank, len(source), context.world_size)]
-        paths = np.array([path for path in mine if path not in skipped], dtype=object)
-        features_array, labels_array, paths = gather_rows(context, features_array, labels_array, paths)
-        return features_array, labels_array, [str(path) for path in paths], [str(name) for name in source.classes]
+    finally:
+        backbone.train(was_training)
+    features_array = (np.concatenate(features) if features
+                      else np.zeros((0, backbone.config.num_features), np.float32))
+    labels_array = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    if not gather:
+        return features_array, labels_array, skipped
+    features_array, labels_array = gather_rows(context, features_array, labels_array)
+    if context.world_size > 1:
+        skipped = [path for part in all_gather(context, skipped) for path in part]
+    return features_array, labels_array, skipped
 
 
-def _dataset(source: ImageSource, processor: BitImageProcessor, on_bad_image: str, reduced_decode: bool):
+def processed_dataset(source: ImageSource, processor: BitImageProcessor, on_bad_image: str, reduced_decode: bool):
+    """`source` preprocessed as `processor` says (JPEGs decoded at reduced size unless not `reduced_decode`)."""
     return TransformedDataset(source, ProcessorTransform(processor), on_bad_image=bad_image_policy(on_bad_image),
                               min_size=processor_min_size(processor) if reduced_decode else None)
 

@@ -28,7 +28,7 @@ from .files import atomic_directory, atomic_path, read_bytes, read_json, write_t
 
 REPORT_NAME = "report.json"
 METRICS_NAME = "metrics.jsonl"
-PLOT_NAMES = ("loss.png", "lr.png", "accuracy.png", "confusion_matrix.png")
+PLOT_NAMES = ("loss.png", "lr.png", "accuracy.png", "confusion_matrix.png", "fewshot.png")
 EVALUATION_FILES = (REPORT_NAME, "accuracy.png", "confusion_matrix.png")  # what `bigtransfer evaluate --output` writes
 MAX_METRICS_BYTES = 1 << 30
 
@@ -248,7 +248,8 @@ def _save(figure, path: Path) -> Path:
 
 
 def plot_curves(records: list[dict[str, Any]], directory: str | os.PathLike) -> list[Path]:
-    """loss.png (training loss, plus evaluation loss where recorded) and lr.png from metrics records."""
+    """loss.png (training loss, plus evaluation loss where recorded), lr.png and, where the few-shot evaluator ran,
+    fewshot.png, from metrics records."""
     directory = Path(directory)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
@@ -281,7 +282,27 @@ def plot_curves(records: list[dict[str, Any]], directory: str | os.PathLike) -> 
         axes.set_title("learning rate" + (" (log scale: a decay is a step down)" if logarithmic else ""))
         axes.grid(alpha=0.3)
         written.append(_save(figure, directory / "lr.png"))
+    fewshot = [r for r in records if any(key.startswith("fewshot_") and key.endswith("shot") for key in r)]
+    if fewshot:
+        written.append(_plot_fewshot_curves(fewshot, directory / "fewshot.png"))
     return written
+
+
+def _plot_fewshot_curves(records: list[dict[str, Any]], path: Path) -> Path:
+    """fewshot.png: few-shot linear top-1 (mean over seeds) against the training step, one line per shot count."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    keys = sorted({key for r in records for key in r if key.startswith("fewshot_") and key.endswith("shot")},
+                  key=lambda key: int(key[len("fewshot_") : -len("shot")]))
+    for key in keys:
+        points = [(r["step"], 100 * r[key]) for r in records if key in r]
+        axes.plot(*zip(*points, strict=True), "o-", label=f"{key[len('fewshot_') : -len('shot')]}-shot")
+    _step_axis(axes)
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.set_title("few-shot linear evaluation during training")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return _save(figure, path)
 
 
 def plot_accuracy(report: EvaluationReport, records: list[dict[str, Any]], path: str | os.PathLike) -> Path:

@@ -51,15 +51,15 @@ from .data import (
     ImageSource,
     TrainTransform,
     TransformedDataset,
+    check_shots,
     collate_skip_bad,
-    describe_split,
     few_shot_indices,
-    open_source,
+    open_train_eval,
     spec_paths,
-    whole_split,
 )
 from .distributed import Context, all_gather, all_sum, barrier, cuda_devices, distributed, gather_paths
 from .errors import OutOfMemoryError, SourceNotFoundError
+from .fewshot import DEFAULT_L2, DEFAULT_SEEDS, DEFAULT_SHOTS, check_arguments, evaluate_representation
 from .files import atomic_directory, claim_output, read_json, write_text_atomic
 from .inference import (
     PRECISIONS,
@@ -175,6 +175,13 @@ class PretrainConfig(_RunSettings):
     warmup_steps: int | None = None
     weight_decay: float = 1e-4
     loss: Literal["softmax", "sigmoid"] = "softmax"
+    # Few-shot linear evaluation (bigtransfer.fewshot, big_vision's) every `fewshot_every` steps and at the end,
+    # recorded in metrics.jsonl as fewshot_<k>shot (mean over seeds); support sets from the training part of
+    # `fewshot_data`, tested on its test part (chosen as for eval_data-less runs). No effect on training.
+    fewshot_every: int = 0
+    fewshot_data: str | ImageSource | None = None
+    fewshot_shots: Sequence[int] = DEFAULT_SHOTS
+    fewshot_seeds: int = DEFAULT_SEEDS
 
 
 @dataclasses.dataclass
@@ -256,13 +263,15 @@ def pretrain(config: PretrainConfig) -> RunResult:
         def learning_rate(step: int) -> float | None:
             return hyperrule.upstream_lr(step, total, config.batch_size, warmup, config.base_lr)
 
+        fewshot_sets = _fewshot_sets(config, crop, mean, std) if config.fewshot_every else None
+
         job = _Job(
             settings=config, kind="pretrain", model=model, source=source, indices=np.arange(len(source)),
             eval_source=eval_source, precrop=precrop, crop=crop, mean=mean, std=std, total_steps=total,
             learning_rate=learning_rate, weight_decay=config.weight_decay, mixup_alpha=0.0, loss=config.loss,
             context=context,
             description=dict(schedule=hyperrule.upstream_schedule(total, warmup), examples=len(source)),
-            evaluated=evaluated,
+            evaluated=evaluated, fewshot_sets=fewshot_sets,
         )
         return _run(job)
 
@@ -303,6 +312,11 @@ def _check_settings(config: _RunSettings) -> None:
         raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {config.on_bad_image!r}")
     if config.precision not in PRECISIONS:
         raise ValueError(f"precision must be {', '.join(PRECISIONS)}, got {config.precision!r}")
+    if getattr(config, "fewshot_every", 0):
+        if config.fewshot_data is None:
+            raise ValueError("fewshot_every needs fewshot_data (--fewshot-data): the data the few-shot evaluator "
+                             "draws its support and test sets from")
+        check_arguments(config.fewshot_shots, config.fewshot_seeds, DEFAULT_L2)
     if getattr(config, "shots", None) is not None and config.shots < 1:
         raise ValueError(f"shots must be >= 1, got {config.shots}")
     for name, low, inclusive in (("base_lr", 0.0, False), ("weight_decay", 0.0, True), ("mixup_alpha", 0.0, True)):
@@ -312,31 +326,23 @@ def _check_settings(config: _RunSettings) -> None:
 
 
 def _open_data(config: _RunSettings) -> tuple[ImageSource, ImageSource, dict[str, Any]]:
-    """(training source, evaluation source, which images are evaluated). Separate evaluation data is used whole
-    and so is the training data; without it, `val_fraction` of each class of `data` is held out (split seed 0,
-    the same for every `seed`), except for data sets published with a test split (Fashion-MNIST, CIFAR)."""
-    if config.eval_data is not None:
-        eval_spec = config.eval_data
-        train_split, eval_split = whole_split(config.data, "train"), whole_split(eval_spec, "test")
-    else:
-        train_split, eval_spec, eval_split = "train", config.data, "test"
-    source = open_source(config.data, train_split, val_fraction=config.val_fraction, classes=config.classes)
-    eval_source = open_source(eval_spec, eval_split, val_fraction=config.val_fraction, classes=config.classes)
-    _check_classes(source, eval_source)
-    evaluated = dict(data=str(eval_spec), split=describe_split(eval_spec, eval_split, config.val_fraction),
-                     images=len(eval_source))
-    return source, eval_source, evaluated
-
-
-def _check_classes(source: ImageSource, eval_source: ImageSource) -> None:
-    """The same classes for training and evaluation; a warning when there is only one (nothing to tell apart)."""
+    """(training source, evaluation source, which images are evaluated): see `data.open_train_eval`."""
+    source, eval_source, described = open_train_eval(config.data, config.eval_data, val_fraction=config.val_fraction,
+                                                     classes=config.classes)
     if len(source.classes) == 1 and int(os.environ.get("RANK", "0")) == 0:
         logger.warning("the training data has one class (%s): every prediction will be that class and accuracy "
                        "will read 100 %%; a classifier needs two or more classes (sub-folders)", source.classes[0])
-    if list(source.classes) != list(eval_source.classes):
-        raise ValueError(
-            f"training and evaluation data have different classes: {source.classes} vs {eval_source.classes}"
-        )
+    return source, eval_source, described["test"]
+
+
+def _fewshot_sets(config: PretrainConfig, crop: int, mean, std) -> tuple[TransformedDataset, TransformedDataset]:
+    """The few-shot evaluator's support pool and test set, preprocessed as the run evaluates (squash to `crop`)."""
+    pool, test, _ = open_train_eval(config.fewshot_data, val_fraction=config.val_fraction)
+    check_shots(pool.labels, max(config.fewshot_shots), pool.classes, f"--fewshot-data {config.fewshot_data}")
+    transform = EvalTransform(crop, mean, std)
+    policy = bad_image_policy(config.on_bad_image)
+    return (TransformedDataset(pool, transform, on_bad_image=policy),
+            TransformedDataset(test, transform, on_bad_image=policy))
 
 
 def _is_random_init(name: str, google_names_are_weights: bool) -> bool:
@@ -523,6 +529,7 @@ class _Job:
     description: dict[str, Any]
     evaluated: dict[str, Any] = dataclasses.field(default_factory=dict)  # which images the evaluation uses
     batch_split: int = 1  # as chosen when the loop is set up (the settings may say "auto")
+    fewshot_sets: tuple[TransformedDataset, TransformedDataset] | None = None  # (support pool, test) for fewshot_every
 
 
 def run_signature(settings: _RunSettings) -> dict[str, Any]:
@@ -820,9 +827,33 @@ def _record(loop: _Loop, done: int, mean_loss: float, lr: float, images_per_seco
         loop.progress.update(1)
         loop.progress.set_postfix_str(f"loss={mean_loss:.4f} lr={lr:.2e} img/s={images_per_second:.0f}", refresh=False)
     if settings.eval_every and done % settings.eval_every == 0 and done < job.total_steps:
-        report = _evaluate_job(job, job.model)
+        with _rng_untouched(job.context.device):
+            report = _evaluate_job(job, job.model)
         loop.record(dict(step=done, eval_top1=report.top1, eval_top5=report.top5, eval_loss=report.loss))
         job.model.train()
+    if job.fewshot_sets is not None and (done % settings.fewshot_every == 0 or done == job.total_steps):
+        _record_fewshot(loop, done)
+
+
+def _rng_untouched(device: torch.device):
+    """Side evaluations leave torch's random streams as they found them (a DataLoader draws its seed from the
+    global generator), so training with and without them, and resumed or not, takes the same steps."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def _record_fewshot(loop: _Loop, done: int) -> None:
+    """Few-shot linear accuracy of the current backbone, in metrics.jsonl as fewshot_<k>shot and in the log."""
+    job, settings = loop.job, loop.job.settings
+    batch_size = max(settings.batch_size // job.batch_split // job.context.world_size, 32)
+    with _rng_untouched(job.context.device):
+        report = evaluate_representation(job.model.bit, *job.fewshot_sets, job.context,
+                                                 shots=settings.fewshot_shots, seeds=settings.fewshot_seeds,
+                                                 batch_size=batch_size)
+    means = {f"fewshot_{shots}shot": report.mean(shots) for shots in report.shots}
+    loop.record(dict(step=done, **means, fewshot_seconds=round(report.feature_seconds + report.solve_seconds, 3)))
+    if job.context.is_main:
+        logger.info("step %d: few-shot linear top-1 %s", done,
+                    ", ".join(f"{shots}-shot {100 * report.mean(shots):.1f} %" for shots in report.shots))
 
 
 def _save(loop: _Loop, step: int) -> None:

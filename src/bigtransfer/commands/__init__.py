@@ -49,6 +49,22 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0, got 0")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """An argparse type: `1,5,10` -> [1, 5, 10], each >= 1, sorted, without repeats."""
+    values = {_int_at_least(item.strip(), 1) for item in text.split(",") if item.strip()}
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return sorted(values)
+
+
 def parse_classes(text: str | None) -> list[int | str] | None:
     """`5,6,7` -> [5, 6, 7]; `5-9` -> [5, 6, 7, 8, 9]; names (`Sandal,Shirt`) are kept as strings."""
     if text is None:

@@ -6,8 +6,9 @@ import argparse
 import logging
 
 from .. import hyperrule
+from ..fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS
 from ..train import PretrainConfig, pretrain
-from . import non_negative_int
+from . import DATA_HELP, non_negative_int, positive_int, positive_int_list
 from .finetune import add_run_arguments, finish, run_settings
 
 
@@ -25,6 +26,16 @@ def register(subparsers) -> None:
     parser.add_argument("--warmup-steps", type=non_negative_int, help="linear warmup steps (default 5 %% of training)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay of SGD (default 1e-4)")
     parser.add_argument("--loss", choices=("softmax", "sigmoid"), default="softmax", help="cross-entropy kind")
+    parser.add_argument("--fewshot-every", type=non_negative_int, default=0, metavar="N",
+                        help="every N steps and at the end, the few-shot linear evaluator (bigtransfer fewshot) on "
+                        "--fewshot-data, logged to metrics.jsonl and fewshot.png (default 0: never)")
+    parser.add_argument("--fewshot-data", metavar="SPEC",
+                        help="data for it: support sets from its training part, tested on its test split or "
+                        f"held-out --val-fraction; {DATA_HELP}")
+    parser.add_argument("--fewshot-shots", type=positive_int_list, default=list(DEFAULT_SHOTS), metavar="LIST",
+                        help=f"examples per class (default {','.join(map(str, DEFAULT_SHOTS))})")
+    parser.add_argument("--fewshot-seeds", type=positive_int, default=DEFAULT_SEEDS, metavar="N",
+                        help=f"support sets drawn with seeds 0..N-1 (default {DEFAULT_SEEDS})")
     parser.set_defaults(func=run)
 
 
@@ -32,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = PretrainConfig(
         model=args.model, epochs=args.epochs, base_lr=args.base_lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, loss=args.loss, **run_settings(args),
+        weight_decay=args.weight_decay, loss=args.loss, fewshot_every=args.fewshot_every,
+        fewshot_data=args.fewshot_data, fewshot_shots=args.fewshot_shots, fewshot_seeds=args.fewshot_seeds,
+        **run_settings(args),
     )
     return finish(pretrain(config))

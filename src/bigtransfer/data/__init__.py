@@ -11,7 +11,7 @@ from .readers import (
     read_idx,
 )
 from .safe_pickle import safe_load
-from .sampling import few_shot_indices, stratified_split
+from .sampling import check_shots, few_shot_indices, shot_order, stratified_split
 from .sources import (
     IMAGE_EXTENSIONS,
     ArraySource,
@@ -23,7 +23,15 @@ from .sources import (
     ImageSource,
     select_classes,
 )
-from .spec import ACCEPTED_SPECS, describe_split, has_own_splits, open_source, spec_paths, whole_split
+from .spec import (
+    ACCEPTED_SPECS,
+    describe_split,
+    has_own_splits,
+    open_source,
+    open_train_eval,
+    spec_paths,
+    whole_split,
+)
 from .transforms import BIT_MEAN, BIT_STD, EvalTransform, TrainTransform, to_normalized_tensor
 
 __all__ = [
@@ -48,6 +56,7 @@ __all__ = [
     "TransformedDataset",
     "collate_skip_bad",
     "describe_split",
+    "check_shots",
     "few_shot_indices",
     "has_own_splits",
     "load_cifar",
@@ -55,9 +64,11 @@ __all__ = [
     "load_fashion_mnist",
     "load_image",
     "open_source",
+    "open_train_eval",
     "read_idx",
     "safe_load",
     "sample_seed",
+    "shot_order",
     "select_classes",
     "spec_paths",
     "stratified_split",

@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .readers import FASHION_MNIST_DIR, load_cifar, load_digits, load_fashion_mnist
 from .sources import SPLITS, CsvSource, ImageFolderSource, ImageSource, select_classes
@@ -80,6 +81,38 @@ def describe_split(spec: str | os.PathLike | ImageSource, split: str, val_fracti
         return f"its published {'test' if split == 'val' else split} split"
     part = f"{val_fraction:.0%} of each class" if split in ("test", "val") else f"the other {1 - val_fraction:.0%}"
     return f"{'held out' if split in ('test', 'val') else 'training part'}: {part} (stratified, split seed {seed})"
+
+
+def open_train_eval(
+    data: str | os.PathLike | ImageSource, eval_data: str | os.PathLike | ImageSource | None = None, *,
+    val_fraction: float = 0.2, classes: Sequence[int | str] | None = None,
+) -> tuple[ImageSource, ImageSource, dict[str, dict[str, Any]]]:
+    """(training source, evaluation source, which images each holds: {"train": {data, split, images}, "test": ...}).
+
+    Separate `eval_data` is used whole and so is `data` then; without it, `val_fraction` of each class of `data`
+    is held out (split seed 0), except for data sets published with a test split (Fashion-MNIST, CIFAR), whose
+    train and test files are used. Fine-tuning, pre-training and the few-shot evaluator all choose this way.
+
+    Raises:
+        ValueError: when the two sources have different classes (both lists are shown).
+    """
+    if eval_data is not None:
+        eval_spec = eval_data
+        train_split, eval_split = whole_split(data, "train"), whole_split(eval_spec, "test")
+    else:
+        train_split, eval_spec, eval_split = "train", data, "test"
+    source = open_source(data, train_split, val_fraction=val_fraction, classes=classes)
+    eval_source = open_source(eval_spec, eval_split, val_fraction=val_fraction, classes=classes)
+    if list(source.classes) != list(eval_source.classes):
+        raise ValueError(
+            f"training and evaluation data have different classes: {source.classes} vs {eval_source.classes}"
+        )
+    described = {
+        "train": dict(data=str(data), split=describe_split(data, train_split, val_fraction), images=len(source)),
+        "test": dict(data=str(eval_spec), split=describe_split(eval_spec, eval_split, val_fraction),
+                     images=len(eval_source)),
+    }
+    return source, eval_source, described
 
 
 def spec_paths(spec: str | os.PathLike | ImageSource | None) -> list[str]:
