@@ -21,8 +21,8 @@ from .errors import BadImageError, OutOfMemoryError, did_you_mean, original_mess
 from .report import printable
 
 # Command modules, in the order `bigtransfer --help` lists them.
-COMMANDS = ["convert", "demo", "pretrain", "finetune", "evaluate", "fewshot", "predict", "features", "export",
-            "bench"]
+COMMANDS = ["convert", "demo", "pretrain", "finetune", "evaluate", "fewshot", "vtab1k", "predict", "features",
+            "export", "bench"]
 TRAINING_COMMANDS = ("pretrain", "finetune")
 
 

@@ -65,6 +65,14 @@ def positive_int_list(text: str) -> list[int]:
     return sorted(values)
 
 
+def positive_float_list(text: str) -> list[float]:
+    """An argparse type: `0.003,0.01` -> [0.003, 0.01], each a finite number > 0, without repeats."""
+    values = list(dict.fromkeys(positive_float(item.strip()) for item in text.split(",") if item.strip()))
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
+
+
 def parse_classes(text: str | None) -> list[int | str] | None:
     """`5,6,7` -> [5, 6, 7]; `5-9` -> [5, 6, 7, 8, 9]; names (`Sandal,Shirt`) are kept as strings."""
     if text is None:

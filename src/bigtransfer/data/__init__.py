@@ -21,6 +21,7 @@ from .sources import (
     FileSource,
     ImageFolderSource,
     ImageSource,
+    Selection,
     select_classes,
 )
 from .spec import (
@@ -51,6 +52,7 @@ __all__ = [
     "FileSource",
     "ImageFolderSource",
     "ImageSource",
+    "Selection",
     "SkippedSample",
     "TrainTransform",
     "TransformedDataset",

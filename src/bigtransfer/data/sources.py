@@ -416,6 +416,49 @@ class ClassSubset(ImageSource):
         return self.source.image_size()
 
 
+class Selection(ImageSource):
+    """Chosen examples of one or more sources with the same classes, in the given order: ``parts`` is a list of
+    (source, indices). A VTAB-1k train800 is one part; train800 + val200 from two sources is two."""
+
+    def __init__(self, parts: Sequence[tuple[ImageSource, Sequence[int]]], name: str):
+        if not parts:
+            raise ValueError(f"{name}: nothing selected")
+        classes = list(parts[0][0].classes)
+        for source, _ in parts[1:]:
+            if list(source.classes) != classes:
+                raise ValueError(f"{name}: parts have different classes: {classes} vs {list(source.classes)}")
+        self.parts = [(source, np.asarray(indices, dtype=np.int64)) for source, indices in parts]
+        for source, indices in self.parts:
+            if len(indices) and (indices.min() < 0 or indices.max() >= len(source)):
+                raise ValueError(f"{name}: indices outside [0, {len(source)}) of {source!r}")
+        self._where = [(part, int(index)) for part, (_, indices) in enumerate(self.parts) for index in indices]
+        self.labels = np.concatenate([source.labels[indices] for source, indices in self.parts])
+        self.classes = classes
+        self.name = name
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.load(index)
+
+    def load(self, index: int, min_size: int | tuple[int, int] | None = None) -> tuple[Image.Image, int]:
+        part, inner = self._where[index]
+        return self.parts[part][0].load(inner, min_size)
+
+    def path(self, index: int) -> str:
+        part, inner = self._where[index]
+        return self.parts[part][0].path(inner)
+
+    def _identity(self):
+        for source, indices in self.parts:
+            yield source.fingerprint().encode()
+            yield indices.tobytes()
+
+    def image_size(self) -> tuple[int, int]:
+        return self.parts[0][0].image_size()
+
+    def __repr__(self) -> str:
+        return f"Selection({self.name!r}, {len(self)} images, {self.num_classes} classes)"
+
+
 def _class_index(source: ImageSource, wanted: int | str) -> int:
     if isinstance(wanted, str):
         if wanted in source.classes:
