@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from bigtransfer import demo
 from bigtransfer.cli import main
 from bigtransfer.data import FASHION_MNIST_DIR
 from bigtransfer.train import CHECKPOINT_NAME, LOCK_NAME, load_run_state
@@ -125,23 +126,41 @@ def test_sigterm_half_way_then_resume_matches_an_uninterrupted_run(folder, tmp_p
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="apt-get install dataset-fashion-mnist")
+
+
 def test_demo_writes_results_with_tables_plots_and_commands(tmp_path, capsys):
     results = tmp_path / "docs" / "RESULTS.md"
     runs = tmp_path / "runs"
-    arguments = ["demo", "--runs-dir", str(runs), "--seeds", "2", "--shots", "1",
-                 "--upstream-epochs", "0.01", "--finetune-steps", "2", "--threads", "1"]
+    arguments = ["demo", "--runs-dir", str(runs), "--seeds", "2", "--shots", "1,2", "--upstream-classes", "2,5",
+                 "--linear-pool", "5", "--upstream-epochs", "0.01", "--finetune-steps", "2", "--threads", "1"]
     write_up = [sys.executable, str(Path(__file__).parents[1] / "docs" / "make_results.py"), str(runs), str(results)]
     assert main(arguments) == 0
     subprocess.run(write_up, check=True, capture_output=True)
     text = results.read_text()
-    assert text.count("| examples per class | transfer (mean ± std) | random init (mean ± std)") == 2
+    assert text.count("| paired margin [95 % CI] | interval above 0 |") == 3  # linear, fine-tuning, digits
+    for heading in ("## Few-shot linear evaluation", "## HyperRule fine-tuning", "## Upstream breadth and model width",
+                    "## Time taken", "deviations from the rule"):
+        assert heading in text
     assert "bigtransfer pretrain --model tiny --data fashion-mnist --classes 0-4" in text
-    assert "deviations from the rule" in text and "## Time taken" in text
-    for plot in ("transfer_fashion_mnist.png", "transfer_digits.png"):
+    assert "bigtransfer fewshot --model " in text and "| tiny-wide | 5 |" in text
+    for plot in ("transfer_finetune.png", "transfer_linear.png", "transfer_breadth.png"):
         assert (results.parent / plot).read_bytes()[:4] == b"\x89PNG"
-    numbers = json.loads((tmp_path / "runs" / "results.json").read_text())["results"]
-    assert set(numbers) == {"fashion-mnist", "digits"} and len(numbers["digits"]["transfer"]["1"]) == 2
+    record = json.loads((runs / "results.json").read_text())
+    assert len(record["finetune"]["transfer"]["1"]) == 2 and len(record["finetune"]["random init"]["2"]) == 2
+    assert set(record["linear"]["fashion-mnist"]) == {"tiny-2classes", "tiny-5classes", "tiny-wide-2classes",
+                                                      "tiny-wide-5classes", "random init tiny", "random init tiny-wide"}
+    assert all(len(values) == 2 for values in record["linear"]["digits"]["tiny-5classes"].values())
     # A second invocation reuses every finished run and says so.
     assert main(arguments) == 0
     subprocess.run(write_up, check=True, capture_output=True)
-    assert "9 finished runs were reused" in results.read_text()  # upstream + 2 tasks x 2 arms x 2 seeds
+    assert "13 finished runs were reused" in results.read_text()  # 4 upstream, the linear protocol, 2 x 2 x 2 fine-tuned
+
+
+def test_paired_margins_use_the_student_t_interval():
+    margin = demo.paired_margin([0.51, 0.62, 0.73], [0.50, 0.60, 0.70])  # differences 1, 2, 3 points
+    half = 4.302652729911275 / np.sqrt(3)  # t(0.975, 2 degrees of freedom) x sd 1 / sqrt(3)
+    assert margin["mean"] == pytest.approx(2.0) and margin["seeds"] == 3
+    assert margin["low"] == pytest.approx(2.0 - half) and margin["high"] == pytest.approx(2.0 + half)
+    assert demo.paired_margin([0.5], [0.4])["low"] is None
+    with pytest.raises(ValueError, match="same seeds"):
+        demo.paired_margin([0.5, 0.6], [0.4])

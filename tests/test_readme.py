@@ -1,10 +1,10 @@
 """The README's usage section runs as written, so it cannot drift from the API and the CLI.
 
 Every code block under "## Usage" runs in order in one working directory that holds what the commands name
-(photos/, test-photos/, train.csv, cat.jpg, dog.jpg, imagenet/train, data/cifar-10-batches-py, made from
-scikit-image's photographs) and a Hugging Face cache holding the checkpoints they name (Google's BiT-M-R50x1,
+(photos/, test-photos/, train.csv, cat.jpg, dog.jpg, imagenet/train, data/cifar-10-batches-py, vtab.json, made
+from scikit-image's photographs) and a Hugging Face cache holding the checkpoints they name (Google's BiT-M-R50x1,
 google/bit-50), so nothing is downloaded. Only the sizes change: training commands get `SMALL_RUN` appended
-(argparse lets the last value win), and `--nproc_per_node 8` runs 2 processes. `NOT_RUN` lists what cannot run
+(argparse lets the last value win), `vtab1k` gets `SMALL_VTAB`, and `--nproc_per_node 8` runs 2 processes. `NOT_RUN` lists what cannot run
 on one machine, with the reason.
 """
 
@@ -32,6 +32,8 @@ from bigtransfer.cli import main
 README = Path(__file__).parents[1] / "README.md"
 SMALL_RUN = ["--max-steps", "1", "--batch-size", "4", "--batch-split", "1", "--resize", "36", "--crop", "32",
              "--no-progress", "--no-plots"]
+SMALL_VTAB = ["--train-examples", "4", "--val-examples", "2", "--lrs", "0.01", "--steps", "1", "--batch-size", "2",
+              "--batch-split", "1", "--resize", "36", "--crop", "32", "--no-progress", "--no-plots"]
 NOT_RUN = {"--nnodes 2": "needs two machines (the single-machine torchrun line runs)"}
 COMMIT = "0" * 40
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
@@ -65,11 +67,11 @@ def _image_folder(root: Path, per_class: int = 4) -> None:
 
 
 def _cifar(root: Path) -> None:
-    """CIFAR-10's python pickles, filled with 32x32 crops of the photographs (10 per class)."""
+    """CIFAR-10's python pickles, filled with 32x32 crops of the photographs (30 per class: 25-shot sets fit)."""
     root.mkdir(parents=True)
-    crops = np.stack([np.asarray(image) for image in _photos(100, (32, 32))])
-    rows = crops.transpose(0, 3, 1, 2).reshape(100, 3072)  # CIFAR's row layout: the R plane, then G, then B
-    labels = [index % 10 for index in range(100)]
+    crops = np.stack([np.asarray(image) for image in _photos(300, (32, 32))])
+    rows = crops.transpose(0, 3, 1, 2).reshape(300, 3072)  # CIFAR's row layout: the R plane, then G, then B
+    labels = [index % 10 for index in range(300)]
     for name in ("data_batch_1", "test_batch"):
         (root / name).write_bytes(pickle.dumps({b"data": rows, b"labels": labels}, protocol=2))
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -104,6 +106,9 @@ def workspace(tmp_path, monkeypatch):
     _cifar(tmp_path / "data" / "cifar-10-batches-py")
     rows = [f"{path.relative_to(tmp_path)},{path.parent.name}" for path in sorted((tmp_path / "photos").rglob("*.jpg"))]
     (tmp_path / "train.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    tasks = [{"name": "photos", "group": "natural", "data": "photos", "test": "test-photos"},
+             {"name": "digits", "group": "structured", "data": "digits"}]
+    (tmp_path / "vtab.json").write_text(json.dumps({"tasks": tasks}))
     cat, dog = _photos(3, (64, 48))[2], _photos(3, (64, 48))[1]
     cat.save(tmp_path / "cat.jpg")
     dog.save(tmp_path / "dog.jpg")
@@ -119,6 +124,8 @@ def _run_shell(command: list[str], workspace: Path) -> None:
         argv = command[1:]
         if argv[0] in ("finetune", "pretrain"):
             argv += SMALL_RUN
+        elif argv[0] == "vtab1k":
+            argv += SMALL_VTAB
         assert main(argv) == 0, " ".join(command)
         return
     assert command[0] == "torchrun", command
@@ -155,3 +162,6 @@ def test_the_usage_section_runs_as_written(workspace):
     assert json.loads((workspace / "runs" / "photos" / "eval" / "report.json").read_text())["data"]["split"] == "all of it"
     assert (workspace / "features.index.json").is_file() and (workspace / "converted" / "model.safetensors").is_file()
     assert (workspace / "model.onnx").is_file() and (workspace / "runs" / "photos-ddp" / "model").is_dir()
+    assert any("fewshot_25shot" in line for line in (workspace / "runs" / "bit-s" / "metrics.jsonl").open())
+    assert (workspace / "runs" / "bit-s" / "fewshot" / "fewshot.json").is_file()
+    assert set(json.loads((workspace / "runs" / "vtab" / "vtab1k.json").read_text())["groups"]) == {"natural", "structured"}

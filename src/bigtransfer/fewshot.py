@@ -130,11 +130,11 @@ def ridge_classifier(features: np.ndarray, labels: np.ndarray, num_classes: int,
 
 def fewshot_accuracy(
     train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray,
-    shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = DEFAULT_SEEDS, l2: float = DEFAULT_L2,
+    shots: Sequence[int] = DEFAULT_SHOTS, seeds: int | Sequence[int] = DEFAULT_SEEDS, l2: float = DEFAULT_L2,
     num_classes: int | None = None,
 ) -> dict[int, list[float]]:
-    """Accuracy (in [0, 1]) per shot count, one per seed 0..seeds-1, of `ridge_classifier` on the k-shot support
-    sets `shot_order` draws from the training features, scored on every test feature.
+    """Accuracy (in [0, 1]) per shot count, one per seed (0..seeds-1, or the seeds listed), of `ridge_classifier`
+    on the k-shot support sets `shot_order` draws from the training features, scored on every test feature.
 
     Raises:
         ValueError: when a class has fewer training examples than the largest shot count, or the test set is empty.
@@ -145,7 +145,7 @@ def fewshot_accuracy(
     if len(test_labels) == 0:
         raise ValueError("few-shot evaluation needs test images; the test data has none")
     accuracy: dict[int, list[float]] = {k: [] for k in shots}
-    for seed in range(seeds):
+    for seed in range(seeds) if isinstance(seeds, int) else seeds:
         order = shot_order(train_labels, seed, num_classes)
         for k in shots:
             support = np.concatenate([indices[:k] for indices in order])

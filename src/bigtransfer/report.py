@@ -392,3 +392,25 @@ def plot_accuracy_vs_shots(
     axes.grid(alpha=0.3)
     axes.legend()
     return _save(figure, Path(path))
+
+
+def plot_series(
+    series: dict[str, dict[int, Sequence[float]]], path: str | os.PathLike, xlabel: str, ylabel: str, title: str = ""
+) -> Path:
+    """Mean against an integer x, one line per series, error bars = std over the values at each x."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    for name, by_x in series.items():
+        xs = sorted(by_x)
+        axes.errorbar(xs, [float(np.mean(by_x[x])) for x in xs], yerr=[float(np.std(by_x[x])) for x in xs],
+                      marker="o", capsize=3, label=name)
+    all_x = sorted({x for by_x in series.values() for x in by_x})
+    axes.set_xticks(all_x, labels=[str(x) for x in all_x])
+    axes.axhline(0, color="grey", linewidth=0.8)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    if title:
+        axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    return _save(figure, Path(path))
