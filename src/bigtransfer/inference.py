@@ -701,8 +701,8 @@ def extract_features(
         features, labels, skipped = dataset_features(backbone, dataset, batch_size, context, progress, gather=False)
         if not return_paths:
             return gather_rows(context, features, labels)
-        mine = [source.path(i) for i in range(context.rank, len(source), context.world_size)]
-        paths = np.array([path for path in mine if path not in set(skipped)], dtype=object)
+        mine, unread = [source.path(i) for i in range(context.rank, len(source), context.world_size)], set(skipped)
+        paths = np.array([path for path in mine if path not in unread], dtype=object)
         features, labels, paths = gather_rows(context, features, labels, paths)
         return features, labels, [str(path) for path in paths], [str(name) for name in source.classes]
 

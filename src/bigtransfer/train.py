@@ -92,6 +92,7 @@ from .run_state import (  # the checkpoint names and RunLockedError are public h
     restore_run_state,
     save_run_state,
 )
+from .tracking import Trackers, check_trackers
 
 logger = logging.getLogger("bigtransfer")
 
@@ -136,6 +137,7 @@ class _RunSettings:
     plots: bool = True
     log_every: int = 1  # steps between metrics.jsonl records
     overwrite: bool = False  # write into an existing folder that is not a run, or start an existing run afresh
+    report_to: Sequence[str] = ()  # also log metrics to these trackers: tensorboard, wandb, mlflow (see tracking.py)
 
 
 @dataclasses.dataclass
@@ -308,6 +310,7 @@ def _check_settings(config: _RunSettings) -> None:
         raise ValueError(f"val_fraction must lie in [0, 1), got {config.val_fraction!r}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {config.max_steps}")
+    check_trackers(config.report_to)
     if config.on_bad_image not in ("fail", "skip"):
         raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {config.on_bad_image!r}")
     if config.precision not in PRECISIONS:
@@ -636,6 +639,7 @@ class _Loop:
     batches: Iterator | None = None
     metrics_file: Any = None
     progress: Any = None
+    trackers: Trackers = dataclasses.field(default_factory=lambda: Trackers((), Path(), {}, 0))
 
     @property
     def checkpoint_path(self) -> Path:
@@ -646,9 +650,11 @@ class _Loop:
         return self.elapsed_before + time.perf_counter() - self.started
 
     def record(self, values: dict[str, Any]) -> None:
+        """A metrics.jsonl line (rank 0), and the same values to the trackers `report_to` names."""
         if self.metrics_file is not None:
             self.metrics_file.write(json.dumps(values) + "\n")
             self.metrics_file.flush()
+        self.trackers.log(values)
 
 
 def _loop(job: _Job, output: Path, signals: StopSignals) -> RunResult:
@@ -656,7 +662,14 @@ def _loop(job: _Job, output: Path, signals: StopSignals) -> RunResult:
     loop = _setup(job, output)
     _resume(loop)
     _open_streams(loop)
-    step = loop.start_step
+    try:
+        return _train(loop, signals)
+    finally:
+        loop.trackers.close()
+
+
+def _train(loop: _Loop, signals: StopSignals) -> RunResult:
+    job, step = loop.job, loop.start_step
     try:
         for step in range(loop.start_step, job.total_steps):
             lr = job.learning_rate(step)
@@ -776,6 +789,7 @@ def _open_streams(loop: _Loop) -> None:
         if metrics.is_symlink():  # appending would write wherever it points
             raise ValueError(f"{metrics} is a symbolic link; a run writes its own metrics.jsonl")
         loop.metrics_file = open(metrics, "a", encoding="utf-8")
+        loop.trackers = Trackers(settings.report_to, loop.output, _run_description(job), loop.start_step)
 
 
 def _close_streams(loop: _Loop) -> None:
@@ -896,6 +910,7 @@ def _finish(loop: _Loop, completed: int) -> RunResult:
     report = _evaluate_job(job, job.model)
     report.skipped_images = sorted(set(loop.skipped) | set(report.skipped_images))
     report.step = completed
+    loop.trackers.log(dict(step=completed, eval_top1=report.top1, eval_top5=report.top5, eval_loss=report.loss))
     if context.is_main:
         write_report(report, output / REPORT_NAME)
         if job.settings.plots:

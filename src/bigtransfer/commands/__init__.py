@@ -112,6 +112,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, published_split: str) ->
                         "that finetune holds out when given no --eval-data; train: the rest")
     parser.add_argument("--val-fraction", type=fraction, default=0.2, metavar="F",
                         help="the held-out share of each class for --split test / train (default 0.2)")
+    add_batch_arguments(parser)
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which classes, and how the model runs over them (evaluate, features, fewshot)."""
     parser.add_argument("--classes", type=parse_classes, metavar="LIST", help="keep only these classes, e.g. 5-9")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")

@@ -12,9 +12,9 @@ from ..fewshot import DEFAULT_L2, DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot, is_fews
 from ..files import claim_output
 from . import (
     DATA_HELP,
+    add_batch_arguments,
     add_inference_arguments,
     fraction,
-    parse_classes,
     positive_float,
     positive_int,
     positive_int_list,
@@ -40,11 +40,7 @@ def register(subparsers) -> None:
                         help=f"support sets drawn with seeds 0..N-1 (default {DEFAULT_SEEDS})")
     parser.add_argument("--l2", type=positive_float, default=DEFAULT_L2,
                         help=f"ridge regularisation strength (default {DEFAULT_L2:g}, big_vision's)")
-    parser.add_argument("--classes", type=parse_classes, metavar="LIST", help="keep only these classes, e.g. 5-9")
-    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass (default 128)")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
-                        help="unreadable images: stop with an error naming the file, or leave them out")
+    add_batch_arguments(parser)
     parser.add_argument("--output", metavar="DIR", help="write fewshot.json (every seed) and fewshot.png here")
     parser.add_argument("--overwrite", action="store_true", help="write into an --output that holds other files")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")

@@ -9,6 +9,7 @@ import sys
 
 from .. import hyperrule
 from ..inference import PRECISIONS
+from ..tracking import TRACKERS
 from ..train import FinetuneConfig, finetune
 from . import (
     DATA_HELP,
@@ -58,6 +59,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     add_progress_argument(parser)
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNG plots")
+    parser.add_argument("--report-to", type=lambda text: tuple(part.strip() for part in text.split(",") if part.strip()),
+                        default=(), metavar="LIST",
+                        help=f"also log the metrics to {', '.join(TRACKERS)} (comma-separated; tensorboard writes "
+                        "RUN_DIR/tensorboard, wandb runs offline, mlflow to RUN_DIR/mlruns unless configured)")
 
 
 def run_settings(args: argparse.Namespace) -> dict:
@@ -68,7 +73,7 @@ def run_settings(args: argparse.Namespace) -> dict:
         resize=args.resize, crop=args.crop, save_every=args.save_every, eval_every=args.eval_every,
         resume=args.resume, overwrite=args.overwrite, on_bad_image=args.on_bad_image, device=args.device, precision=args.precision,
         workers=args.workers, gradient_checkpointing=args.gradient_checkpointing, progress=args.progress,
-        plots=args.plots,
+        plots=args.plots, report_to=args.report_to,
     )
 
 

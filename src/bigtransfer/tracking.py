@@ -1,0 +1,131 @@
+"""Experiment tracking: the records a training run writes to metrics.jsonl (the source of truth) also go to
+TensorBoard, Weights & Biases or MLflow, as `--report-to` names them.
+
+- `tensorboard`: event files in RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`), scalars as train/loss,
+  train/lr, train/images_per_second, eval/top1 ..., fewshot/1shot ..., and the run's settings as text. A resumed
+  run purges the events past its checkpoint, as metrics.jsonl drops those records.
+- `wandb`: offline unless WANDB_MODE says otherwise, files in RUN_DIR/wandb, one run per run directory (resumed
+  runs continue it).
+- `mlflow`: MLFLOW_TRACKING_URI, else a file store in RUN_DIR/mlruns.
+
+Each needs its package (`pip install 'bigtransfer[track]'` for TensorBoard); a missing one is an ImportError
+that names it, raised before training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_trackers(names: Sequence[str]) -> tuple[str, ...]:
+    """The tracker names, checked: ValueError for an unknown one, ImportError (naming the package) for one whose
+    package is missing."""
+    names = tuple(dict.fromkeys(names))
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown:
+        raise ValueError(f"report_to: unknown tracker(s) {unknown}; the trackers are {', '.join(TRACKERS)}")
+    for name in names:
+        try:
+            importlib.import_module(PACKAGES[name])
+        except ImportError as error:
+            extra = " (pip install 'bigtransfer[track]')" if name == "tensorboard" else ""
+            raise ImportError(f"--report-to {name} needs the {PACKAGES[name]} package{extra}") from error
+    return names
+
+
+def scalar_name(key: str) -> str:
+    """metrics.jsonl key -> the tracker's name: eval_top1 -> eval/top1, fewshot_5shot -> fewshot/5shot,
+    loss -> train/loss."""
+    for prefix in ("eval", "fewshot"):
+        if key.startswith(prefix + "_"):
+            return f"{prefix}/{key[len(prefix) + 1 :]}"
+    return f"train/{key}"
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    return {scalar_name(key): float(value) for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)}
+
+
+class Trackers:
+    """The open trackers of one run (none on ranks other than 0); `log` takes a metrics.jsonl record."""
+
+    def __init__(self, names: Sequence[str], directory: Path, settings: dict[str, Any], start_step: int):
+        self._open: list[Any] = []
+        try:
+            for name in names:
+                self._open.append(_OPENERS[name](directory, settings, start_step))
+        except BaseException:
+            self.close()
+            raise
+
+    def log(self, record: dict[str, Any]) -> None:
+        values = _scalars(record)
+        for tracker in self._open:
+            tracker.log(int(record["step"]), values)
+
+    def close(self) -> None:
+        for tracker in self._open:
+            tracker.close()
+        self._open = []
+
+
+class _TensorBoard:
+    def __init__(self, directory: Path, settings: dict[str, Any], start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # A resumed run logs from step start_step + 1 on: the killed run's events from there are dropped.
+        self.writer = SummaryWriter(log_dir=str(directory / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.writer.add_text("settings", "```\n" + json.dumps(settings, indent=2, default=str) + "\n```", start_step)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    def __init__(self, directory: Path, settings: dict[str, Any], start_step: int):
+        self.wandb = importlib.import_module("wandb")
+        run_id = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]  # one run per directory
+        self.run = self.wandb.init(dir=str(directory), mode=os.environ.get("WANDB_MODE", "offline"),
+                                   project=os.environ.get("WANDB_PROJECT", "bigtransfer"), name=directory.name,
+                                   id=run_id, resume="allow", config=json.loads(json.dumps(settings, default=str)))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    def __init__(self, directory: Path, settings: dict[str, Any], start_step: int):
+        self.mlflow = importlib.import_module("mlflow")
+        self.mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", (directory / "mlruns").resolve().as_uri()))
+        self.run = self.mlflow.start_run(run_name=directory.name)
+        flat = {key: json.dumps(value, default=str)[:500] for key, value in settings.get("settings", settings).items()}
+        self.mlflow.log_params(flat)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.mlflow.log_metrics({name.replace("/", "."): value for name, value in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+_OPENERS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _MLflow}
