@@ -22,7 +22,7 @@ from .report import printable
 
 # Command modules, in the order `bigtransfer --help` lists them.
 COMMANDS = ["convert", "demo", "pretrain", "finetune", "evaluate", "fewshot", "vtab1k", "predict", "features",
-            "export", "bench"]
+            "export", "shard", "bench"]
 TRAINING_COMMANDS = ("pretrain", "finetune")
 
 

@@ -14,6 +14,7 @@ onto white, as transformers does; integer arrays outside 0..255 and NaN/Inf valu
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -42,7 +43,25 @@ _ORIENTATION_TRANSPOSE = {
 }
 
 
-def open_image(path: str | os.PathLike) -> PIL.Image.Image:
+class MemoryImage:
+    """An encoded image held in memory (a tar shard's member, a Parquet cell), named for error messages; the
+    readers below take it wherever they take a path."""
+
+    def __init__(self, data: bytes, name: str):
+        self.data, self.name = data, name
+
+    def __fspath__(self) -> str:  # for messages only: there is no such file
+        return self.name
+
+
+def _open_handle(path: str | os.PathLike | MemoryImage) -> tuple[Any, str]:
+    """(binary handle, name) of an image file or a MemoryImage."""
+    if isinstance(path, MemoryImage):
+        return io.BytesIO(path.data), path.name
+    return open_regular(path), os.fspath(path)
+
+
+def open_image(path: str | os.PathLike | MemoryImage) -> PIL.Image.Image:
     """Open and fully decode a local image file (the first frame of an animation); the file is closed.
 
     An EXIF orientation tag is applied, so photos come out upright as viewers show them (as transformers'
@@ -60,7 +79,7 @@ def open_image(path: str | os.PathLike) -> PIL.Image.Image:
     _check_local(path)
     name = os.fspath(path)
     try:
-        handle = open_regular(path)
+        handle, name = _open_handle(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {name!r}") from None
     except NotRegularFileError as error:  # a FIFO or a device: reading would block or never end
@@ -116,7 +135,7 @@ def upright(image: PIL.Image.Image) -> PIL.Image.Image:
     return image if transpose is None else image.transpose(transpose)
 
 
-def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+def load_image(path: str | os.PathLike | MemoryImage) -> PIL.Image.Image:
     """Open and fully decode an image file as 8-bit RGB; raises `BadImageError` naming the file.
 
     Conversion is the image processor's (`rgb_array`): 16-bit images are scaled rather than clipped,
@@ -144,7 +163,7 @@ def _unit_floats_to_8bit(image: PIL.Image.Image, path: str | os.PathLike) -> PIL
     return PIL.Image.fromarray(np.rint(pixels * 255).astype(np.uint8))
 
 
-def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None = None) -> PIL.Image.Image:
+def decode_image(path: str | os.PathLike | MemoryImage, min_size: int | tuple[int, int] | None = None) -> PIL.Image.Image:
     """Decode an image file as 8-bit RGB, JPEGs at reduced size when the result will be downscaled anyway.
 
     libjpeg can decode at 1/2, 1/4 or 1/8 scale for a fraction of the cost (and memory) of a full decode.
@@ -157,12 +176,13 @@ def decode_image(path: str | os.PathLike, min_size: int | tuple[int, int] | None
     if min_size is None:
         return load_image(path)
     try:
-        with open_regular(path) as handle, PIL.Image.open(handle) as image:
+        handle, name = _open_handle(path)
+        with handle, PIL.Image.open(handle) as image:
             width, height = image.size
             limit = PIL.Image.MAX_IMAGE_PIXELS
             if image.format != "JPEG" or (limit is not None and width * height > limit):
                 raise _FullDecode
-            _check_budget(image, handle, os.fspath(path))
+            _check_budget(image, handle, name)
             turned = orientation(image) in (5, 6, 7, 8)  # stored on its side
             if turned and not isinstance(min_size, int):
                 min_size = (min_size[1], min_size[0])  # the request is in stored orientation

@@ -9,7 +9,7 @@ from ..config import LIMITS
 
 DATA_HELP = (
     "an image folder (one sub-folder per class), a CSV file of path,label rows, digits, fashion-mnist, "
-    "fashion-mnist:DIR, cifar10:DIR or cifar100:DIR"
+    "fashion-mnist:DIR, cifar10:DIR, cifar100:DIR, wds:PATTERN (local tar shards) or hf:PATH (save_to_disk or Parquet)"
 )
 
 

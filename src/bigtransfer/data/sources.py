@@ -167,7 +167,7 @@ def _check_label_range(labels: np.ndarray, num_classes: int, name: str) -> None:
         )
 
 
-def _split_indices(labels: np.ndarray, split: str, val_fraction: float, seed: int, name: str) -> np.ndarray:
+def split_indices(labels: np.ndarray, split: str, val_fraction: float, seed: int, name: str) -> np.ndarray:
     """Indices of ``split`` ("train" or "test"/"val") in a seeded stratified split of one labelled set; "all" is
     every index."""
     if split == "all" or (split == "train" and val_fraction == 0):
@@ -265,7 +265,7 @@ class ImageFolderSource(FileSource):
         labels = np.array([index_of[name] for name in sorted(chosen) for _ in chosen[name]], dtype=np.int64)
         description = str(root if chosen is train_files else val_root)
         if val_root is None:
-            keep = _split_indices(labels, split, val_fraction, seed, description)
+            keep = split_indices(labels, split, val_fraction, seed, description)
             paths, labels = [paths[i] for i in keep], labels[keep]
         super().__init__(paths, labels, classes, description)
         self.root = root
@@ -358,7 +358,7 @@ class CsvSource(FileSource):
         labels = np.array([index_of[label] for _, label in table], dtype=np.int64)
         description = str(csv_path if len(tables) == 1 or split in ("train", "all") else val_path)
         if val_path is None:
-            keep = _split_indices(labels, split, val_fraction, seed, description)
+            keep = split_indices(labels, split, val_fraction, seed, description)
             paths, labels = [paths[i] for i in keep], labels[keep]
         super().__init__(paths, labels, classes, description)
 

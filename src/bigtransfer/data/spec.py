@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from .readers import FASHION_MNIST_DIR, load_cifar, load_digits, load_fashion_mnist
-from .sources import SPLITS, CsvSource, ImageFolderSource, ImageSource, select_classes
+from .shards import ArrowSource, TarShardSource, expand_pattern, has_hf_splits, parse_hf_spec
+from .sources import (
+    SPLITS,
+    CsvSource,
+    ImageFolderSource,
+    ImageSource,
+    Selection,
+    select_classes,
+    split_indices,
+)
 
 ACCEPTED_SPECS = (
     "a folder with one sub-folder of images per class",
@@ -19,6 +28,8 @@ ACCEPTED_SPECS = (
     "'fashion-mnist:DIR'",
     "'cifar10:DIR'",
     "'cifar100:DIR'",
+    "'wds:PATTERN' (local WebDataset tar shards, e.g. wds:/data/shard-{000000..000099}.tar)",
+    "'hf:PATH' (a datasets.save_to_disk folder or Parquet files)",
 )
 
 _NAMED = re.compile(
@@ -60,9 +71,13 @@ def open_source(
 
 
 def has_own_splits(spec: str | os.PathLike | ImageSource) -> bool:
-    """Whether `spec` names a data set published with its own train and test files (Fashion-MNIST, CIFAR), which
-    are used as they are; folders, CSV files and digits are split here when a split is asked for."""
-    return not isinstance(spec, ImageSource) and bool(_NAMED.match(str(spec).strip()))
+    """Whether `spec` names a data set published with its own train and test files (Fashion-MNIST, CIFAR, a saved
+    DatasetDict), which are used as they are; folders, CSV files, shards and digits are split here when a split is
+    asked for."""
+    if isinstance(spec, ImageSource):
+        return False
+    text = str(spec).strip()
+    return bool(_NAMED.match(text)) or (text.startswith("hf:") and has_hf_splits(text[3:]))
 
 
 def whole_split(spec: str | os.PathLike | ImageSource, published: str) -> str:
@@ -123,6 +138,10 @@ def spec_paths(spec: str | os.PathLike | ImageSource | None) -> list[str]:
     named = _NAMED.match(text)
     if named:
         return [named["dir"] or FASHION_MNIST_DIR] if named["dir"] or named["name"].startswith("fashion") else []
+    if text.startswith("wds:"):
+        return expand_pattern(text[4:]) if "://" not in text else []
+    if text.startswith("hf:"):
+        return [parse_hf_spec(text[3:])[0]]
     return [] if text.lower() == "digits" else [text]
 
 
@@ -138,6 +157,8 @@ def _open(spec: str, split: str, val_fraction: float, seed: int, val_path) -> Im
         if directory is None:
             raise ValueError(f"{spec!r}: give the folder of the python pickles, e.g. '{name}:/data/cifar'")
         return load_cifar(directory, array_split, num_classes=100 if name.endswith("100") else 10)
+    if spec.startswith(("wds:", "hf:")):
+        return _open_sharded(spec, split, val_fraction, seed)
     path = Path(spec)
     if path.is_dir():
         return ImageFolderSource(path, split, val_root=val_path, val_fraction=val_fraction, seed=seed)
@@ -145,3 +166,16 @@ def _open(spec: str, split: str, val_fraction: float, seed: int, val_path) -> Im
         return CsvSource(path, split, val_path=val_path, val_fraction=val_fraction, seed=seed)
     problem = "does not exist" if not path.exists() else "is not a folder or a .csv file"
     raise ValueError(f"data spec {spec!r} {problem}; accepted: " + "; ".join(ACCEPTED_SPECS))
+
+
+def _open_sharded(spec: str, split: str, val_fraction: float, seed: int) -> ImageSource:
+    """wds: and hf: sources; a split of one that has none of its own is taken by index (stratified, seeded)."""
+    if spec.startswith("wds:"):
+        source: ImageSource = TarShardSource(spec[4:])
+    elif has_hf_splits(spec[3:]):
+        return ArrowSource(spec[3:], "test" if split in ("test", "val") else "train")
+    else:
+        source = ArrowSource(spec[3:])
+    if split == "all":
+        return source
+    return Selection([(source, split_indices(source.labels, split, val_fraction, seed, spec))], f"{spec} [{split}]")
