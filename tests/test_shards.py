@@ -1,0 +1,146 @@
+"""Sharded data: WebDataset tar shards and Hugging Face datasets / Parquet train exactly as the folder they were
+made from, under torchrun (one shard for two ranks and their workers: no hang, the same steps) and across a
+SIGKILL and --resume; bigtransfer shard's layout; errors that name the shard, member or column."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bigtransfer.cli import main
+from bigtransfer.data import open_source
+from bigtransfer.train import CHECKPOINT_NAME, load_run_state
+from test_distributed import _torchrun_cli
+
+datasets = pytest.importorskip("datasets")
+pytest.importorskip("webdataset")
+
+TRAIN = ["--model", "tiny", "--max-steps", "6", "--base-lr", "0.01", "--batch-size", "8", "--batch-split", "1",
+         "--resize", "36", "--crop", "32", "--seed", "3", "--no-progress", "--no-plots", "--device", "cpu"]
+PHOTOS = {"animal": ("chelsea", "coffee", "astronaut"), "space": ("rocket", "hubble_deep_field", "moon")}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """A folder of scikit-image photographs (JPEG, 2 classes x 12), its shards (3 of 8 samples) and the same
+    files as a Parquet file with datasets' Image feature."""
+    skimage_data = pytest.importorskip("skimage.data")
+    root = tmp_path_factory.mktemp("shards")
+    for label, names in PHOTOS.items():
+        (root / "photos" / label).mkdir(parents=True)
+        for index in range(12):
+            image = Image.fromarray(getattr(skimage_data, names[index % 3])()).convert("RGB")
+            image.rotate(30 * index).resize((48, 40)).save(root / "photos" / label / f"{index:02d}.jpg")
+    assert main(["shard", "--data", str(root / "photos"), "--output", str(root / "shards"), "--shard-size", "8",
+                 "--no-progress"]) == 0
+    folder = open_source(str(root / "photos"), "all")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(PHOTOS))})
+    rows = {"image": [{"bytes": open(folder.path(i), "rb").read(), "path": None} for i in range(len(folder))],
+            "label": folder.labels.tolist()}
+    (root / "parquet").mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(root / "parquet" / "train.parquet"))
+    return dict(folder=str(root / "photos"), wds=f"wds:{root}/shards/shard-{{000000..000002}}.tar",
+                hf=f"hf:{root / 'parquet'}", root=root)
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    tensors, _ = load_run_state(run_dir / CHECKPOINT_NAME)
+    return {key: value for key, value in tensors.items() if key.startswith("model/")}
+
+
+def test_shards_hold_the_folder(sources):
+    info = json.loads((sources["root"] / "shards" / "_info.json").read_text())
+    assert info["class_names"] == ["animal", "space"] and info["splits"]["train"]["shard_lengths"] == [8, 8, 8]
+    with tarfile.open(sources["root"] / "shards" / "shard-000000.tar") as tar:
+        assert sorted(tar.getnames()[:2]) == ["000000000.cls", "000000000.jpg"]
+    folder, shards, arrow = (open_source(sources[kind], "all") for kind in ("folder", "wds", "hf"))
+    for source in (shards, arrow):
+        assert source.classes == folder.classes and np.array_equal(source.labels, folder.labels)
+        for index in (0, 13, 23):
+            assert np.array_equal(np.asarray(source[index][0]), np.asarray(folder[index][0]))  # the same bytes
+    assert "shard-000001.tar#000000013" in shards.path(13)
+
+
+def test_training_from_shards_equals_training_from_the_folder(sources, tmp_path):
+    for kind in ("folder", "wds", "hf"):
+        assert main(["finetune", *TRAIN, "--data", sources[kind], "--output", str(tmp_path / kind)]) == 0
+    reference = weights(tmp_path / "folder")
+    for kind in ("wds", "hf"):
+        run = weights(tmp_path / kind)
+        assert all(torch.equal(run[key], reference[key]) for key in reference), kind
+        report = json.loads((tmp_path / kind / "report.json").read_text())
+        assert report["num_images"] == 4 and report["data"]["data"] == sources[kind]  # 20 % of 12, twice
+
+
+def test_two_ranks_with_one_shard_and_workers_do_not_hang(sources, tmp_path):
+    one_shard = f"wds:{sources['root']}/shards/shard-000000.tar"
+    for name, data in (("wds", one_shard), ("hf", sources["hf"])):
+        assert main(["pretrain", *TRAIN, "--data", data, "--output", str(tmp_path / f"{name}-one")]) == 0
+    _torchrun_cli([["pretrain", *TRAIN, "--data", data, "--output", str(tmp_path / f"{name}-two"), "--workers", "2"]
+                   for name, data in (("wds", one_shard), ("hf", sources["hf"]))], tmp_path)
+    for name in ("wds", "hf"):
+        one, two = weights(tmp_path / f"{name}-one"), weights(tmp_path / f"{name}-two")
+        _, state = load_run_state(tmp_path / f"{name}-two" / CHECKPOINT_NAME)
+        assert state["step"] == 6 and json.loads((tmp_path / f"{name}-two" / "run.json").read_text())["world_size"] == 2
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)
+
+
+def _cli(*arguments: str) -> subprocess.Popen:
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "bigtransfer.cli", *arguments], env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("kind", ["wds", "hf"])
+def test_sigkill_then_resume_is_bit_exact(sources, tmp_path, kind):
+    run = ["finetune", *TRAIN, "--max-steps", "12", "--data", sources[kind], "--save-every", "2"]
+    straight = _cli(*run, "--output", str(tmp_path / "straight"))
+    killed = _cli(*run, "--output", str(tmp_path / "killed"))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill once a checkpoint past step 2 exists, mid-run
+        metrics = tmp_path / "killed" / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=30) == -signal.SIGKILL
+    _, state = load_run_state(tmp_path / "killed" / CHECKPOINT_NAME)
+    assert 2 <= state["step"] < 12
+    resumed = _cli(*run, "--output", str(tmp_path / "killed"), "--resume")
+    for process in (straight, resumed):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+    first, second = weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_errors_name_the_shard_member_or_column(sources, tmp_path):
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        for name, data in (("a.jpg", b"\xff\xd8"), ("a.cls", b"cat")):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"bad.tar: label member a.cls holds 'cat', expected an integer"):
+        open_source(f"wds:{bad}", "all")
+    (tmp_path / "zipped.tar").write_bytes(b"\x1f\x8b" + bytes(600))
+    with pytest.raises(ValueError, match="not a readable uncompressed tar shard"):
+        open_source(f"wds:{tmp_path / 'zipped.tar'}", "all")
+    with pytest.raises(ValueError, match="only local shard files"):
+        open_source("wds:https://example.com/shard-{000..009}.tar", "all")
+    with pytest.raises(FileNotFoundError, match=r"1 of 4 shard file\(s\) not found, e.g. .*shard-000003.tar"):
+        open_source(f"wds:{sources['root']}/shards/shard-{{000000..000003}}.tar", "all")
+    with pytest.raises(ValueError, match=r"no column 'img' \(columns: image, label\)"):
+        open_source(f"{sources['hf']}#image=img", "all")
