@@ -165,3 +165,4 @@ def test_the_usage_section_runs_as_written(workspace):
     assert any("fewshot_25shot" in line for line in (workspace / "runs" / "bit-s" / "metrics.jsonl").open())
     assert (workspace / "runs" / "bit-s" / "fewshot" / "fewshot.json").is_file()
     assert set(json.loads((workspace / "runs" / "vtab" / "vtab1k.json").read_text())["groups"]) == {"natural", "structured"}
+    assert (workspace / "shards" / "_info.json").is_file() and len(list((workspace / "shards").glob("*.tar"))) == 2

@@ -772,9 +772,9 @@ def _resume(loop: _Loop) -> None:
 def _open_streams(loop: _Loop) -> None:
     """The training batches from the resumed step on, the metrics log and the progress bar."""
     job, settings, context = loop.job, loop.job.settings, loop.job.context
-    train_set = TransformedDataset(
+    train_set = TransformedDataset(  # JPEGs decoded at the reduced size the squash to `precrop` allows
         job.source, TrainTransform(job.precrop, job.crop, job.mean, job.std), job.indices, seed=settings.seed,
-        on_bad_image=bad_image_policy(settings.on_bad_image),
+        on_bad_image=bad_image_policy(settings.on_bad_image), min_size=(job.precrop, job.precrop),
     )
     loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=_StepSampler(loop.plan, loop.start_step, job.total_steps),
