@@ -1,12 +1,14 @@
 """Sharded data: WebDataset tar shards and Hugging Face datasets / Parquet train exactly as the folder they were
-made from, under torchrun (one shard for two ranks and their workers: no hang, the same steps) and across a
-SIGKILL and --resume; bigtransfer shard's layout; errors that name the shard, member or column."""
+made from, under torchrun (Fashion-MNIST in one shard for two ranks and their workers: no hang, the same steps)
+and across a SIGKILL and --resume; bigtransfer shard's layout and index files; errors that name the shard,
+member or column."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from PIL import Image
 
 from bigtransfer.cli import main
 from bigtransfer.data import open_source
+from bigtransfer.data.shard_writer import encoded
 from bigtransfer.train import CHECKPOINT_NAME, load_run_state
 from test_distributed import _torchrun_cli
 
@@ -72,6 +75,25 @@ def test_shards_hold_the_folder(sources):
     assert "shard-000001.tar#000000013" in shards.path(13)
 
 
+def test_index_files_stand_for_the_header_scan_until_a_shard_changes(sources, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(sources["root"] / "shards", copy)
+    pattern = f"wds:{copy}/shard-{{000000..000002}}.tar"
+    indexed = open_source(pattern, "all")
+    for sidecar in copy.glob("*.idx.npy"):
+        sidecar.rename(sidecar.with_suffix(".moved"))
+    scanned = open_source(pattern, "all")
+    assert np.array_equal(indexed.labels, scanned.labels) and indexed._keys == scanned._keys
+    assert np.array_equal(indexed._offset, scanned._offset)
+    for moved in copy.glob("*.moved"):
+        moved.rename(moved.with_suffix(".npy"))
+    shutil.copy(copy / "shard-000000.tar", copy / "shard-000002.tar")  # a shard replaced: its index is stale
+    with open(copy / "shard-000002.tar", "ab") as handle:
+        handle.write(bytes(10240))  # tar padding: another size, the same members
+    changed = open_source(pattern, "all")
+    assert np.array_equal(changed.labels[16:], scanned.labels[:8]) and changed._keys[16] == scanned._keys[0]
+
+
 def test_training_from_shards_equals_training_from_the_folder(sources, tmp_path):
     for kind in ("folder", "wds", "hf"):
         assert main(["finetune", *TRAIN, "--data", sources[kind], "--output", str(tmp_path / kind)]) == 0
@@ -83,12 +105,26 @@ def test_training_from_shards_equals_training_from_the_folder(sources, tmp_path)
         assert report["num_images"] == 4 and report["data"]["data"] == sources[kind]  # 20 % of 12, twice
 
 
-def test_two_ranks_with_one_shard_and_workers_do_not_hang(sources, tmp_path):
-    one_shard = f"wds:{sources['root']}/shards/shard-000000.tar"
-    for name, data in (("wds", one_shard), ("hf", sources["hf"])):
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory):
+    """Fashion-MNIST's 2,000 test images of classes 0-1 as one tar shard and as a Parquet file of PNGs."""
+    root = tmp_path_factory.mktemp("fashion")
+    assert main(["shard", "--data", "fashion-mnist", "--split", "test", "--classes", "0-1", "--output",
+                 str(root / "shards"), "--shard-size", "2000", "--no-progress"]) == 0
+    source = open_source("fashion-mnist", "test", classes=[0, 1])
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=source.classes)})
+    rows = {"image": [{"bytes": encoded(source, index)[1], "path": None} for index in range(len(source))],
+            "label": source.labels.tolist()}
+    (root / "parquet").mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(root / "parquet" / "test.parquet"))
+    return dict(wds=f"wds:{root}/shards/shard-000000.tar", hf=f"hf:{root / 'parquet'}")
+
+
+def test_two_ranks_with_one_shard_and_workers_do_not_hang(fashion, tmp_path):
+    for name, data in fashion.items():
         assert main(["pretrain", *TRAIN, "--data", data, "--output", str(tmp_path / f"{name}-one")]) == 0
     _torchrun_cli([["pretrain", *TRAIN, "--data", data, "--output", str(tmp_path / f"{name}-two"), "--workers", "2"]
-                   for name, data in (("wds", one_shard), ("hf", sources["hf"]))], tmp_path)
+                   for name, data in fashion.items()], tmp_path)
     for name in ("wds", "hf"):
         one, two = weights(tmp_path / f"{name}-one"), weights(tmp_path / f"{name}-two")
         _, state = load_run_state(tmp_path / f"{name}-two" / CHECKPOINT_NAME)

@@ -13,7 +13,7 @@ from . import DATA_HELP, add_progress_argument, fraction, parse_classes, positiv
 
 
 def _is_shard_directory(path) -> bool:
-    return (path / INFO_NAME).is_file() and all(entry.name == INFO_NAME or entry.suffix == ".tar"
+    return (path / INFO_NAME).is_file() and all(entry.name == INFO_NAME or entry.name.endswith((".tar", ".idx.npy"))
                                                 for entry in path.iterdir())
 
 

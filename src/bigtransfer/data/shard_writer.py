@@ -1,5 +1,6 @@
 """`bigtransfer shard`: any data set this package reads, written once as WebDataset tar shards in timm's layout
-(`shard-000000.tar`, ... with `KEY.jpg|png|webp` + `KEY.cls` members and an `_info.json`), to pre-train from."""
+(`shard-000000.tar`, ... with `KEY.jpg|png|webp` + `KEY.cls` members and an `_info.json`), to pre-train from; each
+shard's index (`shard-000000.idx.npy`: offsets, sizes, labels) goes beside it, so readers need not scan it."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..files import atomic_directory, read_bytes
-from .shards import IMAGE_SUFFIXES, INFO_NAME, MAX_IMAGE_BYTES
+from .shards import IMAGE_SUFFIXES, INFO_NAME, MAX_IMAGE_BYTES, index_path, read_index
 from .sources import FileSource, ImageSource
 
 SHARD_NAME = "shard-{:06d}.tar"
@@ -45,7 +48,7 @@ def write_shards(source: ImageSource, output: str | os.PathLike, shard_size: int
         raise ImportError("writing shards needs webdataset: pip install 'bigtransfer[wds]'") from error
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    filenames, lengths = [], []
+    filenames, lengths, sizes = [], [], []
     with atomic_directory(Path(output), keep_existing=overwrite) as written:
         for start in range(0, len(source), shard_size):
             filename = SHARD_NAME.format(len(filenames))
@@ -55,10 +58,13 @@ def write_shards(source: ImageSource, output: str | os.PathLike, shard_size: int
                     writer.write({"__key__": f"{index:09d}", extension: data, "cls": int(source.labels[index])})
                     if progress is not None:
                         progress.update(1)
+            with open(index_path(written / filename), "wb") as handle:  # readers skip the header scan
+                np.save(handle, read_index(str(written / filename), None), allow_pickle=False)
             filenames.append(filename)
             lengths.append(min(shard_size, len(source) - start))
+            sizes.append((written / filename).stat().st_size)
         info = dict(name=name, num_classes=source.num_classes, class_names=list(source.classes),
                     splits={"train": dict(name="train", num_samples=len(source), filenames=filenames,
-                                          shard_lengths=lengths)})
+                                          shard_lengths=lengths, shard_bytes=sizes)})
         (written / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info

@@ -64,20 +64,22 @@ class TarShardSource(ImageSource):
         if missing:
             raise FileNotFoundError(f"wds:{pattern}: {len(missing)} of {len(self.shards)} shard file(s) not found, "
                                     f"e.g. {missing[0]}")
+        known = _recorded_sizes(Path(self.shards[0]).parent / INFO_NAME)
         shard_of, offsets, sizes, keys, labels = [], [], [], [], []
         for number, shard in enumerate(self.shards):
-            for key, (offset, size), label in _index_shard(shard):
-                shard_of.append(number)
-                offsets.append(offset)
-                sizes.append(size)
-                keys.append(key)
-                labels.append(label)
-        if not labels:
+            index = read_index(shard, known.get(os.path.basename(shard)))
+            shard_of.append(np.full(len(index), number, np.int64))
+            offsets.append(index["offset"])
+            sizes.append(index["size"])
+            labels.append(index["label"])
+            keys.extend(key.decode("utf-8", "surrogateescape") for key in index["key"])
+        if not keys:
             raise ValueError(f"wds:{pattern}: no samples (an image member with a .cls or .json label) in "
                              f"{len(self.shards)} shard(s)")
-        self._shard, self._offset, self._size = (np.asarray(values, np.int64) for values in (shard_of, offsets, sizes))
+        self._shard, self._offset, self._size = (np.concatenate(values).astype(np.int64)
+                                                 for values in (shard_of, offsets, sizes))
         self._keys = keys
-        self.labels = np.asarray(labels, np.int64)
+        self.labels = np.concatenate(labels).astype(np.int64)
         self.classes = _class_names(Path(self.shards[0]).parent / INFO_NAME, int(self.labels.max()) + 1, pattern)
         if self.labels.min() < 0 or self.labels.max() >= len(self.classes):
             raise ValueError(f"wds:{pattern}: labels must lie in [0, {len(self.classes)}), found "
@@ -106,6 +108,37 @@ class TarShardSource(ImageSource):
 
     def __repr__(self) -> str:
         return f"TarShardSource({self.pattern!r}, {len(self)} images, {self.num_classes} classes)"
+
+
+INDEX_DTYPE = np.dtype([("offset", "<i8"), ("size", "<i8"), ("label", "<i8"), ("key", "S128")])
+
+
+def index_path(shard: str | os.PathLike) -> Path:
+    """The index `bigtransfer shard` writes beside each shard: shard-000000.tar -> shard-000000.idx.npy."""
+    shard = Path(shard)
+    return shard.with_name(shard.name[: -len(".tar")] + ".idx.npy" if shard.name.endswith(".tar") else shard.name + ".idx.npy")
+
+
+def read_index(shard: str, recorded_bytes: int | None) -> np.ndarray:
+    """The samples of one shard (INDEX_DTYPE): from its .idx.npy when _info.json records this shard's size and the
+    file still has it, else by reading every tar header."""
+    sidecar = index_path(shard)
+    if recorded_bytes is not None and sidecar.is_file() and os.path.getsize(shard) == recorded_bytes:
+        data = read_bytes(sidecar, MAX_SHARD_MEMBERS * INDEX_DTYPE.itemsize + 4096, "shard index")
+        index = np.load(io.BytesIO(data), allow_pickle=False)
+        if index.dtype == INDEX_DTYPE and index.ndim == 1:
+            return index
+    return np.array([(offset, size, label, key.encode("utf-8", "surrogateescape")[:128])
+                     for key, (offset, size), label in _index_shard(shard)], dtype=INDEX_DTYPE)
+
+
+def _recorded_sizes(info_path: Path) -> dict[str, int]:
+    """shard file name -> its byte size, as `bigtransfer shard` recorded them in _info.json (empty without)."""
+    if not info_path.is_file():
+        return {}
+    split = read_json(info_path).get("splits", {}).get("train", {})
+    names, sizes = split.get("filenames", []), split.get("shard_bytes", [])
+    return {name: int(size) for name, size in zip(names, sizes, strict=False) if isinstance(size, int)}
 
 
 def _index_shard(shard: str):
