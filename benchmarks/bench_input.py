@@ -29,7 +29,7 @@ from bigtransfer.cli import main as cli
 from bigtransfer.data import TrainTransform, TransformedDataset, collate_skip_bad, open_source
 from bigtransfer.machine import usable_cpus
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "retina", "immunohistochemistry")
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "cat")
 
 
 def machine() -> dict:

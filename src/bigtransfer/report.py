@@ -229,12 +229,13 @@ def _step_axis(axes) -> None:
 def _log_scale_if_wide(axes, values: Sequence[float]) -> bool:
     """A log y axis when the positive values span a decade or more, labelled in plain numbers (0.3, not
     3x10^-1); a linear one otherwise, where a log axis would only show minor ticks in scientific notation."""
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     positive = [value for value in values if value > 0 and math.isfinite(value)]
     if not positive or max(positive) / min(positive) < 10:
         return False
     axes.set_yscale("log", nonpositive="mask")
+    axes.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 0.2, 0.5, 1, 2: labelled ticks
     axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     axes.yaxis.set_minor_formatter(NullFormatter())
     return True
