@@ -5,7 +5,6 @@ exact under resume)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 
 import numpy as np
@@ -13,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from bigtransfer import BitConfig, BitForImageClassification, train
+from bigtransfer import BitConfig, BitForImageClassification
 from bigtransfer.cli import main
 from bigtransfer.data import few_shot_indices, load_digits, load_fashion_mnist, shot_order
 from bigtransfer.fewshot import FewShotReport, fewshot, fewshot_accuracy, ridge_classifier
 from bigtransfer.inference import extract_features
 from bigtransfer.report import read_metrics
 from bigtransfer.train import PretrainConfig, pretrain
+from test_train import sigterm_at
 
 SHOTS = (1, 2, 5, 10, 25)
 
@@ -163,16 +163,8 @@ def test_pretrain_logs_fewshot_without_changing_training_and_exactly_under_resum
     assert [r["loss"] for r in plain] == [r["loss"] for r in straight if "loss" in r]  # training did not notice
     assert (tmp_path / "straight" / "fewshot.png").is_file()
 
-    original = train._train_step
-
-    def interrupting(loop, step, *args):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(loop, step, *args)
-
-    monkeypatch.setattr(train, "_train_step", interrupting)
-    assert pretrain(upstream(tmp_path / "resumed")).interrupted == signal.SIGTERM
-    monkeypatch.setattr(train, "_train_step", original)
+    with sigterm_at(monkeypatch, 3):
+        assert pretrain(upstream(tmp_path / "resumed")).interrupted == signal.SIGTERM
     pretrain(upstream(tmp_path / "resumed", resume=True))
     resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
 

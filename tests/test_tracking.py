@@ -3,20 +3,17 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import types
 
 import pytest
 
-from bigtransfer import train
 from bigtransfer.cli import main
 from bigtransfer.report import read_metrics, read_report
 from bigtransfer.tracking import check_trackers, scalar_name
 from bigtransfer.train import finetune, pretrain
 from test_fewshot import upstream
-from test_train import config, make_image_folder
+from test_train import config, make_image_folder, sigterm_at
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -47,16 +44,8 @@ def test_tensorboard_holds_the_runs_metrics(folder, tmp_path):
 
 def test_tensorboard_after_a_resume_matches_the_uninterrupted_run(tmp_path, monkeypatch):
     pretrain(upstream(tmp_path / "straight", report_to=("tensorboard",)))
-    original = train._train_step
-
-    def interrupting(loop, step, *args):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(loop, step, *args)
-
-    monkeypatch.setattr(train, "_train_step", interrupting)
-    pretrain(upstream(tmp_path / "resumed", report_to=("tensorboard",)))
-    monkeypatch.setattr(train, "_train_step", original)
+    with sigterm_at(monkeypatch, 3):
+        pretrain(upstream(tmp_path / "resumed", report_to=("tensorboard",)))
     pretrain(upstream(tmp_path / "resumed", resume=True, report_to=("tensorboard",)))
     straight, resumed = scalars(tmp_path / "straight"), scalars(tmp_path / "resumed")
     for tag in ("train/loss", "fewshot/1shot", "fewshot/5shot", "eval/top1"):

@@ -5,6 +5,7 @@ Everything runs the `tiny` variant on 16x16 images for a handful of steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -66,6 +67,23 @@ def config(folder, output, **overrides) -> FinetuneConfig:
                   base_lr=0.01, progress=False, plots=False)
     values.update(overrides)
     return FinetuneConfig(**values)
+
+
+@contextlib.contextmanager
+def sigterm_at(monkeypatch, at_step: int):
+    """Within the block, a run sends itself SIGTERM as it starts step `at_step` (it saves a checkpoint and stops)."""
+    original = train._train_step
+
+    def interrupting(loop, step, *args):
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(loop, step, *args)
+
+    monkeypatch.setattr(train, "_train_step", interrupting)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(train, "_train_step", original)
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
@@ -187,18 +205,10 @@ def test_different_seeds_give_different_runs_and_equal_seeds_equal_runs(folder, 
 
 def test_signal_mid_run_checkpoints_and_resume_is_bit_exact(folder, tmp_path, monkeypatch):
     finetune(config(folder, tmp_path / "straight", max_steps=8))
-    original = train._train_step
-
-    def interrupting(loop, step, *args):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(loop, step, *args)
-
-    monkeypatch.setattr(train, "_train_step", interrupting)
-    stopped = finetune(config(folder, tmp_path / "resumed", max_steps=8))
+    with sigterm_at(monkeypatch, 3):
+        stopped = finetune(config(folder, tmp_path / "resumed", max_steps=8))
     assert stopped.interrupted == signal.SIGTERM and stopped.steps == 4 and stopped.report is None
     assert not (tmp_path / "resumed" / "model").exists()
-    monkeypatch.setattr(train, "_train_step", original)
     finished = finetune(config(folder, tmp_path / "resumed", max_steps=8, resume=True))
     assert finished.steps == 8 and finished.interrupted is None
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")

@@ -99,6 +99,7 @@ def test_given_train800_and_val200_are_used_as_they_are(workspace, tmp_path):
     ({"tasks": [{"name": "a", "data": "digits", "tset": "x"}]}, r"task 1 \(a\): unknown field\(s\) \['tset'\]"),
     ({"tasks": [{"name": "a", "data": 5}]}, r'"data" must be a string'),
     ({"tasks": [{"name": "a", "data": "digits"}, {"name": "a", "data": "digits"}]}, "task names repeat"),
+    ({"tasks": [{"name": "../outside", "data": "digits"}]}, r"task name '../outside': it names the task's folder"),
 ])
 def test_task_file_errors_name_the_task_and_field(tmp_path, tasks, message):
     (tmp_path / "tasks.json").write_text(json.dumps(tasks))

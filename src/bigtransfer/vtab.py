@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,15 @@ from typing import Any
 import numpy as np
 
 from . import hyperrule
-from .data import ImageSource, Selection, has_own_splits, open_source, open_train_eval, whole_split
+from .data import (
+    ImageSource,
+    Selection,
+    has_own_splits,
+    open_source,
+    open_train_eval,
+    spec_paths,
+    whole_split,
+)
 from .files import claim_output, read_json, write_text_atomic
 from .report import printable
 from .train import CHECKPOINT_NAME, FinetuneConfig, finetune
@@ -46,6 +55,7 @@ logger = logging.getLogger("bigtransfer")
 
 RESULTS_NAME = "vtab1k.json"
 SPLITS_NAME = "splits.json"
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a task's folder name
 TASK_FIELDS = ("name", "group", "data", "train800", "val200", "test", "classes")
 # The sweep: the HyperRule's own learning rate and schedule for 1,000 examples, and a larger / longer one of each.
 DEFAULT_LEARNING_RATES = (hyperrule.DEFAULT_BASE_LR, 0.01)
@@ -103,6 +113,7 @@ def read_tasks(path: str | os.PathLike) -> list[VtabTask]:
                 raise ValueError(f"{where} ({entry['name']}): \"{field}\" must be a string, got {entry[field]!r}")
         specs = {field: _relative_to(path.parent, entry.get(field)) for field in ("data", "train800", "val200", "test")}
         result.append(VtabTask(name=entry["name"], group=entry.get("group"), classes=entry.get("classes"), **specs))
+        _check_task(result[-1])
     names = [task.name for task in result]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: task names repeat: {names}")
@@ -117,6 +128,9 @@ def _relative_to(folder: Path, spec: str | None) -> str | None:
 
 
 def _check_task(task: VtabTask) -> None:
+    if not SAFE_NAME.fullmatch(task.name):
+        raise ValueError(f"task name {task.name!r}: it names the task's folder, so letters, digits, '.', '_' and '-' "
+                         "only, not starting with '.'")
     given = task.train800 is not None, task.val200 is not None
     if task.data is None and not all(given):
         raise ValueError(f"task {task.name}: give \"data\" (train800 and val200 are drawn from it) or both "
@@ -212,7 +226,8 @@ def vtab1k(config: Vtab1kConfig) -> dict[str, Any]:
         raise ValueError(f"train_examples and val_examples must be >= 1, got {config.train_examples}, {config.val_examples}")
     for task in config.tasks:
         _check_task(task)
-    inputs = [config.model, *(spec for t in config.tasks for spec in (t.data, t.train800, t.val200, t.test) if spec)]
+    inputs = [config.model, *(path for t in config.tasks for spec in (t.data, t.train800, t.val200, t.test)
+                              for path in spec_paths(spec))]
     output = claim_output(config.output, "VTAB-1k run", is_vtab_directory, inputs, config.overwrite)
     started, results = time.perf_counter(), []
     summary: dict[str, Any] = {}

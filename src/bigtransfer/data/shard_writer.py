@@ -27,8 +27,8 @@ def encoded(source: ImageSource, index: int) -> tuple[str, bytes]:
         suffix = os.path.splitext(path)[1].lower()
         if suffix in IMAGE_SUFFIXES:
             return ("jpg" if suffix == ".jpeg" else suffix[1:]), read_bytes(path, MAX_IMAGE_BYTES, "image")
-    if hasattr(source, "_bytes"):  # a shard or Arrow source: its stored bytes
-        data = source._bytes(index)
+    if hasattr(source, "stored_bytes"):  # a shard or Arrow source: its stored bytes
+        data = source.stored_bytes(index)
         kind = {b"\xff\xd8": "jpg", b"\x89P": "png"}.get(data[:2], "webp" if data[8:12] == b"WEBP" else None)
         if kind:
             return kind, data

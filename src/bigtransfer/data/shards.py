@@ -85,7 +85,7 @@ class TarShardSource(ImageSource):
             raise ValueError(f"wds:{pattern}: labels must lie in [0, {len(self.classes)}), found "
                              f"{int(self.labels.min())}..{int(self.labels.max())}")
 
-    def _bytes(self, index: int) -> bytes:
+    def stored_bytes(self, index: int) -> bytes:
         with open(self.shards[self._shard[index]], "rb") as handle:
             handle.seek(int(self._offset[index]))
             return handle.read(int(self._size[index]))
@@ -94,7 +94,7 @@ class TarShardSource(ImageSource):
         return self.load(index)
 
     def load(self, index: int, min_size: int | tuple[int, int] | None = None) -> tuple[Image.Image, int]:
-        return decode_image(MemoryImage(self._bytes(index), self.path(index)), min_size), int(self.labels[index])
+        return decode_image(MemoryImage(self.stored_bytes(index), self.path(index)), min_size), int(self.labels[index])
 
     def path(self, index: int) -> str:
         return f"{self.shards[self._shard[index]]}#{self._keys[index]}"
@@ -201,7 +201,7 @@ def _median_size(source: ImageSource, where: str, samples: int = 16) -> tuple[in
     picks = np.unique(np.linspace(0, len(source) - 1, min(samples, len(source))).astype(int))
     sizes = []
     for index in picks:
-        data = source._bytes(int(index))
+        data = source.stored_bytes(int(index))
         try:
             with Image.open(io.BytesIO(data)) as image:  # the header only
                 sizes.append((image.height, image.width))
@@ -283,7 +283,7 @@ class ArrowSource(ImageSource):
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
             raise ValueError(f"hf:{spec}: column {label_column!r} must hold labels in [0, {len(self.classes)})")
 
-    def _bytes(self, index: int) -> bytes:
+    def stored_bytes(self, index: int) -> bytes:
         cell = self.dataset[int(index)][self.image_column]
         data = cell.get("bytes") if isinstance(cell, dict) else cell
         if data is None and isinstance(cell, dict) and cell.get("path"):
@@ -296,7 +296,7 @@ class ArrowSource(ImageSource):
         return self.load(index)
 
     def load(self, index: int, min_size: int | tuple[int, int] | None = None) -> tuple[Image.Image, int]:
-        return decode_image(MemoryImage(self._bytes(index), self.path(index)), min_size), int(self.labels[index])
+        return decode_image(MemoryImage(self.stored_bytes(index), self.path(index)), min_size), int(self.labels[index])
 
     def path(self, index: int) -> str:
         return f"{self.description}[{index}]"
