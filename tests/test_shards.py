@@ -180,3 +180,16 @@ def test_errors_name_the_shard_member_or_column(sources, tmp_path):
         open_source(f"wds:{sources['root']}/shards/shard-{{000000..000003}}.tar", "all")
     with pytest.raises(ValueError, match=r"no column 'img' \(columns: image, label\)"):
         open_source(f"{sources['hf']}#image=img", "all")
+
+
+def test_a_missing_extra_is_named(sources, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    monkeypatch.setitem(sys.modules, "webdataset", None)
+    monkeypatch.setitem(sys.modules, "webdataset.shardlists", None)
+    with pytest.raises(ImportError, match=r"pip install 'bigtransfer\[hf\]'"):
+        open_source(sources["hf"], "all")
+    with pytest.raises(ImportError, match=r"pip install 'bigtransfer\[wds\]'"):
+        open_source(sources["wds"], "all")
+    assert main(["shard", "--data", "digits", "--output", str(tmp_path / "out")]) == 1
+    assert "writing shards needs webdataset: pip install 'bigtransfer[wds]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

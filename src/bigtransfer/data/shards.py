@@ -229,10 +229,7 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str | None]:
 
 def open_hf(spec: str, split: str) -> tuple[Any, str]:
     """(datasets.Dataset, what it is in words) for `hf:` `spec` and a "train" / "test" split (of a DatasetDict)."""
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError("hf: data needs the datasets package: pip install 'bigtransfer[hf]'") from error
+    datasets = _import_datasets()
     path = Path(parse_hf_spec(spec)[0])
     if not path.exists():
         raise FileNotFoundError(f"hf:{spec}: {path} does not exist")
@@ -249,6 +246,14 @@ def open_hf(spec: str, split: str) -> tuple[Any, str]:
     return datasets.Dataset.from_parquet(files), f"{len(files)} Parquet file(s) in {path}"
 
 
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("hf: data needs the datasets package: pip install 'bigtransfer[hf]'") from error
+    return datasets
+
+
 def has_hf_splits(spec: str) -> bool:
     path = Path(parse_hf_spec(spec)[0])
     return (path / "dataset_dict.json").is_file()
@@ -259,8 +264,7 @@ class ArrowSource(ImageSource):
     their stored bytes when a row is loaded."""
 
     def __init__(self, spec: str, split: str = "train"):
-        import datasets
-
+        datasets = _import_datasets()
         self.spec = spec
         dataset, self.description = open_hf(spec, split)
         _, image_column, label_column = parse_hf_spec(spec)
