@@ -4,7 +4,7 @@ Every code block under "## Usage" runs in order in one working directory that ho
 (photos/, test-photos/, train.csv, cat.jpg, dog.jpg, imagenet/train, data/cifar-10-batches-py, vtab.json, made
 from scikit-image's photographs) and a Hugging Face cache holding the checkpoints they name (Google's BiT-M-R50x1,
 google/bit-50), so nothing is downloaded. Only the sizes change: training commands get `SMALL_RUN` appended
-(argparse lets the last value win), `vtab1k` gets `SMALL_VTAB`, and `--nproc_per_node 8` runs 2 processes. `NOT_RUN` lists what cannot run
+(argparse lets the last value win), `vtab1k` gets `SMALL_VTAB`, `export --int8` small image counts, and `--nproc_per_node 8` runs 2 processes. `NOT_RUN` lists what cannot run
 on one machine, with the reason.
 """
 
@@ -126,6 +126,8 @@ def _run_shell(command: list[str], workspace: Path) -> None:
             argv += SMALL_RUN
         elif argv[0] == "vtab1k":
             argv += SMALL_VTAB
+        elif "--int8" in argv:
+            argv += ["--calibration-images", "4", "--check-images", "4"]
         assert main(argv) == 0, " ".join(command)
         return
     assert command[0] == "torchrun", command
@@ -165,4 +167,5 @@ def test_the_usage_section_runs_as_written(workspace):
     assert any("fewshot_25shot" in line for line in (workspace / "runs" / "bit-s" / "metrics.jsonl").open())
     assert (workspace / "runs" / "bit-s" / "fewshot" / "fewshot.json").is_file()
     assert set(json.loads((workspace / "runs" / "vtab" / "vtab1k.json").read_text())["groups"]) == {"natural", "structured"}
+    assert (workspace / "model-int8.onnx").is_file() and namespace["report"].operators["QLinearConv"] > 0
     assert (workspace / "shards" / "_info.json").is_file() and len(list((workspace / "shards").glob("*.tar"))) == 2

@@ -16,6 +16,7 @@ from .modeling import (
     ImageClassifierOutputWithNoAttention,
 )
 from .processing import BitImageProcessor
+from .quantize import QuantizeReport, quantize
 from .train import prepare_for_training
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "FewShotReport",
     "ImageClassifierOutputWithNoAttention",
     "OptimizedModel",
+    "QuantizeReport",
     "UnsafeCheckpointError",
     "convert_checkpoint",
     "export",
@@ -43,4 +45,5 @@ __all__ = [
     "optimize",
     "predict_images",
     "prepare_for_training",
+    "quantize",
 ]

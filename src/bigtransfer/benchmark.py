@@ -46,6 +46,7 @@ from .inference import PRECISIONS as INFERENCE_PRECISIONS
 from .inference import REDUCED_PRECISION, autocast_for, optimize, predict_images
 from .modeling import BitForImageClassification
 from .processing import BitImageProcessor
+from .quantize import quantize
 from .train import prepare_for_training
 
 # name -> (batch, image size, training step?)
@@ -233,6 +234,17 @@ def _ours(config: BenchConfig, spec: tuple[int, int, bool], weights: dict[str, t
         name = session.get_inputs()[0].name
         return lambda: session.run(None, {name: pixels})
 
+    def int8(spec, precision):
+        if "int8" not in built:  # calibrated on the bench's own pixels: the timing does not depend on their content
+            built["int8-directory"] = tempfile.TemporaryDirectory()
+            path = Path(built["int8-directory"].name) / "int8.onnx"
+            quantize(model(), path, bench_pixels((8, spec[1], False), torch.device("cpu"), False).numpy())
+            built["int8"] = onnx_session(path, spinning=False)
+        session = built["int8"]
+        pixels = bench_pixels(spec, torch.device("cpu"), False).numpy()
+        name = session.get_inputs()[0].name
+        return lambda: session.run(None, {name: pixels})
+
     if spec[2]:
         return [
             Contender("bigtransfer", True, training_step(model, device, False)),
@@ -247,6 +259,7 @@ def _ours(config: BenchConfig, spec: tuple[int, int, bool], weights: dict[str, t
         contenders.append(Contender("bigtransfer optimize()", True, optimized(True)))
     if config.onnx and device.type == "cpu":
         contenders.append(Contender("bigtransfer onnxruntime", True, onnx))
+        contenders.append(Contender("bigtransfer onnxruntime int8", True, int8))
     return contenders
 
 

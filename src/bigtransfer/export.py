@@ -124,7 +124,7 @@ def export(
     # Batch 2, not 1: exporters specialise dimensions whose example size is 1.
     example = torch.randn(2, prepared.config.num_channels, image_size, image_size)
     report = ExportReport(str(path), format, wrapped.output_names)
-    with _staged(path, onnx=format == "onnx") as staged:  # written and checked beside `path`, then put in its place; nothing if it fails
+    with staged_output(path, onnx=format == "onnx") as staged:  # written and checked beside `path`, then put in its place; nothing if it fails
         _write(format, wrapped, example, staged, opset, report)
         if check:
             training = reference.training
@@ -155,7 +155,7 @@ def _write(format: str, wrapped: ExportedOutputs, example: torch.Tensor, path: P
 
 
 @contextlib.contextmanager
-def _staged(path: Path, onnx: bool) -> Iterator[Path]:
+def staged_output(path: Path, onnx: bool) -> Iterator[Path]:
     """A hidden name to write the export under, beside `path`; once the block succeeds it replaces `path` in one
     rename (a kill or a failed check leaves the previous file as it was). Weights an ONNX file keeps in external
     data (models over 2 GB) go to `NAME.TOKEN.data`, a name of their own, so the previous file's data is deleted

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..checkpoints import loader
+from ..data import open_source, spec_paths, whole_split
 from ..export import DEFAULT_OPSET, export, time_against_pytorch
 from ..files import check_outside_inputs
+from ..inference import load_for_inference
 from ..modeling import BitBackbone, BitForImageClassification, BitModel
-from . import non_negative_int, positive_int
+from ..quantize import quantize
+from . import DATA_HELP, non_negative_int, positive_int
 
 
 def register(subparsers) -> None:
@@ -27,10 +32,46 @@ def register(subparsers) -> None:
     parser.add_argument("--time", type=non_negative_int, default=5, metavar="ROUNDS",
                         help="ONNX only: time onnxruntime beside eager PyTorch for ROUNDS rounds (0: skip)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size for --time")
+    parser.add_argument("--int8", action="store_true",
+                        help="ONNX only: statically quantized int8 (per-channel weights, activations calibrated on "
+                        "--calibration images; GroupNorm stays float32), checked for top-1 agreement with float32")
+    parser.add_argument("--calibration", metavar="SPEC",
+                        help=f"with --int8: images to calibrate and check on (a seeded draw): {DATA_HELP}")
+    parser.add_argument("--calibration-images", type=positive_int, default=64, metavar="N",
+                        help="with --int8: images that calibrate the activation ranges (default 64)")
+    parser.add_argument("--check-images", type=positive_int, default=256, metavar="N",
+                        help="with --int8: further images on which int8 and float32 top-1 are compared (default 256)")
     parser.set_defaults(func=run)
 
 
+def run_int8(args) -> int:
+    """`export --int8`: calibrate on a seeded draw of --calibration, check on the next --check-images."""
+    if args.format != "onnx" or not args.calibration:
+        raise ValueError("--int8 writes ONNX (--format onnx) and needs --calibration SPEC (images to calibrate on)")
+    check_outside_inputs(args.output, [args.model, *spec_paths(args.calibration)])
+    model, processor = load_for_inference(args.model, "cpu")
+    source = open_source(args.calibration, whole_split(args.calibration, "train"))
+    order = np.random.default_rng(0).permutation(len(source))
+    wanted = args.calibration_images + args.check_images
+    if len(source) < wanted:
+        raise ValueError(f"--calibration {args.calibration} has {len(source)} images; --calibration-images "
+                         f"{args.calibration_images} + --check-images {args.check_images} need {wanted}")
+
+    def pixels(indices) -> np.ndarray:
+        return processor([source[int(index)][0] for index in indices], return_tensors="np")["pixel_values"]
+
+    report = quantize(model, args.output, pixels(order[: args.calibration_images]),
+                      pixels(order[args.calibration_images : wanted]))
+    agreement = f"; top-1 agrees with float32 on {100 * report.top1_agreement:.1f} %" if report.top1_agreement is not None else ""
+    print(f"wrote {report.path} (int8: {report.operators.get('QLinearConv', 0)} QLinearConv, calibrated on "
+          f"{report.calibration_images} images) in {report.seconds:.0f} s{agreement} of {report.checked_images} "
+          f"held-out images; max |output difference| {report.max_abs_difference:.3g}")
+    return 0
+
+
 def run(args) -> int:
+    if args.int8:
+        return run_int8(args)
     check_outside_inputs(args.output, [args.model])
     model = load_model(args.model)
     report = export(

@@ -1,0 +1,73 @@
+"""int8 export: a statically quantized ONNX file that ONNX Runtime runs at any batch size, whose top-1 agrees with
+the float32 model on held-out images, written whole or not at all; the command's refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bigtransfer.cli import main
+from bigtransfer.data import open_source
+from bigtransfer.export import onnx_session
+from bigtransfer.inference import load_for_inference
+from bigtransfer.quantize import quantize
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`tiny` fine-tuned briefly on scikit-learn's digits at 64 px, and preprocessed held-out digits."""
+    root = tmp_path_factory.mktemp("int8")
+    assert main(["finetune", "--model", "tiny", "--data", "digits", "--output", str(root / "run"), "--max-steps", "40",
+                 "--batch-size", "32", "--batch-split", "1", "--resize", "72", "--crop", "64", "--base-lr", "0.01",
+                 "--no-progress", "--no-plots"]) == 0
+    model, processor = load_for_inference(root / "run" / "model", "cpu")
+    test = open_source("digits", "test")
+    pixels = processor([test[index][0] for index in range(len(test))], return_tensors="np")["pixel_values"]
+    return root, model, pixels
+
+
+def test_int8_agrees_with_float32_on_held_out_images(trained, tmp_path):
+    _, model, pixels = trained
+    report = quantize(model, tmp_path / "model.onnx", pixels[:32], pixels[32:])
+    assert report.operators.get("QLinearConv", 0) >= 10 and "Conv" not in report.operators
+    session = onnx_session(tmp_path / "model.onnx")
+    name = session.get_inputs()[0].name
+    for batch in (1, 7):  # dynamic batch
+        assert session.run(None, {name: pixels[:batch]})[0].shape == (batch, 10)
+    with torch.no_grad():
+        floating = model(torch.from_numpy(pixels[32:])).logits.argmax(1).numpy()
+    int8 = session.run(None, {name: pixels[32:]})[0].argmax(1)
+    assert (int8 == floating).mean() >= 0.95 and report.top1_agreement >= 0.95
+    assert report.checked_images == len(pixels) - 32 and report.calibration_images == 32
+
+
+def test_a_failed_quantization_leaves_the_previous_file(trained, tmp_path, monkeypatch):
+    _, model, pixels = trained
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous")
+    from onnxruntime import quantization
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("calibration failed")
+
+    monkeypatch.setattr(quantization, "quantize_static", fail)
+    with pytest.raises(RuntimeError, match="calibration failed"):
+        quantize(model, target, pixels[:8])
+    assert target.read_bytes() == b"previous" and [path.name for path in tmp_path.iterdir()] == ["model.onnx"]
+    with pytest.raises(ValueError, match=r"calibration must be preprocessed images of shape \(N, C, H, W\)"):
+        quantize(model, target, np.zeros((3, 64, 64), np.float32))
+
+
+def test_the_command_quantizes_and_says_what_it_checked(trained, tmp_path, capsys):
+    root = trained[0]
+    base = ["export", "--model", str(root / "run" / "model"), "--output", str(tmp_path / "m.onnx")]
+    assert main([*base, "--int8", "--calibration", "digits", "--calibration-images", "16", "--check-images", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "int8:" in out and "top-1 agrees with float32 on" in out and "of 64 held-out images" in out
+    assert main([*base, "--int8"]) == 2
+    assert "--int8 writes ONNX (--format onnx) and needs --calibration SPEC" in capsys.readouterr().err
+    assert main([*base, "--int8", "--calibration", "digits", "--check-images", "5000"]) == 2
+    assert "need 5064" in capsys.readouterr().err
