@@ -103,13 +103,17 @@ def quantize(
     check = calibration if check is None else _pixels(check, "check")
     started = time.perf_counter()
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot quantize to {path}: it is a directory; give the .onnx file to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as directory:
         floating, prepared = Path(directory) / "float.onnx", Path(directory) / "prepared.onnx"
         with _quiet():
             export(model, floating, image_size=max(int(calibration.shape[-1]), 64))
             quantization.shape_inference.quant_pre_process(str(floating), str(prepared))
-        name = onnx_session(floating).get_inputs()[0].name
-        reference = onnx_session(floating).run(None, {name: check})[0]
+        session = onnx_session(floating)
+        name = session.get_inputs()[0].name
+        reference = _run(session, name, check)
         with staged_output(path, onnx=True) as staged:
             with _quiet():
                 quantization.quantize_static(
@@ -118,10 +122,16 @@ def quantize(
                     activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
                     op_types_to_quantize=list(QUANTIZED_OPERATORS),
                 )
-            quantized = onnx_session(staged).run(None, {name: check})[0]
+            quantized = _run(onnx_session(staged), name, check)
             operators = onnx_operators(staged)
     agreement = None
     if reference.ndim == 2:  # logits
         agreement = float((reference.argmax(1) == quantized.argmax(1)).mean())
     return QuantizeReport(str(path), len(calibration), len(check), agreement,
                           float(np.abs(reference - quantized).max()), operators, time.perf_counter() - started)
+
+
+def _run(session, name: str, pixels: np.ndarray) -> np.ndarray:
+    """The first output over all `pixels`, a few images per run (activations of hundreds at once take gigabytes)."""
+    return np.concatenate([session.run(None, {name: pixels[start : start + _BATCH]})[0]
+                           for start in range(0, len(pixels), _BATCH)])
