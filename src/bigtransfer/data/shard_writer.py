@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..files import atomic_directory, read_bytes
-from .shards import IMAGE_SUFFIXES, INFO_NAME, MAX_IMAGE_BYTES, index_path, read_index
+from .shards import IMAGE_SUFFIXES, INFO_NAME, MAX_IMAGE_BYTES, StoredImageSource, index_path, read_index
 from .sources import FileSource, ImageSource
 
 SHARD_NAME = "shard-{:06d}.tar"
@@ -27,7 +27,7 @@ def encoded(source: ImageSource, index: int) -> tuple[str, bytes]:
         suffix = os.path.splitext(path)[1].lower()
         if suffix in IMAGE_SUFFIXES:
             return ("jpg" if suffix == ".jpeg" else suffix[1:]), read_bytes(path, MAX_IMAGE_BYTES, "image")
-    if hasattr(source, "stored_bytes"):  # a shard or Arrow source: its stored bytes
+    if isinstance(source, StoredImageSource):  # a shard or Arrow source: its stored bytes
         data = source.stored_bytes(index)
         kind = {b"\xff\xd8": "jpg", b"\x89P": "png"}.get(data[:2], "webp" if data[8:12] == b"WEBP" else None)
         if kind:

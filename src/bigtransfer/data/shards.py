@@ -54,7 +54,33 @@ def expand_pattern(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern)) or [pattern]
 
 
-class TarShardSource(ImageSource):
+class StoredImageSource(ImageSource):
+    """A source whose images are encoded bytes it reads by index (`stored_bytes`), decoded as image files are."""
+
+    def stored_bytes(self, index: int) -> bytes:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.load(index)
+
+    def load(self, index: int, min_size: int | tuple[int, int] | None = None) -> tuple[Image.Image, int]:
+        return decode_image(MemoryImage(self.stored_bytes(index), self.path(index)), min_size), int(self.labels[index])
+
+    def image_size(self, samples: int = 16) -> tuple[int, int]:
+        """The median (height, width) over a few images, read from their headers."""
+        picks = np.unique(np.linspace(0, len(self) - 1, min(samples, len(self))).astype(int))
+        sizes = []
+        for index in picks:
+            try:
+                with Image.open(io.BytesIO(self.stored_bytes(int(index)))) as image:  # the header only
+                    sizes.append((image.height, image.width))
+            except (OSError, ValueError, SyntaxError) as error:
+                raise BadImageError(self.path(int(index)), f"{type(error).__name__}: {error}") from error
+        heights, widths = zip(*sizes, strict=True)
+        return int(np.median(heights)), int(np.median(widths))
+
+
+class TarShardSource(StoredImageSource):
     """Samples of local WebDataset tar shards, indexed by their tar headers (see the module doc)."""
 
     def __init__(self, pattern: str):
@@ -90,21 +116,12 @@ class TarShardSource(ImageSource):
             handle.seek(int(self._offset[index]))
             return handle.read(int(self._size[index]))
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return self.load(index)
-
-    def load(self, index: int, min_size: int | tuple[int, int] | None = None) -> tuple[Image.Image, int]:
-        return decode_image(MemoryImage(self.stored_bytes(index), self.path(index)), min_size), int(self.labels[index])
-
     def path(self, index: int) -> str:
         return f"{self.shards[self._shard[index]]}#{self._keys[index]}"
 
     def _identity(self):
         for shard in self.shards:
             yield f"{shard} {os.path.getsize(shard)}".encode("utf-8", "surrogateescape")
-
-    def image_size(self) -> tuple[int, int]:
-        return _median_size(self, f"wds:{self.pattern}")
 
     def __repr__(self) -> str:
         return f"TarShardSource({self.pattern!r}, {len(self)} images, {self.num_classes} classes)"
@@ -197,20 +214,6 @@ def _class_names(info_path: Path, count: int, where: str) -> list[str]:
     return names
 
 
-def _median_size(source: ImageSource, where: str, samples: int = 16) -> tuple[int, int]:
-    picks = np.unique(np.linspace(0, len(source) - 1, min(samples, len(source))).astype(int))
-    sizes = []
-    for index in picks:
-        data = source.stored_bytes(int(index))
-        try:
-            with Image.open(io.BytesIO(data)) as image:  # the header only
-                sizes.append((image.height, image.width))
-        except (OSError, ValueError, SyntaxError) as error:
-            raise BadImageError(source.path(int(index)), f"{type(error).__name__}: {error}") from error
-    heights, widths = zip(*sizes, strict=True)
-    return int(np.median(heights)), int(np.median(widths))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Hugging Face datasets and Parquet.
 
@@ -259,7 +262,7 @@ def has_hf_splits(spec: str) -> bool:
     return (path / "dataset_dict.json").is_file()
 
 
-class ArrowSource(ImageSource):
+class ArrowSource(StoredImageSource):
     """The rows of a Hugging Face dataset (memory-mapped Arrow): labels read as a column, images decoded from
     their stored bytes when a row is loaded."""
 
@@ -296,17 +299,8 @@ class ArrowSource(ImageSource):
             raise BadImageError(self.path(index), f"column {self.image_column!r} holds no encoded image bytes")
         return bytes(data)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return self.load(index)
-
-    def load(self, index: int, min_size: int | tuple[int, int] | None = None) -> tuple[Image.Image, int]:
-        return decode_image(MemoryImage(self.stored_bytes(index), self.path(index)), min_size), int(self.labels[index])
-
     def path(self, index: int) -> str:
         return f"{self.description}[{index}]"
 
     def _identity(self):
         yield f"{self.description} {self.dataset._fingerprint}".encode()
-
-    def image_size(self) -> tuple[int, int]:
-        return _median_size(self, f"hf:{self.spec}")
