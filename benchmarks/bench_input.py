@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,25 +26,13 @@ from PIL import Image
 from bigtransfer import BitConfig, BitForImageClassification, hyperrule
 from bigtransfer.cli import main as cli
 from bigtransfer.data import TrainTransform, TransformedDataset, collate_skip_bad, open_source
-from bigtransfer.machine import usable_cpus
+from bigtransfer.machine import cpu_description, usable_cpus
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "cat")
 
 
 def machine() -> dict:
-    flags = set()
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    return dict(cpu=model, flags=[flag for flag in wanted if flag in flags], cpus=usable_cpus(),
-                threads=torch.get_num_threads(), torch=torch.__version__)
+    return dict(cpu_description(), threads=torch.get_num_threads(), torch=torch.__version__)
 
 
 def make_data(root: Path, count: int, small: bool) -> dict[str, str]:

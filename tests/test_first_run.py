@@ -135,6 +135,18 @@ def test_cgroup_limits_cap_threads_and_memory(tmp_path, monkeypatch):
     assert machine.available_memory(torch.device("cpu")) == 2 << 30  # the cgroup's 3 GiB less 1 GiB used
 
 
+def test_benchmarks_record_the_cpu_and_its_instruction_sets(tmp_path, monkeypatch):
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "cpuinfo").write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC 9R45\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC 9R45\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n")
+    monkeypatch.setattr(machine, "PROC", tmp_path / "proc")
+    cpu = machine.cpu_description()
+    assert cpu["model"] == "AMD EPYC 9R45" and cpu["flags"] == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
+    (tmp_path / "proc" / "cpuinfo").unlink()
+    assert machine.cpu_description()["flags"] == []
+
+
 def test_threads_default_to_the_usable_cpus_and_follow_the_option(model_dir, tmp_path, monkeypatch):
     before = torch.get_num_threads()
     try:

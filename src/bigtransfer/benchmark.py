@@ -44,6 +44,7 @@ from .export import onnx_session
 from .images import decode_image, load_image
 from .inference import PRECISIONS as INFERENCE_PRECISIONS
 from .inference import REDUCED_PRECISION, autocast_for, optimize, predict_images
+from .machine import cpu_description
 from .modeling import BitForImageClassification
 from .processing import BitImageProcessor
 from .quantize import quantize
@@ -682,14 +683,8 @@ def _environment(config: BenchConfig, load_before, matmul_peaks: dict[str, _Matm
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical cores)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    cpu = cpu_description()
+    return f"{cpu['model']} ({os.cpu_count()} logical cores; {', '.join(cpu['flags']) or 'no AVX2'})"
 
 
 def _load_average() -> list[float] | None:

@@ -35,6 +35,7 @@ from .distributed import distributed
 from .fewshot import fewshot_accuracy
 from .files import read_json, write_text_atomic
 from .inference import dataset_features, load_for_inference
+from .machine import cpu_description
 from .modeling import BitForImageClassification, BitModel
 from .report import plot_accuracy_vs_shots, plot_series, read_report
 from .train import FinetuneConfig, PretrainConfig, finetune, pretrain, run_signature
@@ -206,23 +207,16 @@ def run_demo(config: DemoConfig) -> str:
     runs = sum(len(values) for values in finetuned["transfer"].values())
     timings[f"HyperRule fine-tuning ({2 * runs} runs)"] = time.perf_counter() - phase
     timings["total"] = time.perf_counter() - started
+    cpu = cpu_description()
     record = dict(
         upstream=upstream, linear=linear, finetune=finetuned, timings=timings, reused=reused, commands=commands,
         settings={key: str(value) if isinstance(value, Path) else value for key, value in dataclasses.asdict(config).items()},
-        machine=dict(threads=torch.get_num_threads(), machine=platform.machine(), processor=_processor(),
-                     torch=torch.__version__),
+        machine=dict(threads=torch.get_num_threads(), machine=platform.machine(), torch=torch.__version__,
+                     processor=cpu["model"], flags=cpu["flags"]),
     )
     write_text_atomic(config.runs_dir / RESULTS_NAME, json.dumps(record, indent=2) + "\n")
     draw_plots(record, config.runs_dir)
     return summary(record)
-
-
-def _processor() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
 
 
 # ---------------------------------------------------------------------------------------------------------------

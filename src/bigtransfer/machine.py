@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import platform
 import re
 import resource
 from pathlib import Path
@@ -205,3 +206,24 @@ def fit_batch_split(batch_per_process: int, need: StepMemory, available: int | N
         f"a training step needs about {human_size(need.for_micro_batch(1))} even with one image per micro-batch, and "
         f"{human_size(available)} is available: lower --crop, pass --gradient-checkpointing or use a smaller model"
     )
+
+
+# The instruction sets a CPU benchmark's figures depend on (fp32 AVX2 / AVX-512, int8 VNNI, bf16, AMX tiles).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_description() -> dict[str, Any]:
+    """{model, flags (those of ISA_FLAGS it has), cpus (usable here)}: what every benchmark records beside its
+    figures. From /proc/cpuinfo; elsewhere the model is platform.processor() and no flags are known."""
+    model, flags = platform.processor() or "cpu", set()
+    try:
+        text = (PROC / "cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return dict(model=model, flags=[flag for flag in ISA_FLAGS if flag in flags], cpus=usable_cpus())
