@@ -858,11 +858,10 @@ def _rng_untouched(device: torch.device):
 def _record_fewshot(loop: _Loop, done: int) -> None:
     """Few-shot linear accuracy of the current backbone, in metrics.jsonl as fewshot_<k>shot and in the log."""
     job, settings = loop.job, loop.job.settings
-    batch_size = max(settings.batch_size // job.batch_split // job.context.world_size, 32)
     with _rng_untouched(job.context.device):
         report = evaluate_representation(job.model.bit, *job.fewshot_sets, job.context,
-                                                 shots=settings.fewshot_shots, seeds=settings.fewshot_seeds,
-                                                 batch_size=batch_size)
+                                         shots=settings.fewshot_shots, seeds=settings.fewshot_seeds,
+                                         batch_size=_evaluation_batch(job))
     means = {f"fewshot_{shots}shot": report.mean(shots) for shots in report.shots}
     loop.record(dict(step=done, **means, fewshot_seconds=round(report.feature_seconds + report.solve_seconds, 3)))
     if job.context.is_main:
@@ -999,13 +998,17 @@ def _run_description(job: _Job) -> dict[str, Any]:
 # Evaluation.
 
 
+def _evaluation_batch(job: _Job) -> int:
+    """Images per forward pass in the run's evaluations: one training micro-batch per process, at least 32."""
+    return max(job.settings.batch_size // job.batch_split // job.context.world_size, 32)
+
+
 def _evaluate_job(job: _Job, model: nn.Module) -> EvaluationReport:
     settings = job.settings
     dataset = TransformedDataset(
         job.eval_source, EvalTransform(job.crop, job.mean, job.std), on_bad_image=bad_image_policy(settings.on_bad_image)
     )
-    batch_size = max(job.settings.batch_size // job.batch_split // job.context.world_size, 32)
-    report = evaluate_dataset(model, dataset, batch_size, job.context, precision=settings.precision,
+    report = evaluate_dataset(model, dataset, _evaluation_batch(job), job.context, precision=settings.precision,
                               progress=settings.progress)
     report.data = dict(job.evaluated)
     return report

@@ -22,6 +22,7 @@ from . import (
     add_progress_argument,
     batch_split,
     fraction,
+    non_negative_int,
     parse_classes,
     positive_float_list,
     positive_int,
@@ -63,7 +64,7 @@ def register(subparsers) -> None:
     parser.add_argument("--crop", type=positive_int, metavar="PX", help="training crop and evaluation size")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="as for finetune")
-    parser.add_argument("--workers", type=positive_int, help="data loading processes (default: none)")
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="data loading processes (default 0)")
     parser.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
                         help="unreadable images: stop with an error naming the file, or skip them")
     add_progress_argument(parser)
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         val_examples=args.val_examples, learning_rates=args.lrs, schedules=args.steps, seed=args.seed,
         val_fraction=args.val_fraction, overwrite=args.overwrite,
         finetune=dict(batch_size=args.batch_size, batch_split=args.batch_split, resize=args.resize, crop=args.crop,
-                      device=args.device, precision=args.precision, workers=args.workers or 0,
+                      device=args.device, precision=args.precision, workers=args.workers,
                       on_bad_image=args.on_bad_image, progress=args.progress, plots=args.plots),
     )
     summary = vtab1k(config)
