@@ -8,8 +8,10 @@
     python benchmarks/bench_models.py --device cuda --precision fp32,tf32,bf16   # see gpu_check.sh
 
 Prints one row per (workload, contender): images/s (median of the rounds), peak memory the step allocates,
-GFLOP/s achieved, the fraction of a matmul's GFLOP/s measured in the same rounds, and the ratio to the best
-peer (transformers or timm, eager, channels_last or compiled). Tests never time anything; this does.
+GFLOP/s achieved, the fraction of the peak the machine's convolution kernels reached in the same rounds
+(`bigtransfer.peaks`), and the ratio to the best peer (transformers or timm: eager, channels_last, compiled, and
+compiled with inductor freezing). The header records the CPU, its instruction sets, the threads, the versions
+and the peaks. Tests never time anything; this does.
 """
 
 from __future__ import annotations

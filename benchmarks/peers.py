@@ -1,5 +1,6 @@
 """transformers and timm as contenders of `bigtransfer.benchmark`: the same weights, built the way their users run
-them (eager, channels_last, and timm compiled with and without inductor freezing).
+them (eager, channels_last, and timm compiled: for inference with and without inductor freezing, PyTorch's
+documented setting for CPU inference, for training as timm's train script compiles), every one counted as a peer.
 
 The weights go to timm through the library's own key map (`bigtransfer.checkpoints.to_timm`), and the logits of
 both peers are checked against this package's before anything is timed. Used by benchmarks/bench_models.py.
@@ -82,10 +83,16 @@ class TransformersAndTimm(Peers):
             return build
 
         if spec[2]:
-            return [
+            contenders = [
                 Contender(f"{kind}{layout}", False, training_step(make(kind, bool(layout)), device, bool(layout)))
                 for kind in ("transformers", "timm") for layout in ("", " channels_last")
             ]
+            if config.compile:  # torch.compile(model) is how timm's own train script compiles (--torchcompile)
+                contenders.append(Contender(
+                    "timm channels_last compiled", False,
+                    training_step(lambda: torch.compile(make("timm", True)()), device, True),
+                    eager_form="timm channels_last"))
+            return contenders
         contenders = [
             Contender(f"{kind}{layout}", False, inference_step(make(kind, bool(layout)), device, bool(layout)))
             for kind in ("transformers", "timm") for layout in ("", " channels_last")
@@ -93,9 +100,10 @@ class TransformersAndTimm(Peers):
         if config.compile:
             contenders += [
                 Contender("timm channels_last compiled", False,
-                          inference_step(make("timm", True), device, channels_last=True, compiled="default")),
+                          inference_step(make("timm", True), device, channels_last=True, compiled="default"),
+                          eager_form="timm channels_last"),
                 Contender("timm channels_last compiled+freezing", False,
                           inference_step(make("timm", True), device, channels_last=True, compiled="frozen"),
-                          informational=True),
+                          eager_form="timm channels_last"),
             ]
         return contenders

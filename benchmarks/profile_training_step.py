@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from bigtransfer import BitConfig, BitForImageClassification, prepare_for_training
+from bigtransfer.peaks import convolution_peak
 
 CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution", "aten::cudnn_convolution")
 
@@ -54,18 +55,13 @@ def main() -> None:
     events = profiler.key_averages()
     convolution_ms = sum(e.self_cpu_time_total for e in events if e.key in CONVOLUTION_OPS) / args.steps / 1e3
     profiled_ms = sum(e.self_cpu_time_total for e in events) / args.steps / 1e3
-    size = 2048
-    a = torch.randn(size, size)
-    torch.mm(a, a)
-    start = time.perf_counter()
-    for _ in range(5):
-        torch.mm(a, a)
-    matmul_gflops = 5 * 2 * size**3 / (time.perf_counter() - start) / 1e9
+    peak = convolution_peak(torch.device("cpu"), torch.float32)
+    peak_gflops = max(peak.probe() for _ in range(5))
     share = convolution_ms / profiled_ms
     print(f"step: {step_ms:.0f} ms ({16 / step_ms * 1e3:.1f} images/s); under the profiler {profiled_ms:.0f} ms")
     print(f"convolutions: {convolution_flops / 1e9:.1f} GFLOP, {convolution_ms:.0f} ms ({100 * share:.0f} % of the step), "
-          f"{convolution_flops / convolution_ms / 1e6:.0f} GFLOP/s = {100 * convolution_flops / convolution_ms / 1e6 / matmul_gflops:.0f} % "
-          f"of a {size}x{size} matmul's {matmul_gflops:.0f} GFLOP/s")
+          f"{convolution_flops / convolution_ms / 1e6:.0f} GFLOP/s = {100 * convolution_flops / convolution_ms / 1e6 / peak_gflops:.0f} % "
+          f"of the measured peak, {peak_gflops:.0f} GFLOP/s ({peak.kernel})")
     print(f"ceiling with everything else free: {1 / share:.2f}x")
 
 

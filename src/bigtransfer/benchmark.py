@@ -2,15 +2,19 @@
 benchmarks/bench_models.py extends with transformers and timm.
 
 What it measures: for each workload (batch-1 and batch-16 inference at 224 px, a batch-16 training step at 128 px)
-and precision, images/s, peak memory, GFLOP/s and the fraction of a measured matmul peak, for this package's
-paths: the default eager model, `optimize()` with and without torch.compile, ONNX Runtime, and the training step
-in both layouts. Optionally, where the time goes (torch.profiler) and the end-to-end JPEG-to-top-5 pipeline, the
+and precision, images/s, peak memory, GFLOP/s and the fraction of the machine's measured peak for the kernels
+that run it (`bigtransfer.peaks`: oneDNN convolutions in fp32 / bf16, ONNX Runtime's int8 convolutions), for this
+package's paths: the default eager model, `optimize()` with and without torch.compile, ONNX Runtime in fp32 and
+int8, and the training step in both layouts, eager and compiled. The report records the machine: CPU model,
+instruction sets, usable cores, threads, torch version and the peaks. Optionally, where the time goes (torch.profiler) and the end-to-end JPEG-to-top-5 pipeline, the
 plain way and through `predict_images`.
 
 How: every contender gets the same R50x1-shaped weights, the same inputs and the same optimizer. After warm-up,
 contenders are timed interleaved (A B C, B C A, ...), each sample repeating fast steps to last about half a second;
 the median of the rounds is reported, with each result's ratio to the reference (the best peer when peers take
-part, else this package's default eager model). On a shared machine each sample first waits (within a budget) for
+part, else this package's default eager model). Every compiled contender is compiled by its own `torch.compile`
+call with its settings as compile options (inductor freezing included), so that none runs a graph compiled for
+another; the report counts the graphs each compiled and compares it with its eager form. On a shared machine each sample first waits (within a budget) for
 other processes to go quiet, and samples during which they were busy anyway are marked and left out of the
 medians.
 
@@ -46,6 +50,7 @@ from .inference import PRECISIONS as INFERENCE_PRECISIONS
 from .inference import REDUCED_PRECISION, autocast_for, optimize, predict_images
 from .machine import cpu_description
 from .modeling import BitForImageClassification
+from .peaks import Peak, measure_peaks
 from .processing import BitImageProcessor
 from .quantize import quantize
 from .train import prepare_for_training
@@ -87,6 +92,8 @@ class Contender:
     ours: bool
     build: Callable[[tuple[int, int, bool], str], Callable[[], Any]]  # (workload spec, precision) -> one step
     informational: bool = False  # shown, but not counted as a peer (not what users run by default)
+    eager_form: str | None = None  # a compiled contender: the contender it compiles (it should be no slower)
+    peak: str | None = None  # the peak its kernels are measured against (default: the workload's precision)
 
 
 @dataclasses.dataclass
@@ -101,11 +108,15 @@ class Result:
     rounds: list[float]
     peak_memory_mb: float | None
     gflops: float
-    matmul_fraction: float
+    peak_fraction: float
+    peak: str = "fp32"
     ratio_to_best_peer: float | None = None
     setup_seconds: float = 0.0
     clean_rounds: int = 0  # rounds in which no other process was busy (the median uses those)
     error: str | None = None
+    eager_form: str | None = None
+    ratio_to_eager_form: float | None = None
+    graphs_compiled: int | None = None  # by a compiled contender in its build and warm-up (0: it reused a graph)
 
 
 class Peers:
@@ -141,11 +152,10 @@ def run_bench(config: BenchConfig, peers: Peers | None = None) -> dict[str, Any]
     parity = peers.parity(reference, weights, config.variant)
     if parity:
         log(f"same weights, max |difference| of logits vs bigtransfer: {_format_parity(parity)}")
-    matmul_peaks: dict[str, _MatmulPeak] = {}
+    peaks = measure_peaks(device, config.precisions, int8=config.onnx)
     results: list[Result] = []
     built: dict[str, Any] = {}
     for precision in config.precisions:
-        matmul_peak = matmul_peaks[precision] = _MatmulPeak(device, REDUCED_PRECISION.get(precision, torch.float32))
         with _precision(precision, device):
             for workload in config.workloads:
                 spec = WORKLOADS[workload]
@@ -153,10 +163,10 @@ def run_bench(config: BenchConfig, peers: Peers | None = None) -> dict[str, Any]
                 contenders = _selected(contenders, config.contenders)
                 flops = _flops_per_image(reference, spec)
                 log(f"\n{workload} ({precision}): {len(contenders)} contenders, {config.rounds} rounds")
-                results += _time_workload(config, workload, precision, spec, contenders, flops, matmul_peak, log)
+                results += _time_workload(config, workload, precision, spec, contenders, flops, peaks, log)
     _add_ratios(results)
     report = {
-        "environment": _environment(config, load_before, matmul_peaks, peers.versions()),
+        "environment": _environment(config, load_before, peaks, peers.versions()),
         "parity_max_abs_logit_difference": parity,
         "results": [dataclasses.asdict(result) for result in results],
     }
@@ -247,20 +257,27 @@ def _ours(config: BenchConfig, spec: tuple[int, int, bool], weights: dict[str, t
         return lambda: session.run(None, {name: pixels})
 
     if spec[2]:
-        return [
+        contenders = [
             Contender("bigtransfer", True, training_step(model, device, False)),
             Contender("bigtransfer channels_last", True,
                       training_step(lambda: prepare_for_training(model()), device, True)),
         ]
+        if config.compile:
+            contenders.append(Contender(
+                "bigtransfer channels_last compiled", True,
+                training_step(lambda: prepare_for_training(model(), compile=True), device, True),
+                eager_form="bigtransfer channels_last"))
+        return contenders
     contenders = [
         Contender("bigtransfer", True, inference_step(model, device)),
         Contender("bigtransfer optimize(compile=False)", True, optimized(False)),
     ]
     if config.compile:
-        contenders.append(Contender("bigtransfer optimize()", True, optimized(True)))
+        contenders.append(Contender("bigtransfer optimize()", True, optimized(True),
+                                    eager_form="bigtransfer optimize(compile=False)"))
     if config.onnx and device.type == "cpu":
         contenders.append(Contender("bigtransfer onnxruntime", True, onnx))
-        contenders.append(Contender("bigtransfer onnxruntime int8", True, int8))
+        contenders.append(Contender("bigtransfer onnxruntime int8", True, int8, peak="int8"))
     return contenders
 
 
@@ -275,15 +292,18 @@ def _selected(contenders: list[Contender], wanted: tuple[str, ...] | None) -> li
 def inference_step(make: Callable[[], nn.Module], device: torch.device, channels_last: bool = False,
                    compiled: str | None = None):
     """A contender's build function: one forward pass under inference_mode and the precision's autocast;
-    `compiled` is None, "default" (torch.compile) or "frozen" (with inductor weight freezing)."""
+    `compiled` is None, "default" (torch.compile) or "frozen" (torch.compile with inductor weight freezing, as a
+    compile option: a context set around the call would not reach a graph dynamo had already compiled)."""
     def build(spec, precision):
         model = make().eval()
         pixels = bench_pixels(spec, device, channels_last)
-        call = torch.compile(model, dynamic=False) if compiled is not None else model
+        call = model
+        if compiled is not None:
+            call = torch.compile(model, dynamic=False, options={"freezing": True} if compiled == "frozen" else None)
         autocast = REDUCED_PRECISION.get(precision)
 
         def step():
-            with torch.inference_mode(), autocast_for(device, autocast), _inductor_freezing(compiled == "frozen"):
+            with torch.inference_mode(), autocast_for(device, autocast):
                 return call(pixels)
 
         return step
@@ -292,7 +312,8 @@ def inference_step(make: Callable[[], nn.Module], device: torch.device, channels
 
 
 def training_step(make: Callable[[], nn.Module], device: torch.device, channels_last: bool):
-    """A contender's build function: one SGD step (forward, cross-entropy, backward, update)."""
+    """A contender's build function: one SGD step (forward, cross-entropy, backward, update); `make` may return
+    a compiled model."""
     def build(spec, precision):
         model = make().train()
         batch = spec[0]
@@ -322,17 +343,6 @@ def bench_pixels(spec: tuple[int, int, bool], device: torch.device, channels_las
 
 
 @contextmanager
-def _inductor_freezing(enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    import torch._inductor.config as inductor_config  # torch's compiler machinery: only when a run asks for it
-
-    with inductor_config.patch(freezing=True):
-        yield
-
-
-@contextmanager
 def _precision(precision: str, device: torch.device) -> Iterator[None]:
     """TF32 on for the "tf32" section only (a benchmark setting, restored after)."""
     if device.type != "cuda":
@@ -346,17 +356,19 @@ def _precision(precision: str, device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _time_workload(config, workload, precision, spec, contenders, flops, matmul_peak, log) -> list[Result]:
+def _time_workload(config, workload, precision, spec, contenders, flops, peaks: dict[str, Peak], log) -> list[Result]:
     batch, _, training = spec
     device = torch.device(config.device)
-    steps, setup, failed = {}, {}, {}
+    steps, setup, failed, graphs = {}, {}, {}, {}
     for contender in contenders:
         start = time.perf_counter()
         try:
+            compiled_before = _graphs_compiled()
             step = contender.build(spec, precision)
             for _ in range(2):  # warm-up: compiles, allocator pools, oneDNN primitive caches
                 step()
             _sync(device)
+            graphs[contender.name] = _graphs_compiled() - compiled_before
             steps[contender.name] = step
         except Exception as error:  # a peer or an optional backend that cannot run here is reported, not fatal
             failed[contender.name] = f"{type(error).__name__}: {error}"
@@ -371,7 +383,8 @@ def _time_workload(config, workload, precision, spec, contenders, flops, matmul_
     samples: dict[str, list[tuple[float, bool]]] = {name: [] for name in steps}
     names = list(steps)
     for round_index in range(config.rounds):
-        matmul_peak.probe()
+        for peak in peaks.values():
+            peak.probe()
         order = names[round_index % len(names):] + names[:round_index % len(names)] if names else []
         for name in order:
             monitor.wait_until_quiet()
@@ -405,15 +418,29 @@ def _time_workload(config, workload, precision, spec, contenders, flops, matmul_
         seconds = statistics.median(times[name])
         images_per_second = batch / seconds
         gflops = flops * images_per_second / 1e9
+        peak = contender.peak or precision
+        peak_gflops = peaks[peak].gflops if peak in peaks else 0.0
         results.append(Result(
             workload, precision, name, contender.ours, contender.informational, images_per_second, seconds,
             [batch / t for t, _ in samples[name]], memory.get(name), gflops,
-            gflops / matmul_peak.gflops if matmul_peak.gflops else 0.0, setup_seconds=setup[name],
-            clean_rounds=sum(quiet for _, quiet in samples[name]),
+            gflops / peak_gflops if peak_gflops else 0.0, peak, setup_seconds=setup[name],
+            clean_rounds=sum(quiet for _, quiet in samples[name]), eager_form=contender.eager_form,
+            graphs_compiled=graphs[name] if contender.eager_form else None,
         ))
     steps.clear()
     gc.collect()
     return results
+
+
+def _graphs_compiled() -> int:
+    """Graphs torch.compile has compiled in this process so far (0 when nothing was compiled)."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:  # the compiler's machinery: only looked at once something compiled
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 FOREIGN_LOAD_LIMIT = 0.1  # a sample is quiet when other processes used under 10 % of the machine's CPU time
@@ -543,37 +570,6 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-class _MatmulPeak:
-    """A square matmul in the working dtype (2048 on CPU, 8192 on GPU), timed once per round: the reference
-    "peak" for the fraction column."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32):
-        size = 8192 if device.type == "cuda" else 2048
-        generator = torch.Generator().manual_seed(3)
-        self.a = torch.randn(size, size, generator=generator).to(device, dtype)
-        self.b = torch.randn(size, size, generator=generator).to(device, dtype)
-        self.device, self.samples = device, []
-        torch.mm(self.a, self.b)
-
-    def probe(self) -> float:
-        _sync(self.device)
-        start = time.perf_counter()
-        torch.mm(self.a, self.b)
-        _sync(self.device)
-        self.samples.append(2 * self.a.shape[0] ** 3 / (time.perf_counter() - start) / 1e9)
-        return self.samples[-1]
-
-    @property
-    def best(self) -> float:
-        return max(self.samples, default=0.0)
-
-    @property
-    def gflops(self) -> float:
-        """Median of the probes within 15 % of the fastest (a busy machine only slows a probe down)."""
-        clean = [value for value in self.samples if value >= 0.85 * self.best]
-        return statistics.median(clean) if clean else 0.0
-
-
 def _flops_per_image(model: nn.Module, spec: tuple[int, int, bool]) -> float:
     """Convolution and matmul FLOPs (multiply-adds counted twice) per image, forward (and backward)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -598,8 +594,11 @@ def _add_ratios(results: list[Result]) -> None:
         group = [r for r in results if (r.workload, r.precision) == key and not r.error]
         peers = [r.images_per_second for r in group if not r.ours and not r.informational]
         reference = max(peers) if peers else next((r.images_per_second for r in group if r.contender == "bigtransfer"), None)
+        speed = {r.contender: r.images_per_second for r in group}
         for result in group:
             result.ratio_to_best_peer = result.images_per_second / reference if reference else None
+            if result.eager_form in speed and speed[result.eager_form]:
+                result.ratio_to_eager_form = result.images_per_second / speed[result.eager_form]
 
 
 
@@ -665,26 +664,41 @@ def _write_jpegs(directory: Path, count: int) -> list[Path]:
 # Report.
 
 
-def _environment(config: BenchConfig, load_before, matmul_peaks: dict[str, _MatmulPeak],
-                 versions: dict[str, str]) -> dict[str, Any]:
+def _environment(config: BenchConfig, load_before, peaks: dict[str, Peak], versions: dict[str, str]) -> dict[str, Any]:
     device = torch.device(config.device)
+    cpu = cpu_description()
     return {
         "variant": config.variant,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(cpu),
+        "cpu": cpu,
         "threads": torch.get_num_threads(),
         "rounds": config.rounds,
         "torch": torch.__version__,
         **versions,
         "python": platform.python_version(),
-        "matmul_peak_gflops": {precision: peak.gflops for precision, peak in matmul_peaks.items()},
-        "matmul_size": next(iter(matmul_peaks.values())).a.shape[0] if matmul_peaks else None,
+        "peak_gflops": {name: peak.gflops for name, peak in peaks.items()},
+        "peak_kernels": {name: peak.kernel for name, peak in peaks.items()},
         "load_average_before": load_before,
     }
 
 
-def _cpu_name() -> str:
-    cpu = cpu_description()
-    return f"{cpu['model']} ({os.cpu_count()} logical cores; {', '.join(cpu['flags']) or 'no AVX2'})"
+def _cpu_name(cpu: dict[str, Any]) -> str:
+    return (f"{cpu['model']} ({cpu['cpus']} usable of {os.cpu_count()} logical cores; "
+            f"{', '.join(cpu['flags']) or 'no AVX2'})")
+
+
+def _compiled_notes(results: list[dict[str, Any]]) -> list[str]:
+    """A line for each compiled contender that compiled no graph of its own or ran slower than its eager form."""
+    notes = []
+    for result in results:
+        where = f"{result['contender']} ({result['workload']}, {result['precision']})"
+        if result.get("graphs_compiled") == 0:
+            notes.append(f"note: {where} compiled no graph of its own: it ran one compiled for another contender")
+        ratio = result.get("ratio_to_eager_form")
+        if ratio is not None and ratio < 1.0:
+            notes.append(f"note: {where} ran at {ratio:.2f}x its eager form, {result['eager_form']}: compiling "
+                         "did not pay on this machine")
+    return notes
 
 
 def _load_average() -> list[float] | None:
@@ -700,8 +714,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{env['variant']} on {env['device']}, {env['threads']} threads; torch {env['torch']}"
         + "".join(f", {name} {env[name]}" for name in ("transformers", "timm") if name in env)
         + f"; median of {env['rounds']} interleaved rounds",
-        "matmul peak " + ", ".join(f"{p} {g:.1f}" for p, g in env["matmul_peak_gflops"].items())
-        + f" GFLOP/s ({env.get('matmul_size')}x{env.get('matmul_size')}); load average "
+        "measured peaks " + ", ".join(f"{p} {g:.0f}" for p, g in env["peak_gflops"].items())
+        + " GFLOP/s (" + "; ".join(env.get("peak_kernels", {}).values()) + "); load average "
         f"{env['load_average_before']} -> {env.get('load_average_after')}",
         "",
         f"{'workload':<10} {'prec':<5} {'contender':<38} {'img/s':>7} {'peak MB':>8} {'GFLOP/s':>8} "
@@ -716,11 +730,13 @@ def format_report(report: dict[str, Any]) -> str:
         ratio = f"{result['ratio_to_best_peer']:.2f}x" if result["ratio_to_best_peer"] else "-"
         lines.append(
             f"{result['workload']:<10} {result['precision']:<5} {name:<38} {result['images_per_second']:>7.2f} "
-            f"{memory:>8} {result['gflops']:>8.1f} {100 * result['matmul_fraction']:>5.0f}% {ratio:>12} "
+            f"{memory:>8} {result['gflops']:>8.1f} {100 * result['peak_fraction']:>5.0f}% {ratio:>12} "
             f"{result.get('clean_rounds', 0):>3}/{len(result['rounds'])}"
         )
     if any(result["informational"] for result in report["results"]):
         lines.append("* shown, not counted as a peer")
+    lines.append("%peak: of the measured peak of the precision's kernels (int8 contenders: of the int8 peak)")
+    lines += _compiled_notes(report["results"])
     lines.append(f"clean: rounds in which other processes used < {FOREIGN_LOAD_LIMIT:.0%} of the CPU; medians use "
                  "those (all rounds when fewer than two)")
     if "pipeline" in report:

@@ -49,7 +49,8 @@ from .data import ImageSource, TransformedDataset, collate_skip_bad, describe_sp
 from .distributed import Context, all_gather, distributed, gather_rows
 from .files import atomic_path
 from .images import decode_image
-from .layers import GroupNormAct, StdConv2d, standardize_weight
+from .fused import use_opaque_group_norms
+from .layers import StdConv2d, standardize_weight
 from .modeling import BitForImageClassification
 from .processing import BIT_MEAN, BIT_STD, IMAGE_PROCESSOR_CONFIG_NAME, BitImageProcessor, ProcessorTransform
 from .report import EvaluationReport, progress_bar
@@ -147,48 +148,6 @@ def _folded(conv: StdConv2d) -> FoldedConv2d:
     folded.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
     folded.pad = conv.pad
     return folded
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# GroupNorm as one opaque kernel inside compiled graphs (CPU).
-
-
-@torch.library.custom_op("bigtransfer::group_norm_act", mutates_args=())
-def _group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float,
-                    relu: bool) -> torch.Tensor:
-    output = F.group_norm(x, num_groups, weight, bias, eps)
-    output = torch.relu_(output) if relu else output
-    return output if output.stride() == x.stride() else output.contiguous(memory_format=_layout(x))
-
-
-@_group_norm_act.register_fake
-def _(x, weight, bias, num_groups, eps, relu):
-    return torch.empty_like(x)
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.ndim == 4 and not x.is_contiguous() else torch.contiguous_format
-
-
-class OpaqueGroupNormAct(GroupNormAct):
-    """GroupNormAct that TorchInductor calls as ATen's kernel instead of generating its own.
-
-    On CPU, ATen's channels_last GroupNorm ran 2.5 to 9 times faster than the kernel Inductor generates from
-    GroupNorm's decomposition (R50x1 shapes, 2-core AVX-512 CPU); fusing the ReLU into it mattered less.
-    Inference only (no autograd formula is registered).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        relu = type(self.activation) is nn.ReLU
-        if not relu and not isinstance(self.activation, nn.Identity):
-            return super().forward(x)
-        return _group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, relu)
-
-
-def _opaque_group_norms(model: nn.Module) -> None:
-    for module in model.modules():
-        if type(module) is GroupNormAct:
-            module.__class__ = OpaqueGroupNormAct  # same parameters and state; only forward differs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,7 +295,7 @@ def optimize(
     compiled = None
     if compile is True or (compile == "auto" and _can_compile(device)):
         if device.type == "cpu":
-            _opaque_group_norms(model)
+            use_opaque_group_norms(model)
         # dynamic=False: a graph per input shape, so oneDNN gets fixed shapes to prepack the weights for.
         compiled = torch.compile(model, dynamic=False)
     if micro_batch not in (None, "auto") and (not isinstance(micro_batch, int) or micro_batch < 1):

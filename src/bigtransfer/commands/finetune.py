@@ -57,6 +57,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
                         "(fast with AVX512-BF16 or AMX); fp16 needs a GPU")
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loading processes")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the training step with TorchInductor (the first step and the first "
+                        "evaluation compile for a minute or more; see the README's speed section for when it pays)")
     add_progress_argument(parser)
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNG plots")
     parser.add_argument("--report-to", type=lambda text: tuple(part.strip() for part in text.split(",") if part.strip()),
@@ -72,7 +75,7 @@ def run_settings(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, batch_split=args.batch_split, max_steps=args.max_steps, seed=args.seed,
         resize=args.resize, crop=args.crop, save_every=args.save_every, eval_every=args.eval_every,
         resume=args.resume, overwrite=args.overwrite, on_bad_image=args.on_bad_image, device=args.device, precision=args.precision,
-        workers=args.workers, gradient_checkpointing=args.gradient_checkpointing, progress=args.progress,
+        workers=args.workers, gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, progress=args.progress,
         plots=args.plots, report_to=args.report_to,
     )
 
