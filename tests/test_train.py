@@ -160,6 +160,17 @@ def test_batch_split_gives_the_same_weights(folder, tmp_path):
         torch.testing.assert_close(split[key], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_run_trains_the_same_model_and_saves_it_loadably(folder, tmp_path):
+    eager = finetune(config(folder, tmp_path / "eager", max_steps=3, batch_split=1))
+    compiled = finetune(config(folder, tmp_path / "compiled", max_steps=3, batch_split=1, compile=True))
+    for key, value in weights(tmp_path / "eager").items():
+        torch.testing.assert_close(weights(tmp_path / "compiled")[key], value, rtol=1e-3, atol=1e-5)
+    assert compiled.report.accuracy == eager.report.accuracy
+    loaded = BitForImageClassification.from_pretrained(compiled.model_dir)  # no compiler names in the saved keys
+    assert set(loaded.state_dict()) == set(BitForImageClassification.from_pretrained(eager.model_dir).state_dict())
+
+
 def test_mixup_draws_one_lambda_per_optimizer_step(folder, tmp_path, monkeypatch):
     calls = []
     original = train._mixup

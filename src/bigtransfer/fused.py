@@ -38,7 +38,9 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
 
 @group_norm_act.register_fake
 def _(x, weight, bias, num_groups, eps, relu):
-    return torch.empty_like(x), x.new_empty(x.shape[0], num_groups), x.new_empty(x.shape[0], num_groups)
+    # ATen keeps the statistics in the parameters' dtype: float32 for bf16 activations under autocast.
+    statistics = x.new_empty(x.shape[0], num_groups, dtype=weight.dtype)
+    return torch.empty_like(x), statistics, torch.empty_like(statistics)
 
 
 @torch.library.custom_op("bigtransfer::group_norm_act_backward", mutates_args=())
