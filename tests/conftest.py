@@ -1,4 +1,5 @@
-"""Shared fixtures: the transformers test-suite's tiny BiT configuration and small helpers."""
+"""Shared fixtures: the transformers test-suite's tiny BiT configuration and small helpers; every test gets
+torch's thread count back as it found it (commands run in-process set it from --threads)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ TESTER = dict(
     embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1], num_groups=1, num_labels=3,
     out_features=["stage2", "stage3", "stage4"],
 )
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

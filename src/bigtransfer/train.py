@@ -61,7 +61,6 @@ from .distributed import Context, all_gather, all_sum, barrier, cuda_devices, di
 from .errors import OutOfMemoryError, SourceNotFoundError
 from .fewshot import DEFAULT_L2, DEFAULT_SEEDS, DEFAULT_SHOTS, check_arguments, evaluate_representation
 from .files import atomic_directory, claim_output, read_json, write_text_atomic
-from .fused import use_opaque_group_norms
 from .inference import (
     PRECISIONS,
     BadImagePolicy,
@@ -283,11 +282,11 @@ def pretrain(config: PretrainConfig) -> RunResult:
 def prepare_for_training(model: nn.Module, channels_last: bool = True, compile: bool = False) -> nn.Module:
     """Put `model` (in place) in the form that trains fastest: channels_last weights, so every convolution and
     GroupNorm runs NHWC whatever the input layout, and with `compile` its forward and backward compiled by
-    TorchInductor (`nn.Module.compile`: the module itself, so its parameters, state_dict and saving are unchanged;
-    on CPU GroupNorm + ReLU run as ATen's kernels inside the graph, see `bigtransfer.fused`). Parameters keep
-    their identity (create the optimizer before or after) and values; losses and gradients equal the default
-    form's up to rounding. A compiled model compiles on its first step (about a minute for R50x1 on two CPU
-    cores) and again for a new batch shape, and for evaluation.
+    TorchInductor (`nn.Module.compile`: the module itself, so its parameters, state_dict and saving are
+    unchanged). Parameters keep their identity (create the optimizer before or after) and values; losses and
+    gradients equal the default form's up to rounding. A compiled model compiles on its first step (about a
+    minute for R50x1 on two CPU cores), again for a new batch shape, and for evaluation; whether it pays depends
+    on the machine (`bigtransfer bench` times both).
 
     Returns:
         `model`, for chaining.
@@ -295,8 +294,6 @@ def prepare_for_training(model: nn.Module, channels_last: bool = True, compile: 
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
-        if all(parameter.device.type == "cpu" for parameter in model.parameters()):
-            use_opaque_group_norms(model)
         model.compile()
     return model
 
