@@ -713,15 +713,15 @@ def _setup(job: _Job, output: Path) -> _Loop:
     use_scaler = context.device.type == "cuda" and (
         settings.precision == "fp16" or (settings.precision == "auto" and not torch.cuda.is_bf16_supported())
     )
+    autocast = precision_autocast(context.device, settings.precision)
+    job.batch_split = _batch_split(job, autocast)
+    if settings.compile:  # after the memory probe, which would otherwise compile for its own shape; before DDP
+        prepare_for_training(model, compile=True)  # the form the bench times: channels_last, compiled
     network = model
     if context.world_size > 1:
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[context.device.index] if context.device.type == "cuda" else None
         )
-    autocast = precision_autocast(context.device, settings.precision)
-    job.batch_split = _batch_split(job, autocast)
-    if settings.compile:  # after the memory probe, which would otherwise compile for its own shape
-        prepare_for_training(model, channels_last=False, compile=True)
     plan = BatchPlan(len(job.indices), settings.batch_size, settings.seed, context.world_size, context.rank,
                      job.batch_split)
     return _Loop(job, output, network, optimizer, torch.amp.GradScaler("cuda", enabled=use_scaler), autocast, plan,
