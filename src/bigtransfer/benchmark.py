@@ -6,17 +6,17 @@ and precision, images/s, peak memory, GFLOP/s and the fraction of the machine's 
 that run it (`bigtransfer.peaks`: oneDNN convolutions in fp32 / bf16, ONNX Runtime's int8 convolutions), for this
 package's paths: the default eager model, `optimize()` with and without torch.compile, ONNX Runtime in fp32 and
 int8, and the training step in both layouts, eager and compiled. The report records the machine: CPU model,
-instruction sets, usable cores, threads, torch version and the peaks. Optionally, where the time goes (torch.profiler) and the end-to-end JPEG-to-top-5 pipeline, the
-plain way and through `predict_images`.
+instruction sets, usable cores, threads, torch version and the peaks. Optionally, where the time goes
+(torch.profiler) and the end-to-end JPEG-to-top-5 pipeline, the plain way and through `predict_images`.
 
 How: every contender gets the same R50x1-shaped weights, the same inputs and the same optimizer. After warm-up,
 contenders are timed interleaved (A B C, B C A, ...), each sample repeating fast steps to last about half a second;
 the median of the rounds is reported, with each result's ratio to the reference (the best peer when peers take
 part, else this package's default eager model). Every compiled contender is compiled by its own `torch.compile`
 call with its settings as compile options (inductor freezing included), so that none runs a graph compiled for
-another; the report counts the graphs each compiled and compares it with its eager form. On a shared machine each sample first waits (within a budget) for
-other processes to go quiet, and samples during which they were busy anyway are marked and left out of the
-medians.
+another; the report counts the graphs each compiled and compares it with its eager form. On a shared machine each
+sample first waits (within a budget) for other processes to go quiet, and samples during which they were busy
+anyway are marked and left out of the medians.
 
 Benchmarks are never timed tests: tests check this module's pure parts (ratios, the report table, config
 validation); the timing itself is run by hand and reports speed.
@@ -30,6 +30,7 @@ import gc
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -434,8 +435,6 @@ def _time_workload(config, workload, precision, spec, contenders, flops, peaks: 
 
 def _graphs_compiled() -> int:
     """Graphs torch.compile has compiled in this process so far (0 when nothing was compiled)."""
-    import sys
-
     if "torch._dynamo" not in sys.modules:  # the compiler's machinery: only looked at once something compiled
         return 0
     from torch._dynamo.utils import counters

@@ -48,8 +48,8 @@ from .config import DTYPES
 from .data import ImageSource, TransformedDataset, collate_skip_bad, describe_split, open_source, whole_split
 from .distributed import Context, all_gather, distributed, gather_rows
 from .files import atomic_path
-from .images import decode_image
 from .fused import use_opaque_group_norms
+from .images import decode_image
 from .layers import StdConv2d, standardize_weight
 from .modeling import BitForImageClassification
 from .processing import BIT_MEAN, BIT_STD, IMAGE_PROCESSOR_CONFIG_NAME, BitImageProcessor, ProcessorTransform
