@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .export import onnx_session  # onnxruntime is imported there, when a session is made
 from .machine import cpu_description
 
 CHANNELS, SIDE = 1024, 28
@@ -84,8 +85,6 @@ def int8_peak() -> Peak | None:
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None
-    from .export import onnx_session  # onnxruntime, imported there when a session is made
-
     rng = np.random.default_rng(3)
     batch = 8
     initializers = [
