@@ -147,6 +147,21 @@ def test_benchmarks_record_the_cpu_and_its_instruction_sets(tmp_path, monkeypatc
     assert machine.cpu_description()["flags"] == []
 
 
+def test_the_l2_cache_size_is_read_from_sysfs(tmp_path, monkeypatch):
+    caches = tmp_path / "cache"
+    for index, (level, kind, size) in enumerate([("1", "Data", "48K"), ("1", "Instruction", "64K"),
+                                                 ("2", "Unified", "2048K"), ("3", "Unified", "491520K")]):
+        (caches / f"index{index}").mkdir(parents=True)
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (caches / f"index{index}" / name).write_text(value + "\n")
+    monkeypatch.setattr(machine, "CPU_CACHES", caches)
+    assert machine.l2_cache_bytes() == 2 << 20
+    (caches / "index2" / "size").write_text("lots\n")  # unreadable: unknown, not a guess
+    assert machine.l2_cache_bytes() is None
+    monkeypatch.setattr(machine, "CPU_CACHES", tmp_path / "none")
+    assert machine.l2_cache_bytes() is None
+
+
 def test_threads_default_to_the_usable_cpus_and_follow_the_option(model_dir, tmp_path, monkeypatch):
     before = torch.get_num_threads()
     try:

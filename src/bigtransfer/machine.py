@@ -122,6 +122,21 @@ def available_memory(device: torch.device) -> int | None:
     return max(0, min(limits)) if limits else None
 
 
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def l2_cache_bytes() -> int | None:
+    """The L2 cache of one core in bytes, from Linux's sysfs (index*/level, type and size such as "2048K"),
+    None where it is not known."""
+    for index in sorted(CPU_CACHES.glob("index[0-9]*")) if CPU_CACHES.is_dir() else []:
+        level, kind, size = ((_read(index / name) or "").strip() for name in ("level", "type", "size"))
+        match = re.fullmatch(r"(\d+)([KMG]?)", size)
+        if level == "2" and kind in ("Unified", "Data") and match:
+            return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    return None
+
+
 def failed_allocation(error: BaseException) -> int | None:
     """The size in bytes of the allocation an out-of-memory error reports, 0 when it says none, None when `error`
     is not about memory at all."""
