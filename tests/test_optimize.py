@@ -313,9 +313,9 @@ def test_auto_micro_batches_follow_the_l2_cache_when_compiled(monkeypatch):
     model = build()
     batch, large = torch.empty(16, 3, 224, 224), torch.empty(16, 3, 448, 448)
     assert optimize(model, compile=False).micro_batch_size(batch) == 4  # eager: 4 images of 224 px
-    compiled = optimize(model, compile=True)  # compiles on its first call only: not here
     for l2, images in ((None, 2), (2**19, 2), (2**20, 2), (2 * 2**20, 4), (32 * 2**20, 8)):
         monkeypatch.setattr(inference, "l2_cache_bytes", lambda l2=l2: l2)
+        compiled = optimize(model, compile=True)  # compiles on its first call only: not here
         assert compiled.micro_batch_size(batch) == images, l2
     assert compiled.micro_batch_size(large) == 2  # the same pixels per chunk: fewer larger images
 

@@ -183,6 +183,7 @@ class OptimizedModel(nn.Module):
         self._strict_compile = strict_compile
         self._compiled_inputs: set[tuple] = set()
         self.compile_seconds = 0.0  # spent compiling so far (each new input shape compiles once)
+        self._l2_scale = min(_L2_SCALE_MAX, max(1, (l2_cache_bytes() or 0) // 2**20))  # MiB of L2 per core
 
     @property
     def is_compiled(self) -> bool:
@@ -210,7 +211,7 @@ class OptimizedModel(nn.Module):
         width = getattr(self.config, "width_factor", 1) or 1
         budget = MICRO_BATCH_PIXELS["compiled" if self._compiled is not None else "eager"]
         if self._compiled is not None:
-            budget *= min(_L2_SCALE_MAX, max(1, (l2_cache_bytes() or 0) // 2**20))
+            budget *= self._l2_scale
         return max(1, budget // (pixel_values.shape[2] * pixel_values.shape[3] * width))
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
@@ -270,9 +271,9 @@ def optimize(
             compiles once, taking tens of seconds on a small CPU: use a fixed batch size (`predict_images` pads
             the last batch) for the compiled graph to be reused (after 8 shapes torch.compile runs eager).
         micro_batch: run large batches as chunks of this many images, outputs concatenated ("auto": on CPU,
-            when compiled 2 images of 224x224 per MiB of the core's L2 cache, up to 8, and 4 when eager, fewer for
-            larger images or wider models; None: never). Results are the same; activation memory is smaller. A compiled model compiles once per
-            chunk shape.
+            when compiled 2 images of 224x224 per MiB of the core's L2 cache, up to 8, and 4 when eager, fewer
+            for larger images or wider models; None: never). Results are the same; activation memory is
+            smaller. A compiled model compiles once per chunk shape.
         inplace: modify `model` itself instead of a copy (saves the memory of a second set of weights).
 
     Returns:
