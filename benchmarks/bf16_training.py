@@ -15,8 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
-from scipy import stats
-
+from bigtransfer.demo import paired_margin
 from bigtransfer.machine import cpu_description
 from bigtransfer.report import read_metrics
 from bigtransfer.train import FinetuneConfig, finetune
@@ -33,12 +32,13 @@ def run(output: Path, seed: int, precision: str, steps: int) -> dict:
         r["images_per_second"] for r in records[len(records) // 2:]), accuracy=result.report.top1)
 
 
-def interval(values: list[float]) -> str:
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return f"{mean:+.4f}"
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return f"{mean:+.4f} (95 % CI {mean - half:+.4f} .. {mean + half:+.4f})"
+def interval(first: list[float], second: list[float], scale: float = 1.0) -> str:
+    """The paired mean difference first - second with its 95 % Student-t interval (`demo.paired_margin`, which
+    reports in points: `scale` 0.01 gives the plain difference)."""
+    margin = paired_margin(first, second)
+    if margin["low"] is None:
+        return f"{scale * margin['mean']:+.4f}"
+    return f"{scale * margin['mean']:+.4f} (95 % CI {scale * margin['low']:+.4f} .. {scale * margin['high']:+.4f})"
 
 
 def main() -> None:
@@ -59,8 +59,10 @@ def main() -> None:
               f"images/s fp32 {fp32['images_per_second']:.0f} bf16 {bf16['images_per_second']:.0f}", flush=True)
     summary = dict(
         cpu=cpu_description(), seeds=args.seeds, steps=args.steps,
-        accuracy_bf16_minus_fp32=interval([r["bf16"]["accuracy"] - r["fp32"]["accuracy"] for r in rows]),
-        final_loss_bf16_minus_fp32=interval([r["bf16"]["losses"][-1] - r["fp32"]["losses"][-1] for r in rows]),
+        accuracy_points_bf16_minus_fp32=interval([r["bf16"]["accuracy"] for r in rows],
+                                                 [r["fp32"]["accuracy"] for r in rows]),
+        final_loss_bf16_minus_fp32=interval([r["bf16"]["losses"][-1] for r in rows],
+                                            [r["fp32"]["losses"][-1] for r in rows], scale=0.01),
         speed_ratio=statistics.mean(r["bf16"]["images_per_second"] / r["fp32"]["images_per_second"] for r in rows),
     )
     print(json.dumps(summary, indent=2))

@@ -163,16 +163,12 @@ def test_the_l2_cache_size_is_read_from_sysfs(tmp_path, monkeypatch):
 
 
 def test_threads_default_to_the_usable_cpus_and_follow_the_option(model_dir, tmp_path, monkeypatch):
-    before = torch.get_num_threads()
-    try:
-        monkeypatch.setattr(machine, "usable_cpus", lambda: 1)
-        assert main(["convert", str(model_dir), str(tmp_path / "a"), "--no-progress"]) == 0
-        assert torch.get_num_threads() == 1
-        monkeypatch.undo()
-        assert main(["convert", str(model_dir), str(tmp_path / "b"), "--threads", "2", "--no-progress"]) == 0
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    monkeypatch.setattr(machine, "usable_cpus", lambda: 1)  # conftest restores the thread count after the test
+    assert main(["convert", str(model_dir), str(tmp_path / "a"), "--no-progress"]) == 0
+    assert torch.get_num_threads() == 1
+    monkeypatch.undo()
+    assert main(["convert", str(model_dir), str(tmp_path / "b"), "--threads", "2", "--no-progress"]) == 0
+    assert torch.get_num_threads() == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ kernel ran 2.5 to 9 times faster in inference than the kernel Inductor generates
 CPU). Registered as a custom operator, ATen's kernel stays opaque to the compiler; `optimize()` swaps it in.
 
 Training does not use it: inside a compiled R50x1 training step (batch 16 at 128 px, 2-core Xeon) the generated
-GroupNorm forward and backward ran faster than ATen's, 24.3 against 19.2 images/s for the whole step.
+GroupNorm forward and backward ran faster than ATen's given a backward formula, 24.3 against 19.2 images/s for
+the whole step (measured once; that variant was not kept).
 """
 
 from __future__ import annotations

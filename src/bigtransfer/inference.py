@@ -64,7 +64,8 @@ BadImagePolicy = Literal["fail", "skip"]
 # in cache and in malloc's reusable heap (larger blocks are mmapped and page-faulted afresh on every call).
 # Measured on 2 cores, R50x1, batch 16. Zen 4 (1 MiB of L2 per core): compiled, chunks of 2 ran 8 % faster than
 # the whole batch (4: 6 %); eager, chunks of 4 ran 14 % faster (1 was slower: per-operator overhead). Intel
-# Xeon with 2 MiB of L2: compiled, chunks of 4-8 ran 9-11 % faster than chunks of 2; eager, 4 was best again.
+# Xeon with 2 MiB of L2 (benchmarks/micro_batches.py): compiled, chunks of 4-8 ran 13-18 % faster than chunks
+# of 2; eager, 4 was best again.
 # So compiled chunks hold 2 images of 224x224 per MiB of L2 (up to 4 MiB), eager ones 4 images.
 MICRO_BATCH_PIXELS = {"compiled": 2 * 224 * 224, "eager": 4 * 224 * 224}
 _L2_SCALE_MAX = 4
