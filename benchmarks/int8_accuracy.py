@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigtransfer.commands import parse_classes
+from bigtransfer.fields import parse_classes
 from bigtransfer.data import open_source, whole_split
 from bigtransfer.export import onnx_session
 from bigtransfer.inference import load_for_inference

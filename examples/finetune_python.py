@@ -8,7 +8,7 @@ Expected: a run directory runs/example-finetune/ with metrics.jsonl, model/, rep
 printed top-1 of roughly 70-80 % for 10 examples per class of Fashion-MNIST classes 5-9 from random init.
 """
 
-from bigtransfer.inference import evaluate
+from bigtransfer.inference import DataSelection, evaluate
 from bigtransfer.train import FinetuneConfig, finetune
 
 config = FinetuneConfig(
@@ -27,4 +27,4 @@ config = FinetuneConfig(
 )
 result = finetune(config)
 print(result.report.summary())
-print(evaluate(result.model_dir, "fashion-mnist", classes=[5, 6, 7, 8, 9]).summary())
+print(evaluate(result.model_dir, DataSelection("fashion-mnist", classes=[5, 6, 7, 8, 9])).summary())

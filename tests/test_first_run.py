@@ -222,7 +222,7 @@ def test_every_computing_command_shows_progress_on_a_terminal(photos, model_dir,
 
 
 def test_predict_images_reports_compile_time_apart_from_throughput(photos, model_dir):
-    from bigtransfer import inference, optimize
+    from bigtransfer import BitImageProcessor, inference, optimize
 
     fast = optimize(BitForImageClassification.from_pretrained(model_dir), compile=False)
     shapes = set()
@@ -234,7 +234,7 @@ def test_predict_images_reports_compile_time_apart_from_throughput(photos, model
         return fast.model(pixels, **kwargs)
 
     object.__setattr__(fast, "_compiled", compiled)
-    processor = inference.squash_processor(32, (0.5,) * 3, (0.5,) * 3)
+    processor = BitImageProcessor.squash(32, (0.5,) * 3, (0.5,) * 3)
     paths = sorted(str(path) for path in (photos / "a").iterdir())
     result = inference.predict_images(fast, paths, processor, batch_size=2, num_workers=0)
     assert 0.5 <= result.compile_seconds < 1.0 and fast.compile_seconds == result.compile_seconds

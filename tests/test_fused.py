@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bigtransfer import BitConfig, BitForImageClassification
 from bigtransfer.fused import OpaqueGroupNormAct, use_opaque_group_norms
 from bigtransfer.layers import GroupNormAct
-from bigtransfer.train import prepare_for_training
+from bigtransfer import prepare_for_training
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -14,16 +14,11 @@ import torch.nn.functional as F
 from bigtransfer import BitBackbone, BitConfig, BitForImageClassification, BitModel
 from bigtransfer.errors import BadImageError
 from bigtransfer.images import decode_image
-from bigtransfer.inference import (
-    FoldedConv2d,
-    OptimizedModel,
-    fold_weight_standardization,
-    optimize,
-    predict_images,
-    processor_min_size,
-)
+from bigtransfer.inference import OptimizedModel, fold_weight_standardization, optimize, predict_images
+from bigtransfer.inference.predict import processor_min_size
+from bigtransfer.inference.speed import FoldedConv2d
 from bigtransfer.layers import GroupNormAct, StdConv2d, standardize_weight, standardize_weight_for_training
-from bigtransfer.train import prepare_for_training
+from bigtransfer.inference import prepare_for_training
 from conftest import TESTER, relative_error
 
 
@@ -308,13 +303,13 @@ def test_optimize_reduced_precision_within_stated_tolerance(pixel_values):
 
 
 def test_auto_micro_batches_follow_the_l2_cache_when_compiled(monkeypatch):
-    from bigtransfer import inference
+    from bigtransfer.inference import speed
 
     model = build()
     batch, large = torch.empty(16, 3, 224, 224), torch.empty(16, 3, 448, 448)
     assert optimize(model, compile=False).micro_batch_size(batch) == 4  # eager: 4 images of 224 px
     for l2, images in ((None, 2), (2**19, 2), (2**20, 2), (2 * 2**20, 4), (32 * 2**20, 8)):
-        monkeypatch.setattr(inference, "l2_cache_bytes", lambda l2=l2: l2)
+        monkeypatch.setattr(speed, "l2_cache_bytes", lambda l2=l2: l2)
         compiled = optimize(model, compile=True)  # compiles on its first call only: not here
         assert compiled.micro_batch_size(batch) == images, l2
     assert compiled.micro_batch_size(large) == 2  # the same pixels per chunk: fewer larger images

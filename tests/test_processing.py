@@ -210,7 +210,7 @@ def test_extreme_aspect_ratio_resizes_only_the_cropped_part(monkeypatch):
     # The cropped-box path agrees with the full resize where both are affordable.
     image = PIL.Image.fromarray(rgb_array(60, 45))
     full = ours(image, size=100, crop_size={"height": 200, "width": 60})
-    monkeypatch.setattr("bigtransfer.processing._FULL_RESIZE_LIMIT", 0)
+    monkeypatch.setattr("bigtransfer.processing.ops.FULL_RESIZE_LIMIT", 0)
     assert_close(
         ours(image, size=100, crop_size={"height": 200, "width": 60}), full, max_abs=0.02, mean_abs=1e-3
     )

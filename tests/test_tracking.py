@@ -10,7 +10,7 @@ import pytest
 
 from bigtransfer.cli import main
 from bigtransfer.report import read_metrics, read_report
-from bigtransfer.tracking import check_trackers, scalar_name
+from bigtransfer.train.tracking import check_trackers, scalar_name
 from bigtransfer.train import finetune, pretrain
 from test_fewshot import upstream
 from test_train import config, make_image_folder, sigterm_at

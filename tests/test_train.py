@@ -19,14 +19,22 @@ import pytest
 import torch
 from PIL import Image
 
-from bigtransfer import BitForImageClassification, hyperrule, inference, run_state, train
+import bigtransfer.train.loop
+from bigtransfer import BitForImageClassification, hyperrule
 from bigtransfer.data import BadImageError
 from bigtransfer.files import atomic_path
-from bigtransfer.inference import evaluate, extract_features, predict
+from bigtransfer.inference import DataSelection, evaluate, extract_features, predict
+from bigtransfer.inference.evaluate import label_map
+from bigtransfer.precision import precision_autocast
 from bigtransfer.report import EvaluationReport, read_metrics
-from bigtransfer.run_state import remove_stale_temporaries
+from bigtransfer.train import run_dir
+from bigtransfer.train.recipe import Recipe, cross_entropy_sum, is_random_init, training_model
+from bigtransfer.train.run_dir import remove_stale_temporaries
 from bigtransfer.train import (
+    CHECKPOINT_NAME,
+    LOCK_NAME,
     BatchPlan,
+    Callback,
     FinetuneConfig,
     NonFiniteLossError,
     PretrainConfig,
@@ -69,25 +77,19 @@ def config(folder, output, **overrides) -> FinetuneConfig:
     return FinetuneConfig(**values)
 
 
-@contextlib.contextmanager
-def sigterm_at(monkeypatch, at_step: int):
-    """Within the block, a run sends itself SIGTERM as it starts step `at_step` (it saves a checkpoint and stops)."""
-    original = train._train_step
+class SigtermAfter(Callback):
+    """A run sends itself SIGTERM after step `step`: it finishes the next one, saves a checkpoint and stops."""
 
-    def interrupting(loop, step, *args):
-        if step == at_step:
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, loss, lr, images_per_second):
+        if step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(loop, step, *args)
-
-    monkeypatch.setattr(train, "_train_step", interrupting)
-    try:
-        yield
-    finally:
-        monkeypatch.setattr(train, "_train_step", original)
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
-    tensors, _ = load_run_state(run_dir / train.CHECKPOINT_NAME)
+    tensors, _ = load_run_state(run_dir / CHECKPOINT_NAME)
     return {key: value for key, value in tensors.items() if key.startswith("model/")}
 
 
@@ -139,14 +141,14 @@ def test_finetune_writes_a_complete_run_directory(folder, tmp_path):
     processor = json.loads((run / "model" / "preprocessor_config.json").read_text())
     assert processor["crop_size"] == {"height": 16, "width": 16}
     assert result.report.top1 == report["top1"] and result.steps == 6
-    assert not (run / train.LOCK_NAME).exists()
+    assert not (run / LOCK_NAME).exists()
 
 
 def test_finetune_replaces_the_head_with_zeros_even_when_its_shape_fits(folder, tmp_path):
     finetune(config(folder, tmp_path / "first"))
     head = BitForImageClassification.from_pretrained(tmp_path / "first" / "model").classifier[1]
     assert head.weight.abs().sum() > 0  # trained
-    model, _, _ = train._training_model(str(tmp_path / "first" / "model"), list(CLASSES), seed=0, fine_tune=True)
+    model, _, _ = training_model(str(tmp_path / "first" / "model"), list(CLASSES), seed=0, fine_tune=True)
     assert model.classifier[1].weight.abs().sum() == 0 and model.classifier[1].bias.abs().sum() == 0
     backbone = BitForImageClassification.from_pretrained(tmp_path / "first" / "model").bit.state_dict()
     assert all(torch.equal(value, model.bit.state_dict()[key]) for key, value in backbone.items())
@@ -173,13 +175,13 @@ def test_compiled_run_trains_the_same_model_and_saves_it_loadably(folder, tmp_pa
 
 def test_mixup_draws_one_lambda_per_optimizer_step(folder, tmp_path, monkeypatch):
     calls = []
-    original = train._mixup
+    original = bigtransfer.train.loop.mixup_lambda
 
     def recording(seed, step, alpha):
         calls.append(step)
         return original(seed, step, alpha)
 
-    monkeypatch.setattr(train, "_mixup", recording)
+    monkeypatch.setattr(bigtransfer.train.loop, "mixup_lambda", recording)
     finetune(config(folder, tmp_path / "run", batch_split=2, mixup_alpha=0.1, max_steps=4))
     assert calls == [0, 1, 2, 3]
     assert original(0, 5, 0.1) == original(0, 5, 0.1) and 0 < original(0, 5, 0.1) < 1
@@ -216,8 +218,7 @@ def test_different_seeds_give_different_runs_and_equal_seeds_equal_runs(folder, 
 
 def test_signal_mid_run_checkpoints_and_resume_is_bit_exact(folder, tmp_path, monkeypatch):
     finetune(config(folder, tmp_path / "straight", max_steps=8))
-    with sigterm_at(monkeypatch, 3):
-        stopped = finetune(config(folder, tmp_path / "resumed", max_steps=8))
+    stopped = finetune(config(folder, tmp_path / "resumed", max_steps=8), callbacks=(SigtermAfter(3),))
     assert stopped.interrupted == signal.SIGTERM and stopped.steps == 4 and stopped.report is None
     assert not (tmp_path / "resumed" / "model").exists()
     finished = finetune(config(folder, tmp_path / "resumed", max_steps=8, resume=True))
@@ -238,20 +239,20 @@ def test_resume_refuses_changed_settings_and_a_rerun_refuses_to_overwrite(folder
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch):
-    original = train._loss_sum
+    original = Recipe.loss_sum
     calls = []
 
-    def exploding(logits, labels, kind):
+    def exploding(recipe, logits, labels, mix):
         calls.append(1)
-        loss = original(logits, labels, kind)
+        loss = original(recipe, logits, labels, mix)
         return loss * math.nan if len(calls) > 3 else loss
 
-    monkeypatch.setattr(train, "_loss_sum", exploding)
+    monkeypatch.setattr(Recipe, "loss_sum", exploding)
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 4.*last good checkpoint"):
         finetune(config(folder, tmp_path / "run", save_every=2))
-    _, state = load_run_state(tmp_path / "run" / train.CHECKPOINT_NAME)
+    _, state = load_run_state(tmp_path / "run" / CHECKPOINT_NAME)
     assert state["step"] == 2
-    assert not (tmp_path / "run" / train.LOCK_NAME).exists()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
 
 
 def test_a_live_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(folder, tmp_path):
@@ -259,29 +260,29 @@ def test_a_live_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(folder, 
     run.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (run / train.LOCK_NAME).write_text(f"{sleeper.pid} {socket.gethostname()}\n")
+        (run / LOCK_NAME).write_text(f"{sleeper.pid} {socket.gethostname()}\n")
         with pytest.raises(RunLockedError, match=f"in use by process {sleeper.pid}"):
             finetune(config(folder, run))
     finally:
         sleeper.kill()
         sleeper.wait()
     finetune(config(folder, run))  # the lock's owner is dead now
-    assert not (run / train.LOCK_NAME).exists()
+    assert not (run / LOCK_NAME).exists()
 
 
 def test_a_run_removes_the_temporaries_a_killed_write_left_once_it_holds_the_lock(folder, tmp_path):
     run = tmp_path / "run"
     finetune(config(folder, run))
-    checkpoint = (run / train.CHECKPOINT_NAME).read_bytes()
+    checkpoint = (run / CHECKPOINT_NAME).read_bytes()
     # What a SIGKILL in the middle of `save_checkpoint` (or of run.json, metrics.jsonl) leaves behind.
-    stale = [run / f".{train.CHECKPOINT_NAME}.k1ll_3d0.tmp", run / ".run.json.a0b1c2d3.tmp",
+    stale = [run / f".{CHECKPOINT_NAME}.k1ll_3d0.tmp", run / ".run.json.a0b1c2d3.tmp",
              run / ".metrics.jsonl.zz_9y8x7.tmp"]
     stale[0].write_bytes(checkpoint[: len(checkpoint) // 2])
     # Not this run's temporaries: `bigtransfer evaluate --output` writes report.json without the lock, and
     # nothing outside the run directory itself is touched.
     # (model/ itself is the run's own output and is replaced as a whole, so the sample sits in a sub-folder.)
-    kept = [run / ".report.json.a0b1c2d3.tmp", run / f".{train.CHECKPOINT_NAME}.tmp",
-            run / f"{train.CHECKPOINT_NAME}.a0b1c2d3.tmp", run / "eval" / f".{train.CHECKPOINT_NAME}.a0b1c2d3.tmp"]
+    kept = [run / ".report.json.a0b1c2d3.tmp", run / f".{CHECKPOINT_NAME}.tmp",
+            run / f"{CHECKPOINT_NAME}.a0b1c2d3.tmp", run / "eval" / f".{CHECKPOINT_NAME}.a0b1c2d3.tmp"]
     (run / "eval").mkdir()
     for path in stale[1:] + kept:
         path.write_text("partial")
@@ -290,17 +291,17 @@ def test_a_run_removes_the_temporaries_a_killed_write_left_once_it_holds_the_loc
     assert again.steps == 6
     assert not [path for path in stale if path.exists()]
     assert all(path.exists() for path in kept)
-    assert (run / train.CHECKPOINT_NAME).read_bytes() == checkpoint
-    _, state = load_run_state(run / train.CHECKPOINT_NAME)
+    assert (run / CHECKPOINT_NAME).read_bytes() == checkpoint
+    _, state = load_run_state(run / CHECKPOINT_NAME)
     assert state["step"] == 6
 
 
 def test_the_sweep_recognises_the_temporary_atomic_path_creates(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    with atomic_path(tmp_path / train.CHECKPOINT_NAME) as temporary:
+    with atomic_path(tmp_path / CHECKPOINT_NAME) as temporary:
         os.link(temporary, elsewhere / temporary.name)  # the name a write killed now would leave
-    assert remove_stale_temporaries(elsewhere, [train.CHECKPOINT_NAME]) == [elsewhere / temporary.name]
+    assert remove_stale_temporaries(elsewhere, [CHECKPOINT_NAME]) == [elsewhere / temporary.name]
     assert not list(elsewhere.iterdir())
 
 
@@ -308,7 +309,7 @@ def test_out_of_memory_suggests_batch_split(folder, tmp_path, monkeypatch):
     def out_of_memory(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "_train_step", out_of_memory)
+    monkeypatch.setattr(Recipe, "loss_sum", out_of_memory)
     with pytest.raises(RuntimeError, match=r"--batch-split \(e\.g\. 2\)"):
         finetune(config(folder, tmp_path / "run"))
 
@@ -341,18 +342,18 @@ def test_pretrain_follows_the_upstream_recipe(folder, tmp_path):
     # Sigmoid cross-entropy sums over the 3 classes (about 3 log 2 at init); softmax would start near log 3.
     assert records[0]["loss"] > 1.8
     zeros = torch.zeros(4, 3)
-    assert train._loss_sum(zeros, torch.tensor([0, 1, 2, 0]), "sigmoid").item() == pytest.approx(4 * 3 * math.log(2))
-    assert train._loss_sum(zeros, torch.tensor([0, 1, 2, 0]), "softmax").item() == pytest.approx(4 * math.log(3))
+    assert cross_entropy_sum(zeros, torch.tensor([0, 1, 2, 0]), "sigmoid").item() == pytest.approx(4 * 3 * math.log(2))
+    assert cross_entropy_sum(zeros, torch.tensor([0, 1, 2, 0]), "softmax").item() == pytest.approx(4 * math.log(3))
     assert result.report.num_images == 6
 
 
 def test_evaluate_features_and_predict_use_the_saved_model(folder, tmp_path):
     result = finetune(config(folder, tmp_path / "run", max_steps=10))
     model_dir = tmp_path / "run" / "model"
-    report = evaluate(model_dir, str(folder), split="test")  # the images the run held out
+    report = evaluate(model_dir, DataSelection(str(folder), split="test"))  # the images the run held out
     assert report.top1 == pytest.approx(result.report.top1)
     assert report.loss == pytest.approx(result.report.loss, rel=1e-4)
-    features, labels = extract_features(model_dir, str(folder), split="test")
+    features, labels = extract_features(model_dir, DataSelection(str(folder), split="test"))
     assert features.shape == (6, 512) and features.dtype == np.float32
     assert labels.tolist() == [0, 0, 1, 1, 2, 2]
     images = [folder / "circle" / "0.png", folder / "stripes" / "1.png"]
@@ -378,38 +379,38 @@ def test_evaluation_report_metrics():
 
 def test_model_names_choose_between_random_init_and_pretrained_weights(tmp_path):
     # Fine-tuning: Google's checkpoint names mean their weights (as in the original code); variants build at random.
-    assert not train._is_random_init("BiT-M-R50x1", google_names_are_weights=True)
-    assert not train._is_random_init("BiT-S-R101x3-ILSVRC2012", google_names_are_weights=True)
-    assert train._is_random_init("tiny", google_names_are_weights=True)
-    assert train._is_random_init("R50x1", google_names_are_weights=True)
+    assert not is_random_init("BiT-M-R50x1", google_names_are_weights=True)
+    assert not is_random_init("BiT-S-R101x3-ILSVRC2012", google_names_are_weights=True)
+    assert is_random_init("tiny", google_names_are_weights=True)
+    assert is_random_init("R50x1", google_names_are_weights=True)
     # Pre-training starts from scratch whatever the name.
-    assert train._is_random_init("BiT-M-R50x1", google_names_are_weights=False)
+    assert is_random_init("BiT-M-R50x1", google_names_are_weights=False)
     # An existing path is always loaded, and an unknown name is not a variant.
     (tmp_path / "tiny").mkdir()
-    assert not train._is_random_init(str(tmp_path / "tiny"), google_names_are_weights=False)
-    assert not train._is_random_init("no-such-model", google_names_are_weights=True)
+    assert not is_random_init(str(tmp_path / "tiny"), google_names_are_weights=False)
+    assert not is_random_init("no-such-model", google_names_are_weights=True)
 
 
 def test_resume_restores_cuda_generators_in_device_order(monkeypatch):
     # Machines with more than 10 GPUs: "rng/cuda/10" must not be given to device 2.
-    tensors, plain = run_state._rng_state()
+    tensors, plain = run_dir._rng_state()
     for index in range(12):
         tensors[f"rng/cuda/{index}"] = torch.full((4,), index, dtype=torch.uint8)
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(int(s[0]) for s in states))
-    run_state._set_rng_state(tensors, plain)
+    run_dir._set_rng_state(tensors, plain)
     assert restored == list(range(12))
 
 
 def test_class_names_that_match_nothing_are_matched_by_index_with_a_warning(caplog):
-    assert inference.label_map(["cat", "dog"], ["dog", "cat"]).tolist() == [1, 0]  # by name
+    assert label_map(["cat", "dog"], ["dog", "cat"]).tolist() == [1, 0]  # by name
     with caplog.at_level("WARNING", logger="bigtransfer"):
-        assert inference.label_map(["a", "b"], ["LABEL_0", "LABEL_1"]) is None  # a generic head: by index, quietly
+        assert label_map(["a", "b"], ["LABEL_0", "LABEL_1"]) is None  # a generic head: by index, quietly
     assert not caplog.records
     with caplog.at_level("WARNING", logger="bigtransfer"):
-        assert inference.label_map(["a", "b"], ["cat", "dog"]) is None
+        assert label_map(["a", "b"], ["cat", "dog"]) is None
     assert "matching classes by index (a -> cat, b -> dog, ...)" in caplog.text
 
 
@@ -431,10 +432,10 @@ def test_numbers_that_would_poison_training_are_refused_before_it_starts(tmp_pat
 def test_precision_settings_on_a_cpu():
     cpu = torch.device("cpu")
     a = torch.randn(4, 4)
-    with inference.precision_autocast(cpu, "bf16"):  # was silently float32 on CPUs
+    with precision_autocast(cpu, "bf16"):  # was silently float32 on CPUs
         assert torch.mm(a, a).dtype == torch.bfloat16
     for precision in ("auto", "fp32"):
-        with inference.precision_autocast(cpu, precision):
+        with precision_autocast(cpu, precision):
             assert torch.mm(a, a).dtype == torch.float32
     with pytest.raises(ValueError, match="precision fp16 needs a GPU"):
-        inference.precision_autocast(cpu, "fp16")
+        precision_autocast(cpu, "fp16")

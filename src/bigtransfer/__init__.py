@@ -5,7 +5,7 @@ from .convert import convert_checkpoint, load_checkpoint
 from .errors import CheckpointError, UnsafeCheckpointError
 from .export import ExportReport, export
 from .fewshot import FewShotReport, fewshot
-from .inference import OptimizedModel, optimize, predict_images
+from .inference import OptimizedModel, optimize, predict_images, prepare_for_training
 from .modeling import (
     BackboneOutput,
     BaseModelOutputWithPoolingAndNoAttention,
@@ -17,7 +17,6 @@ from .modeling import (
 )
 from .processing import BitImageProcessor
 from .quantize import QuantizeReport, quantize
-from .train import prepare_for_training
 
 __version__ = "0.1.0"
 

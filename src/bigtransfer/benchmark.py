@@ -47,14 +47,14 @@ from torch import nn
 from .config import VARIANTS, BitConfig
 from .export import onnx_session
 from .images import decode_image, load_image
-from .inference import PRECISIONS as INFERENCE_PRECISIONS
-from .inference import REDUCED_PRECISION, autocast_for, optimize, predict_images
+from .inference import optimize, predict_images, prepare_for_training
 from .machine import cpu_description
 from .modeling import BitForImageClassification
 from .peaks import Peak, measure_peaks
+from .precision import PRECISIONS as INFERENCE_PRECISIONS
+from .precision import REDUCED_PRECISION, autocast_for
 from .processing import BitImageProcessor
 from .quantize import quantize
-from .train import prepare_for_training
 
 # name -> (batch, image size, training step?)
 WORKLOADS: dict[str, tuple[int, int, bool]] = {

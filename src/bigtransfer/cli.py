@@ -16,8 +16,8 @@ import sys
 import torch
 
 from . import __version__, machine
-from .commands import positive_int
 from .errors import BadImageError, OutOfMemoryError, did_you_mean, original_message
+from .fields import positive_int
 from .report import printable
 
 # Command modules, in the order `bigtransfer --help` lists them.
@@ -28,17 +28,24 @@ TRAINING_COMMANDS = ("pretrain", "finetune")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bigtransfer", description="Big Transfer (BiT): convert, pre-train, fine-tune, evaluate, measure few-shot transfer, predict, export."
+        prog="bigtransfer", allow_abbrev=False, description="Big Transfer (BiT): convert, pre-train, fine-tune, evaluate, measure few-shot transfer, predict, export."
     )
     parser.add_argument("--version", action="version", version=f"bigtransfer {__version__} (torch {torch.__version__})")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     for name in COMMANDS:
         importlib.import_module(f"bigtransfer.commands.{name}").register(subparsers)
     for command in subparsers.choices.values():
         _add_common_arguments(command)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """A command's parser: options are taken only as spelled in full (`--max-step` is not `--max-steps`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **dict(kwargs, allow_abbrev=False))
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +127,7 @@ def _refuse_unknown_names(parser: argparse.ArgumentParser, argv: list[str]) -> N
         if token == "--":
             break
         name = token.split("=", 1)[0]
-        if name.startswith("--") and not any(option.startswith(name) for option in options):
+        if name.startswith("--") and name not in options:
             subparser.error(f"unrecognized option {name}{did_you_mean(name, options)}")
 
 

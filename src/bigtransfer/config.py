@@ -9,18 +9,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import hub
 from .files import read_json, write_text_atomic
 from .hub import CONFIG_NAME
+from .precision import DTYPES
 
-# The one precision vocabulary: what `dtype=`, `--precision` and the bench accept, as torch dtypes.
-DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64, "double": torch.float64,
-}
 LAYER_TYPES = ("preactivation", "bottleneck")
 PADDINGS = (None, "SAME", "VALID")
 ACTIVATIONS = ("relu", "gelu", "silu", "swish", "tanh", "sigmoid", "leaky_relu", "elu", "identity", "linear")

@@ -34,11 +34,13 @@ from .data import BIT_MEAN, BIT_STD, EvalTransform, Selection, TransformedDatase
 from .distributed import distributed
 from .fewshot import fewshot_accuracy
 from .files import read_json, write_text_atomic
-from .inference import dataset_features, load_for_inference
+from .inference.evaluate import dataset_features
+from .inference.predict import load_for_inference
 from .machine import cpu_description
 from .modeling import BitForImageClassification, BitModel
 from .report import plot_accuracy_vs_shots, plot_series, read_report
-from .train import FinetuneConfig, PretrainConfig, finetune, pretrain, run_signature
+from .train.run import finetune, pretrain
+from .train.settings import FinetuneConfig, PretrainConfig
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)  # T-shirt/top, Trouser, Pullover, Dress, Coat
 TARGET_CLASSES = (5, 6, 7, 8, 9)  # Sandal, Shirt, Sneaker, Bag, Ankle boot
@@ -147,7 +149,7 @@ def _finished(run_dir: Path, settings) -> float | None:
     if not (report.is_file() and description.is_file()):
         return None
     stored = read_json(description)["settings"]
-    current = json.loads(json.dumps(run_signature(settings), default=str))
+    current = json.loads(json.dumps(settings.signature(), default=str))
     current["data"], current["model"] = str(settings.data), str(settings.model)
     if {key: stored.get(key) for key in current} != current:
         return None

@@ -37,6 +37,42 @@ class Context:
         return self.rank == 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How torchrun started this process (world size 1, rank 0 when it did not)."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+
+
+def launch() -> Launch:
+    """torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK), read in one place. A RANK or LOCAL_RANK without a
+    WORLD_SIZE above 1 is not a torchrun launch (a stray variable in a shell): it is ignored, with a warning, so
+    the process does its work and reports it as the only one."""
+    def number(name: str, default: int) -> int:
+        text = os.environ.get(name, str(default))
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"environment variable {name}={text!r} is not an integer (torchrun sets it)") from None
+
+    world_size, rank, local_rank = number("WORLD_SIZE", 1), number("RANK", 0), number("LOCAL_RANK", 0)
+    if world_size <= 1:
+        if rank or local_rank:
+            logger.warning("ignoring RANK=%s / LOCAL_RANK=%s: WORLD_SIZE is not above 1, so this is not a torchrun "
+                           "launch", os.environ.get("RANK"), os.environ.get("LOCAL_RANK"))
+        return Launch(1, 0, 0)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"environment variable RANK={rank} must lie in [0, WORLD_SIZE={world_size})")
+    return Launch(world_size, rank, local_rank)
+
+
+def is_main_process() -> bool:
+    """Whether this process reports a command's result (the only one, or rank 0 under torchrun)."""
+    return launch().rank == 0
+
+
 @contextlib.contextmanager
 def distributed(device: str | None) -> Iterator[Context]:
     """One process, or the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
@@ -45,8 +81,8 @@ def distributed(device: str | None) -> Iterator[Context]:
     re-creating it between two commands run in one process (finetune, then features) can pair a rank with the
     previous group's leftover rendezvous keys in torchrun's store and hang both ranks.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    started = launch()
+    world_size, local_rank = started.world_size, started.local_rank
     wants_cuda = (device is None and torch.cuda.is_available()) or (device or "").startswith("cuda")
     if wants_cuda:
         chosen = torch.device(device if device and ":" in device else f"cuda:{local_rank if world_size > 1 else 0}")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import fold_weight_standardization
+from .inference.speed import fold_weight_standardization
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 DEFAULT_OPSET = 18  # 18: GroupNorm exports as InstanceNormalization, which ORT runs natively (21's GroupNormalization is expanded into slower ops)

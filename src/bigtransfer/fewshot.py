@@ -33,13 +33,9 @@ import torch
 from .data import ImageSource, TransformedDataset, check_shots, open_train_eval, shot_order
 from .distributed import Context, distributed
 from .files import atomic_directory, write_text_atomic
-from .inference import (
-    BadImagePolicy,
-    dataset_features,
-    load_for_inference,
-    maybe_optimized,
-    processed_dataset,
-)
+from .inference.evaluate import dataset_features, processed_dataset
+from .inference.predict import load_for_inference, maybe_optimized
+from .inference.selection import DataSelection
 from .report import plot_accuracy_vs_shots, printable
 
 BIAS_FEATURE = 100.0  # the appended constant: large, so the bias is almost unregularised
@@ -189,39 +185,38 @@ def evaluate_representation(
 
 def fewshot(
     model: str | os.PathLike,
-    data: str | ImageSource,
+    data: str | ImageSource | DataSelection,
     *,
     eval_data: str | ImageSource | None = None,
     shots: Sequence[int] = DEFAULT_SHOTS,
     seeds: int = DEFAULT_SEEDS,
     l2: float = DEFAULT_L2,
-    val_fraction: float = 0.2,
-    classes: Sequence[int | str] | None = None,
     batch_size: int = 128,
     device: str | None = None,
-    on_bad_image: BadImagePolicy = "fail",
     progress: bool = False,
     optimized: bool = False,
-    reduced_decode: bool = True,
 ) -> FewShotReport:
     """Few-shot linear accuracy of `model`'s pre-logits features (see the module doc), at each of `shots`
     examples per class, for seeds 0..seeds-1.
 
     `model` is any source `from_pretrained` takes, preprocessed as its preprocessor_config.json says. The support
-    sets are drawn from `data` and tested on `eval_data`, each used whole; without `eval_data`, `val_fraction`
-    of each class of `data` is the test set (split seed 0) and the support sets come from the rest, except for
-    Fashion-MNIST and CIFAR, whose published train and test splits are used.
+    sets are drawn from `data` and tested on `eval_data`, each used whole; without `eval_data`, the selection's
+    `val_fraction` of each class of `data` is the test set (split seed 0) and the support sets come from the rest,
+    except for Fashion-MNIST and CIFAR, whose published train and test splits are used. The selection's `classes`,
+    `workers`, `on_bad_image` and `reduced_decode` apply to both; its `split` is not used.
 
     Raises:
         ValueError: a class with fewer training images than the largest shot count (named), or bad arguments.
     """
     shots = check_arguments(shots, seeds, l2)
+    selection = DataSelection.of(data)
     with distributed(device) as context:
-        source, test_source, described = open_train_eval(data, eval_data, val_fraction=val_fraction, classes=classes)
-        check_shots(source.labels, shots[-1], source.classes, str(data))
+        source, test_source, described = open_train_eval(selection.data, eval_data,
+                                                         val_fraction=selection.val_fraction, classes=selection.classes)
+        check_shots(source.labels, shots[-1], source.classes, str(selection.data))
         network, processor = load_for_inference(model, context.device)
-        train_set = processed_dataset(source, processor, on_bad_image, reduced_decode)
-        test_set = processed_dataset(test_source, processor, on_bad_image, reduced_decode)
+        train_set, test_set = (processed_dataset(part, processor, selection.on_bad_image, selection.reduced_decode)
+                               for part in (source, test_source))
         report = evaluate_representation(maybe_optimized(network.bit, optimized), train_set, test_set, context,
                                          shots=shots, seeds=seeds, l2=l2, batch_size=batch_size, progress=progress)
     report.train = dict(described["train"], images=report.train["images"])  # the images read (skipped ones not)

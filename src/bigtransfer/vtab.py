@@ -49,7 +49,9 @@ from .data import (
 )
 from .files import claim_output, read_json, write_text_atomic
 from .report import printable
-from .train import CHECKPOINT_NAME, FinetuneConfig, finetune
+from .train.run import finetune
+from .train.run_dir import CHECKPOINT_NAME
+from .train.settings import FinetuneConfig
 
 logger = logging.getLogger("bigtransfer")
 
@@ -77,8 +79,8 @@ class VtabTask:
 
 @dataclasses.dataclass
 class Vtab1kConfig:
-    """The protocol's settings; `finetune` holds FinetuneConfig fields applied to every run (batch_size, crop,
-    device, precision, ...)."""
+    """The protocol's settings; `finetune` is the template of every run (batch_size, crop, device, precision, ...):
+    each run takes its model, data, output, learning rate, steps, seed and resumption from the protocol."""
 
     model: str
     tasks: list[VtabTask]
@@ -90,7 +92,7 @@ class Vtab1kConfig:
     seed: int = 0
     val_fraction: float = 0.2
     overwrite: bool = False
-    finetune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
 
 
 def read_tasks(path: str | os.PathLike) -> list[VtabTask]:
@@ -176,9 +178,9 @@ def _finetune(config: Vtab1kConfig, data: ImageSource, eval_data: ImageSource, l
               output: Path) -> float:
     """One HyperRule run (resumed if an earlier one stopped); its top-1 on `eval_data`. A run stopped by SIGINT /
     SIGTERM stops the protocol (KeyboardInterrupt): the same command later continues from its checkpoint."""
-    settings = FinetuneConfig(model=config.model, data=data, eval_data=eval_data, output=output, base_lr=lr,
-                              max_steps=steps, seed=config.seed, resume=(output / CHECKPOINT_NAME).is_file(),
-                              **config.finetune)
+    settings = dataclasses.replace(config.finetune, model=config.model, data=data, eval_data=eval_data,
+                                   output=output, base_lr=lr, max_steps=steps, seed=config.seed,
+                                   resume=(output / CHECKPOINT_NAME).is_file())
     result = finetune(settings)
     if result.interrupted is not None:
         raise KeyboardInterrupt(f"stopped in {output}; run the same command again to continue")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 
 from ..benchmark import PRECISIONS, WORKLOADS, BenchConfig, Peers, format_report, run_bench
+from ..fields import non_negative_float, positive_int
 from ..files import write_text_atomic
-from . import non_negative_float, positive_int
 
 
 def register(subparsers) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..checkpoints import read_labels
 from ..convert import convert_checkpoint
-from . import add_progress_argument, non_negative_int, positive_int
+from ..fields import non_negative_int, positive_int
+from .options import ModelOptions, add_fields
 
 
 def register(subparsers) -> None:
@@ -25,7 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--image-size", type=positive_int, metavar="N", help="evaluation resolution for the preprocessor config")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an OUT_DIR that holds other files (they are kept; the model's are replaced)")
-    add_progress_argument(parser)
+    add_fields(parser, ModelOptions, only=("progress",))
     parser.set_defaults(func=run)
 
 

@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..demo import ARCHITECTURES, RESULTS_NAME, DemoConfig, run_demo
-from . import positive_int, positive_int_list
+from ..fields import positive_int, positive_int_list
+from . import library
 
 
 def register(subparsers) -> None:
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     parser.add_argument("--upstream-classes", type=positive_int_list, metavar="LIST",
                         help="upstream breadths: the first k of Fashion-MNIST classes 0-4 (default 2,3,5; quick 5)")
     parser.add_argument("--architectures", type=lambda text: tuple(text.split(",")), metavar="LIST",
-                        help=f"of {', '.join(ARCHITECTURES)}; the first is fine-tuned (default tiny,tiny-wide; quick tiny)")
+                        help="of tiny, tiny-wide; the first is fine-tuned (default tiny,tiny-wide; quick tiny)")
     parser.add_argument("--linear-pool", type=positive_int, metavar="N",
                         help="the linear protocol draws its support sets from the first N images per class (default: "
                         "all 6,000)")
@@ -46,6 +46,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    demo = library("demo")
     overrides: dict[str, Any] = {}
     if args.runs_dir:
         overrides["runs_dir"] = args.runs_dir
@@ -58,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--upstream-classes: at most the 5 classes 0-4, got {max(args.upstream_classes)}")
         overrides["upstream_classes"] = tuple(args.upstream_classes)
     if args.architectures:
-        unknown = [name for name in args.architectures if name not in ARCHITECTURES]
+        unknown = [name for name in args.architectures if name not in demo.ARCHITECTURES]
         if unknown:
-            raise ValueError(f"--architectures: unknown {unknown}; known: {', '.join(ARCHITECTURES)}")
+            raise ValueError(f"--architectures: unknown {unknown}; known: {', '.join(demo.ARCHITECTURES)}")
         overrides["architectures"] = args.architectures
     if args.linear_pool:
         overrides["linear_pool"] = args.linear_pool
@@ -70,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
         overrides["finetune_steps"] = args.finetune_steps
     if args.threads:
         overrides["threads"] = args.threads
-    config = DemoConfig.quick_version(**overrides) if args.quick else DemoConfig(**overrides)
-    summary = run_demo(config)
+    config = demo.DemoConfig.quick_version(**overrides) if args.quick else demo.DemoConfig(**overrides)
+    summary = demo.run_demo(config)
     print(summary)
-    print(f"results: {config.runs_dir / RESULTS_NAME} (python docs/make_results.py {config.runs_dir} RESULTS.md "
+    print(f"results: {config.runs_dir / demo.RESULTS_NAME} (python docs/make_results.py {config.runs_dir} RESULTS.md "
           "writes the page)")
     return 0

@@ -3,43 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..data import spec_paths
+from ..distributed import is_main_process
 from ..files import claim_output
-from ..inference import evaluate
+from ..inference import DataSelection, evaluate
 from ..report import is_evaluation_directory, to_json, write_evaluation
-from . import add_data_arguments, add_inference_arguments
+from .options import ModelOptions, OutputOptions, add_fields, from_args
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="evaluate a classifier on a data set")
-    parser.add_argument("--model", required=True, metavar="DIR", help="model directory (or hub id)")
-    add_data_arguments(parser, "test")
+    add_fields(parser, ModelOptions)
+    add_fields(parser, DataSelection)
     parser.add_argument("--output", metavar="DIR", help="write report.json, accuracy.png and confusion_matrix.png here")
-    parser.add_argument("--overwrite", action="store_true", help="write into an --output that holds other files")
-    parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
-    add_inference_arguments(parser)
+    add_fields(parser, OutputOptions)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun the first process reports
     if args.output:  # refused before anything is evaluated, on every rank
         claim_output(args.output, "bigtransfer evaluation", is_evaluation_directory, [args.model, *spec_paths(args.data)],
                      args.overwrite, create=False)
-    report = evaluate(
-        args.model, args.data, split=args.split, val_fraction=args.val_fraction, classes=args.classes,
-        batch_size=args.batch_size,
-        device=args.device, on_bad_image=args.on_bad_image, optimized=args.optimize,
-        reduced_decode=not args.full_decode, progress=args.progress,
-    )
-    if not main_process:
+    report = evaluate(args.model, from_args(DataSelection, args), batch_size=args.batch_size, device=args.device,
+                      optimized=args.optimize, progress=args.progress)
+    if not is_main_process():  # under torchrun the first process reports
         return 0
     if args.output:
         write_evaluation(report, args.output, keep_existing=args.overwrite)
-    if args.json:
-        print(to_json(report))
-    else:
-        print(report.summary())
+    print(to_json(report) if args.json else report.summary())
     return 0

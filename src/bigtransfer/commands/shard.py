@@ -7,9 +7,10 @@ import argparse
 from ..data import open_source, spec_paths, whole_split
 from ..data.shard_writer import write_shards
 from ..data.shards import INFO_NAME
+from ..fields import DATA_HELP, fraction, parse_classes, positive_int
 from ..files import claim_output
 from ..report import progress_bar
-from . import DATA_HELP, add_progress_argument, fraction, parse_classes, positive_int
+from .options import ModelOptions, add_fields
 
 
 def _is_shard_directory(path) -> bool:
@@ -34,7 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--shard-size", type=positive_int, default=10_000, metavar="N",
                         help="samples per shard (default 10,000)")
     parser.add_argument("--overwrite", action="store_true", help="write into an --output that holds other files")
-    add_progress_argument(parser)
+    add_fields(parser, ModelOptions, only=("progress",))
     parser.set_defaults(func=run)
 
 

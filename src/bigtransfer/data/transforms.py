@@ -1,9 +1,11 @@
-"""BiT transforms with PIL and torch only (no torchvision at run time).
+"""BiT's training and evaluation transforms, on the preprocessing kernels every path shares (`processing.ops`).
 
 As in the original big_transfer code: training squashes the image to ``(precrop, precrop)`` (no aspect
 preservation), takes a random ``crop x crop`` window and flips it horizontally at random; evaluation
 squashes to ``(crop, crop)``. Both end with a float tensor normalised per channel, ``(x / 255 - mean) / std``;
-BiT's own checkpoints use mean = std = 0.5, i.e. values in [-1, 1].
+BiT's own checkpoints use mean = std = 0.5, i.e. values in [-1, 1]. Evaluation is `BitImageProcessor.squash`
+itself, the processor a training run saves beside its model, so a run's report and `bigtransfer evaluate` of the
+saved model see the same pixels.
 
 Random choices come only from the ``generator`` passed in (never torch's global RNG), so a sample's
 augmentation is reproducible from its seed.
@@ -18,24 +20,28 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..processing import BIT_MEAN, BIT_STD  # inputs in [-1, 1], as the original BiT checkpoints expect
+from ..images import image_to_tensor
+from ..processing import (  # inputs in [-1, 1], as the BiT checkpoints expect
+    BIT_MEAN,
+    BIT_STD,
+    BitImageProcessor,
+)
+from ..processing.ops import RESAMPLE_NAMES, affine, as_resample, normalize_batch, resize
 
-_INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-}
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
-def to_normalized_tensor(
-    image: Image.Image | np.ndarray, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
+def normalized(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(C, H, W) uint8 pixels (C = 1 is broadcast to RGB) -> (3, H, W) float32 ``(x / 255 - mean) / std``, with
+    the processor's own rescale-and-normalise kernel."""
+    scale, offset = affine(3, True, 1 / 255, True, list(mean), list(std))
+    return torch.from_numpy(normalize_batch([pixels], 3, *pixels.shape[-2:], scale, offset, "first")[0])
+
+
+def to_normalized_tensor(image: Image.Image | np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(H, W, 3) uint8 image -> (3, H, W) float32 tensor ``(x / 255 - mean) / std``."""
-    array = np.array(image, dtype=np.uint8, order="C")  # a writable, positively strided copy
-    tensor = torch.from_numpy(array).permute(2, 0, 1).to(torch.float32).div_(255.0)
-    mean_tensor = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_tensor = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return tensor.sub_(mean_tensor).div_(std_tensor)
+    array = np.array(image, dtype=np.uint8, order="C")
+    return normalized(torch.from_numpy(array).permute(2, 0, 1), mean, std)
 
 
 def _as_generator(generator: torch.Generator | int | None, name: str) -> torch.Generator:
@@ -46,8 +52,9 @@ def _as_generator(generator: torch.Generator | int | None, name: str) -> torch.G
     return torch.Generator().manual_seed(int(generator))
 
 
-def _freeze_normalization(transform) -> None:
-    """Store mean/std as float tuples (they often arrive as lists from a preprocessor config)."""
+def _check(transform) -> None:
+    """Store mean/std as float tuples (they often arrive as lists from a preprocessor config); check them and
+    the interpolation."""
     object.__setattr__(transform, "mean", tuple(float(m) for m in transform.mean))
     object.__setattr__(transform, "std", tuple(float(s) for s in transform.std))
     mean, std = transform.mean, transform.std
@@ -55,6 +62,8 @@ def _freeze_normalization(transform) -> None:
         raise ValueError(f"mean and std need 3 values (RGB), got {mean} and {std}")
     if any(s <= 0 for s in std):
         raise ValueError(f"std must be positive, got {std}")
+    if transform.interpolation not in INTERPOLATIONS or transform.interpolation not in RESAMPLE_NAMES:
+        raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {transform.interpolation!r}")
 
 
 @dataclass(frozen=True)
@@ -80,32 +89,25 @@ class TrainTransform:
     def __post_init__(self):
         if not 0 < self.crop <= self.precrop:
             raise ValueError(f"need 0 < crop <= precrop, got crop {self.crop}, precrop {self.precrop}")
-        if self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}"
-            )
-        _freeze_normalization(self)
+        _check(self)
 
     def __call__(self, image: Image.Image, generator: torch.Generator | int | None = None) -> torch.Tensor:
         generator = _as_generator(generator, "TrainTransform")
-        resized = image.convert("RGB").resize(
-            (self.precrop, self.precrop), _INTERPOLATIONS[self.interpolation]
-        )
-        array = np.asarray(resized)
+        pixels = image_to_tensor(image, "last", do_convert_rgb=True, do_rescale=True)
+        pixels = resize(pixels, self.precrop, self.precrop, as_resample(self.interpolation))
         span = self.precrop - self.crop + 1
         top = int(torch.randint(0, span, (1,), generator=generator))
         left = int(torch.randint(0, span, (1,), generator=generator))
-        array = array[top : top + self.crop, left : left + self.crop]
+        window = pixels[:, top : top + self.crop, left : left + self.crop]
         if self.hflip and bool(torch.rand(1, generator=generator) < 0.5):
-            array = array[:, ::-1]
-        return to_normalized_tensor(array, self.mean, self.std)
+            window = window.flip(-1)
+        return normalized(window, self.mean, self.std)
 
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Squash-resize to ``(crop, crop)`` and normalise; deterministic (a generator argument is ignored).
-
-    Returns a float32 tensor of shape ``(3, crop, crop)``.
+    """Squash-resize to ``(crop, crop)`` and normalise, exactly as `BitImageProcessor.squash(crop, mean, std)`;
+    deterministic (a generator argument is ignored). Returns a float32 tensor of shape ``(3, crop, crop)``.
     """
 
     crop: int
@@ -116,12 +118,9 @@ class EvalTransform:
     def __post_init__(self):
         if self.crop <= 0:
             raise ValueError(f"crop must be positive, got {self.crop}")
-        if self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}"
-            )
-        _freeze_normalization(self)
+        _check(self)
+        processor = BitImageProcessor.squash(self.crop, self.mean, self.std, as_resample(self.interpolation))
+        object.__setattr__(self, "processor", processor)
 
     def __call__(self, image: Image.Image, generator: torch.Generator | int | None = None) -> torch.Tensor:
-        resized = image.convert("RGB").resize((self.crop, self.crop), _INTERPOLATIONS[self.interpolation])
-        return to_normalized_tensor(resized, self.mean, self.std)
+        return self.processor(image, return_tensors="pt")["pixel_values"][0]

@@ -1,5 +1,7 @@
-"""What a training run keeps in its directory to survive being stopped. Internal: used by `bigtransfer.train`.
+"""The run directory: what a training run owns and keeps there to survive being stopped.
 
+- which files are a run's (`RUN_FILES`), whether a folder is a run (`is_run_directory`), claiming an output and
+  clearing it for `--overwrite`, and cutting metrics.jsonl back to the checkpoint's step on resume;
 - the training checkpoint (`checkpoint.safetensors`): model, optimizer, RNG states, the loss scaler and the
   loop's own state, in one safetensors file written atomically, so a run resumes exactly where it stopped;
 - the run lock (`.lock`), so two processes never train into one directory;
@@ -27,18 +29,67 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .checkpoints.writers import save_safetensors
-from .files import atomic_path, is_atomic_temporary
+from ..checkpoints.writers import save_safetensors
+from ..data import spec_paths
+from ..files import atomic_path, claim_output, is_atomic_temporary, read_json, write_text_atomic
+from ..report import METRICS_NAME, PLOT_NAMES, REPORT_NAME, read_metrics
 
 logger = logging.getLogger("bigtransfer")
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "bigtransfer-checkpoint-1"
 LOCK_NAME = ".lock"
+MODEL_DIRNAME = "model"
+RUN_NAME = "run.json"
+RUN_FILES = (CHECKPOINT_NAME, RUN_NAME, METRICS_NAME, REPORT_NAME, MODEL_DIRNAME, *PLOT_NAMES)
+RUN_KINDS = ("finetune", "pretrain")
 
 
 class RunLockedError(RuntimeError):
     """Another live process is training into the same output directory."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ownership.
+
+
+def is_run_directory(path: Path) -> bool:
+    """Whether `path` is a directory a run wrote: its run.json describes a training run, or it holds nothing but
+    a run's lock (a run stopped before writing anything)."""
+    names = {entry.name for entry in path.iterdir()}
+    if names <= {LOCK_NAME}:
+        return True
+    try:
+        description = read_json(path / RUN_NAME)
+    except (OSError, ValueError):
+        return False
+    return description.get("kind") in RUN_KINDS and isinstance(description.get("settings"), dict)
+
+
+def claim_run_directory(settings: Any, create: bool) -> Path:
+    """The run's output directory, refused when it is not a run's (without `overwrite`) or when it is, holds or
+    lies in one of the run's inputs (the model, the data); created when `create`."""
+    inputs = [getattr(settings, "model", None), *spec_paths(settings.data), *spec_paths(settings.eval_data)]
+    return claim_output(settings.output, "bigtransfer run directory", is_run_directory, inputs, settings.overwrite,
+                        create=create)
+
+
+def remove_run_files(output: Path) -> None:
+    """--overwrite: the previous run's files go, so the new run starts afresh (nothing else is touched)."""
+    for name in RUN_FILES:
+        path = output / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def truncate_metrics(path: Path, steps: int) -> None:
+    """Drop records past the checkpoint (written by a run that was killed after it) so steps never repeat."""
+    if not path.is_file():
+        return
+    kept = [record for record in read_metrics(path) if record.get("step", 0) <= steps] if steps else []
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..report import progress_bar
+from .callbacks import Callback
+
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -129,3 +132,46 @@ class _MLflow:
 
 
 _OPENERS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _MLflow}
+
+
+class TrackerCallback(Callback):
+    """Sends every record of rank 0 to the trackers `names` (opened when training begins, at its resumed step)."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names, self.trackers = tuple(names), None
+
+    def on_train_begin(self, trainer: Any) -> None:
+        if trainer.context.is_main:
+            self.trackers = Trackers(self.names, trainer.output, trainer.describe(trainer), trainer.start_step)
+
+    def on_record(self, trainer: Any, record: dict[str, Any]) -> None:
+        if self.trackers is not None:
+            self.trackers.log(record)
+
+    def on_train_end(self, trainer: Any) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
+
+
+class ProgressCallback(Callback):
+    """A progress bar over the steps on rank 0 (shown only on a terminal), with the loss, lr and images/s."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def on_train_begin(self, trainer: Any) -> None:
+        self.bar = progress_bar(self.enabled and trainer.context.is_main, trainer.recipe.total_steps,
+                                trainer.start_step, trainer.recipe.kind)
+
+    def on_step_end(self, trainer: Any, step: int, loss: float, lr: float, images_per_second: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"loss={loss:.4f} lr={lr:.2e} img/s={images_per_second:.0f}", refresh=False)
+            if step == trainer.recipe.total_steps:  # before the final evaluation shows its own
+                self.on_train_end(trainer)
+
+    def on_train_end(self, trainer: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
