@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigtransfer.fields import parse_classes
 from bigtransfer.data import open_source, whole_split
 from bigtransfer.export import onnx_session
+from bigtransfer.fields import parse_classes
 from bigtransfer.inference import load_for_inference
 from bigtransfer.machine import cpu_description
 from bigtransfer.quantize import quantize

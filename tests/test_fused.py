@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bigtransfer import BitConfig, BitForImageClassification
+from bigtransfer import BitConfig, BitForImageClassification, prepare_for_training
 from bigtransfer.fused import OpaqueGroupNormAct, use_opaque_group_norms
 from bigtransfer.layers import GroupNormAct
-from bigtransfer import prepare_for_training
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

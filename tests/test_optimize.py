@@ -14,11 +14,16 @@ import torch.nn.functional as F
 from bigtransfer import BitBackbone, BitConfig, BitForImageClassification, BitModel
 from bigtransfer.errors import BadImageError
 from bigtransfer.images import decode_image
-from bigtransfer.inference import OptimizedModel, fold_weight_standardization, optimize, predict_images
+from bigtransfer.inference import (
+    OptimizedModel,
+    fold_weight_standardization,
+    optimize,
+    predict_images,
+    prepare_for_training,
+)
 from bigtransfer.inference.predict import processor_min_size
 from bigtransfer.inference.speed import FoldedConv2d
 from bigtransfer.layers import GroupNormAct, StdConv2d, standardize_weight, standardize_weight_for_training
-from bigtransfer.inference import prepare_for_training
 from conftest import TESTER, relative_error
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from bigtransfer.cli import main
 from bigtransfer.report import read_metrics, read_report
-from bigtransfer.train.tracking import check_trackers, scalar_name
 from bigtransfer.train import finetune, pretrain
+from bigtransfer.train.tracking import check_trackers, scalar_name
 from test_fewshot import upstream
 from test_train import config, make_image_folder, sigterm_at
 

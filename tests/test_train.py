@@ -5,7 +5,6 @@ Everything runs the `tiny` variant on 16x16 images for a handful of steps.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -27,9 +26,6 @@ from bigtransfer.inference import DataSelection, evaluate, extract_features, pre
 from bigtransfer.inference.evaluate import label_map
 from bigtransfer.precision import precision_autocast
 from bigtransfer.report import EvaluationReport, read_metrics
-from bigtransfer.train import run_dir
-from bigtransfer.train.recipe import Recipe, cross_entropy_sum, is_random_init, training_model
-from bigtransfer.train.run_dir import remove_stale_temporaries
 from bigtransfer.train import (
     CHECKPOINT_NAME,
     LOCK_NAME,
@@ -42,7 +38,10 @@ from bigtransfer.train import (
     finetune,
     load_run_state,
     pretrain,
+    run_dir,
 )
+from bigtransfer.train.recipe import Recipe, cross_entropy_sum, is_random_init, training_model
+from bigtransfer.train.run_dir import remove_stale_temporaries
 
 CLASSES = ("circle", "square", "stripes")
 
