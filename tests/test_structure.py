@@ -1,14 +1,19 @@
-"""The package reads one way: no import cycles, package imports at the top of modules, and the command line
-starts without the heavy optional machinery (transformers, timm, TorchInductor)."""
+"""The package reads one way: the README's layout block is the import order (no module imports one drawn above
+it, and every module is drawn), no import cycles, package imports at the top of modules, and the command line
+starts without the heavy optional machinery (transformers, timm, TorchInductor) or the code of commands it does
+not run."""
 
 from __future__ import annotations
 
 import ast
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "bigtransfer"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "bigtransfer"
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -49,6 +54,53 @@ def _imports(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
     return graph
 
 
+def drawn_layers(readme: str) -> list[list[str]]:
+    """The README's layout block, top line first: each line's modules (`x.py` -> "x", `x/` -> the package "x")."""
+    block = readme.split("<!-- layout -->", 1)[1].split("```", 2)[1]
+    layers = []
+    for line in block.splitlines():
+        if not re.match(r"^  \S", line):  # continuation lines are indented further
+            continue
+        names = []
+        for token in line.split():
+            if not (token.endswith(".py") or token.endswith("/")):
+                break
+            names.append(token.removesuffix("/").removesuffix(".py").removesuffix("__init__"))
+        layers.append(names)
+    return layers
+
+
+def layer_of(module: str, layers: list[list[str]]) -> int | None:
+    """The index of the README line that places `module` (a package's line places its submodules too)."""
+    for index, names in enumerate(layers):
+        if any(module == name or (name and module.startswith(name + ".")) for name in names):
+            return index
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[list[str]]) -> list[str]:
+    """Imports of a module drawn on a line above the importer's."""
+    return [f"{module} imports {target}" for module, targets in sorted(graph.items()) for target in sorted(targets)
+            if layer_of(target, layers) < layer_of(module, layers)]
+
+
+def test_every_module_is_drawn_in_the_readme_layout():
+    layers = drawn_layers((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert [module for module in _modules() if layer_of(module, layers) is None] == []
+
+
+def test_no_module_imports_one_drawn_above_it():
+    layers = drawn_layers((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert upward_imports(_imports(_modules()), layers) == []
+
+
+def test_an_upward_import_is_caught():
+    layers = drawn_layers((ROOT / "README.md").read_text(encoding="utf-8"))
+    graph = _imports(_modules())
+    graph["layers"] = graph["layers"] | {"train.loop"}  # the numerics importing the training loop
+    assert upward_imports(graph, layers) == ["layers imports train.loop"]
+
+
 def test_no_import_cycles():
     graph = _imports(_modules())
     state: dict[str, int] = {}
@@ -77,6 +129,19 @@ def test_package_imports_are_at_the_top_of_modules():
                 if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("bigtransfer")):
                     inside.append(f"{module}.{function.name} imports {'.' * node.level}{node.module or ''}")
     assert not inside, inside
+
+
+def test_import_bigtransfer_loads_no_training_and_the_parser_no_command_code():
+    probe = (
+        "import json, sys, bigtransfer; before = set(sys.modules); import bigtransfer.cli; "
+        "bigtransfer.cli.build_parser(); print(json.dumps([sorted(before), sorted(set(sys.modules) - before)]))"
+    )
+    output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    on_import, for_parser = json.loads(output)
+    assert [name for name in on_import if name.startswith("bigtransfer.train")] == []
+    command_code = ("bigtransfer.benchmark", "bigtransfer.peaks", "bigtransfer.demo", "bigtransfer.vtab",
+                    "bigtransfer.train.loop", "bigtransfer.train.run")
+    assert [name for name in for_parser if name.startswith(command_code)] == []
 
 
 def test_the_command_line_starts_without_transformers_timm_or_inductor():
