@@ -346,6 +346,23 @@ def test_pretrain_follows_the_upstream_recipe(folder, tmp_path):
     assert result.report.num_images == 6
 
 
+def test_a_runs_report_and_evaluate_of_its_saved_model_see_the_same_pixels(tmp_path):
+    # Real photos as JPEGs larger than the crop, so both read them at the same reduced scale.
+    import skimage.data
+
+    names = ("astronaut", "chelsea", "coffee", "rocket")
+    for label, name in enumerate(names):
+        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        for index in range(5):
+            (tmp_path / "photos" / name).mkdir(parents=True, exist_ok=True)
+            photo.rotate(20 * index).resize((96 + 8 * label, 80)).save(tmp_path / "photos" / name / f"{index}.jpg")
+    run = finetune(config(tmp_path / "photos", tmp_path / "run", max_steps=3, resize=28, crop=24, batch_size=8))
+    again = evaluate(run.model_dir, DataSelection(str(tmp_path / "photos"), split="test"), batch_size=32)
+    assert again.num_images == run.report.num_images == 4
+    assert again.confusion_matrix == run.report.confusion_matrix and again.top5 == run.report.top5
+    assert again.loss == run.report.loss  # the same pixels through the same model: the same numbers
+
+
 def test_evaluate_features_and_predict_use_the_saved_model(folder, tmp_path):
     result = finetune(config(folder, tmp_path / "run", max_steps=10))
     model_dir = tmp_path / "run" / "model"
