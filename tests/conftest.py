@@ -3,12 +3,19 @@ torch's thread count back as it found it (commands run in-process set it from --
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from collections import defaultdict
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from bigtransfer import BitConfig
+from bigtransfer.train import Callback, FinetuneConfig, PretrainConfig
 
 # The tester configuration of transformers' own BiT tests.
 TESTER = dict(
@@ -37,6 +44,90 @@ def pixel_values() -> torch.Tensor:
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Max absolute difference scaled by the reference's magnitude (activations grow to tens with random init)."""
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: a small image folder, small run settings, and a run that stops itself.
+
+CLASSES = ("circle", "square", "stripes")
+
+
+def make_image_folder(root, per_class: int = 10, size: int = 16, seed: int = 0):
+    """A folder of class sub-folders holding small RGB PNGs whose content depends on the class."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            if label == 0:
+                yy, xx = np.mgrid[:size, :size]
+                image[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2] += 150
+            elif label == 1:
+                image[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] += 150
+            else:
+                image[::3] += 150
+            Image.fromarray(image).save(root / name / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """`make_image_folder`: 3 classes of 10 images, shared by a test module."""
+    return make_image_folder(tmp_path_factory.mktemp("data") / "images")
+
+
+def finetune_config(folder, output, **overrides) -> FinetuneConfig:
+    """A fine-tuning run of `tiny` that takes seconds: 6 steps of 8 images at 16 px."""
+    values = dict(model="tiny", data=str(folder), output=output, batch_size=8, max_steps=6, resize=20, crop=16,
+                  base_lr=0.01, progress=False, plots=False)
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+def upstream_config(output, **overrides) -> PretrainConfig:
+    """A pre-training run of `tiny` on digits with the few-shot evaluator every 2 of its 6 steps."""
+    values = dict(model="tiny", data="digits", output=output, batch_size=16, batch_split=1, max_steps=6, resize=20,
+                  crop=16, progress=False, plots=False, fewshot_every=2, fewshot_data="digits", fewshot_shots=(1, 5),
+                  fewshot_seeds=2)
+    values.update(overrides)
+    return PretrainConfig(**values)
+
+
+class SigtermAfter(Callback):
+    """A run sends itself SIGTERM after step `step`: it finishes the next one, saves a checkpoint and stops."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, loss, lr, images_per_second):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def torchrun_cli(commands: list[list[str]], script_dir) -> None:
+    """Run CLI commands one after another in 2 processes launched by torchrun (one launch, to save start-up time)."""
+    script = script_dir / "run_cli.py"
+    script.write_text(
+        "import sys\nfrom bigtransfer.cli import main\n"
+        f"for arguments in {commands!r}:\n"
+        "    code = main(arguments)\n"
+        "    if code:\n"
+        "        sys.exit(code)\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    environment["OMP_NUM_THREADS"] = "1"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    # Its own session, so a hang kills the launcher *and* its workers instead of leaving them behind.
+    process = subprocess.Popen(
+        launcher, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s: {stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
 
 
 # Differences the parity tests measured, printed at the end of the run: the README's parity figures come from here.

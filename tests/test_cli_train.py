@@ -18,14 +18,9 @@ from bigtransfer import demo
 from bigtransfer.cli import main
 from bigtransfer.data import FASHION_MNIST_DIR
 from bigtransfer.train import CHECKPOINT_NAME, LOCK_NAME, load_run_state
-from test_train import CLASSES, make_image_folder
+from conftest import CLASSES
 
 TRAIN = ["--batch-size", "8", "--resize", "20", "--crop", "16", "--no-progress", "--no-plots"]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("cli") / "images")
 
 
 def test_finetune_evaluate_predict_features(folder, tmp_path, capsys):

@@ -18,8 +18,9 @@ from bigtransfer.data import few_shot_indices, load_digits, load_fashion_mnist, 
 from bigtransfer.fewshot import FewShotReport, fewshot, fewshot_accuracy, ridge_classifier
 from bigtransfer.inference import extract_features
 from bigtransfer.report import read_metrics
-from bigtransfer.train import PretrainConfig, pretrain
-from test_train import sigterm_at
+from bigtransfer.train import pretrain
+from conftest import SigtermAfter
+from conftest import upstream_config as upstream
 
 SHOTS = (1, 2, 5, 10, 25)
 
@@ -145,14 +146,6 @@ def test_command_writes_the_report_and_plot(photos, tmp_path, capsys):
 # During pre-training.
 
 
-def upstream(output, **overrides) -> PretrainConfig:
-    values = dict(model="tiny", data="digits", output=output, batch_size=16, batch_split=1, max_steps=6, resize=20,
-                  crop=16, progress=False, plots=False, fewshot_every=2, fewshot_data="digits", fewshot_shots=(1, 5),
-                  fewshot_seeds=2)
-    values.update(overrides)
-    return PretrainConfig(**values)
-
-
 def test_pretrain_logs_fewshot_without_changing_training_and_exactly_under_resume(tmp_path, monkeypatch):
     pretrain(upstream(tmp_path / "plain", fewshot_every=0))
     pretrain(upstream(tmp_path / "straight", plots=True))
@@ -163,8 +156,7 @@ def test_pretrain_logs_fewshot_without_changing_training_and_exactly_under_resum
     assert [r["loss"] for r in plain] == [r["loss"] for r in straight if "loss" in r]  # training did not notice
     assert (tmp_path / "straight" / "fewshot.png").is_file()
 
-    with sigterm_at(monkeypatch, 3):
-        assert pretrain(upstream(tmp_path / "resumed")).interrupted == signal.SIGTERM
+    assert pretrain(upstream(tmp_path / "resumed"), callbacks=(SigtermAfter(3),)).interrupted == signal.SIGTERM
     pretrain(upstream(tmp_path / "resumed", resume=True))
     resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
 

@@ -24,7 +24,7 @@ from bigtransfer.cli import main
 from bigtransfer.data import open_source
 from bigtransfer.data.shard_writer import encoded
 from bigtransfer.train import CHECKPOINT_NAME, load_run_state
-from test_distributed import _torchrun_cli
+from conftest import torchrun_cli
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("webdataset")
@@ -123,7 +123,7 @@ def fashion(tmp_path_factory):
 def test_two_ranks_with_one_shard_and_workers_do_not_hang(fashion, tmp_path):
     for name, data in fashion.items():
         assert main(["pretrain", *TRAIN, "--data", data, "--output", str(tmp_path / f"{name}-one")]) == 0
-    _torchrun_cli([["pretrain", *TRAIN, "--data", data, "--output", str(tmp_path / f"{name}-two"), "--workers", "2"]
+    torchrun_cli([["pretrain", *TRAIN, "--data", data, "--output", str(tmp_path / f"{name}-two"), "--workers", "2"]
                    for name, data in fashion.items()], tmp_path)
     for name in ("wds", "hf"):
         one, two = weights(tmp_path / f"{name}-one"), weights(tmp_path / f"{name}-two")

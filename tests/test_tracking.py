@@ -12,15 +12,11 @@ from bigtransfer.cli import main
 from bigtransfer.report import read_metrics, read_report
 from bigtransfer.train import finetune, pretrain
 from bigtransfer.train.tracking import check_trackers, scalar_name
-from test_fewshot import upstream
-from test_train import config, make_image_folder, sigterm_at
+from conftest import SigtermAfter
+from conftest import finetune_config as config
+from conftest import upstream_config as upstream
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("tracking") / "images")
 
 
 def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
@@ -44,8 +40,7 @@ def test_tensorboard_holds_the_runs_metrics(folder, tmp_path):
 
 def test_tensorboard_after_a_resume_matches_the_uninterrupted_run(tmp_path, monkeypatch):
     pretrain(upstream(tmp_path / "straight", report_to=("tensorboard",)))
-    with sigterm_at(monkeypatch, 3):
-        pretrain(upstream(tmp_path / "resumed", report_to=("tensorboard",)))
+    pretrain(upstream(tmp_path / "resumed", report_to=("tensorboard",)), callbacks=(SigtermAfter(3),))
     pretrain(upstream(tmp_path / "resumed", resume=True, report_to=("tensorboard",)))
     straight, resumed = scalars(tmp_path / "straight"), scalars(tmp_path / "resumed")
     for tag in ("train/loss", "fewshot/1shot", "fewshot/5shot", "eval/top1"):

@@ -30,7 +30,6 @@ from bigtransfer.train import (
     CHECKPOINT_NAME,
     LOCK_NAME,
     BatchPlan,
-    Callback,
     FinetuneConfig,
     NonFiniteLossError,
     PretrainConfig,
@@ -42,49 +41,8 @@ from bigtransfer.train import (
 )
 from bigtransfer.train.recipe import Recipe, cross_entropy_sum, is_random_init, training_model
 from bigtransfer.train.run_dir import remove_stale_temporaries
-
-CLASSES = ("circle", "square", "stripes")
-
-
-def make_image_folder(root, per_class: int = 10, size: int = 16, seed: int = 0):
-    """A folder of class sub-folders holding small RGB PNGs whose content depends on the class."""
-    rng = np.random.default_rng(seed)
-    for label, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for index in range(per_class):
-            image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
-            if label == 0:
-                yy, xx = np.mgrid[:size, :size]
-                image[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2] += 150
-            elif label == 1:
-                image[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] += 150
-            else:
-                image[::3] += 150
-            Image.fromarray(image).save(root / name / f"{index}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("data") / "images")
-
-
-def config(folder, output, **overrides) -> FinetuneConfig:
-    values = dict(model="tiny", data=str(folder), output=output, batch_size=8, max_steps=6, resize=20, crop=16,
-                  base_lr=0.01, progress=False, plots=False)
-    values.update(overrides)
-    return FinetuneConfig(**values)
-
-
-class SigtermAfter(Callback):
-    """A run sends itself SIGTERM after step `step`: it finishes the next one, saves a checkpoint and stops."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step, loss, lr, images_per_second):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+from conftest import CLASSES, SigtermAfter, make_image_folder
+from conftest import finetune_config as config
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
