@@ -302,19 +302,20 @@ def test_every_option_has_help_text():
         assert "%%" not in command.format_help(), name
 
 
-def test_a_one_class_folder_and_a_replaced_head_are_announced(photos, model_dir, tmp_path, caplog):
+def test_a_one_class_folder_is_refused_and_a_replaced_head_announced(photos, model_dir, tmp_path, caplog, capsys):
     single = tmp_path / "single"
     (single / "only").mkdir(parents=True)
     for path in list((photos / "a").iterdir())[:4]:
         (single / "only" / path.name).write_bytes(path.read_bytes())
+    for command in ("finetune", "pretrain"):
+        assert main([command, "--model", str(model_dir), "--data", str(single), "--output", str(tmp_path / "run"),
+                     "--max-steps", "1", "--no-progress", *SMALL_RUN]) == 2
+        error = capsys.readouterr().err
+        assert f"--data {single} has 1 class (only)" in error and "accuracy would read 100 %" in error
+    assert not (tmp_path / "run").exists()
     with caplog.at_level(logging.INFO, logger="bigtransfer"):
-        assert main(["finetune", "--model", str(model_dir), "--data", str(single), "--output", str(tmp_path / "run"),
-                     "--max-steps", "1", "--no-progress", *SMALL_RUN]) == 0
         assert main(["convert", str(model_dir), str(tmp_path / "five"), "--num-labels", "5", "--no-progress"]) == 0
-    text = caplog.text
-    assert "the training data has one class (only)" in text and "accuracy will read 100 %" in text
-    assert re.search(r"model: its 2-class head is replaced by a new zero-initialised 1-class head", text)
-    assert re.search(r"model: its 2-class head is replaced by a new zero-initialised 5-class head", text)
+    assert re.search(r"model: its 2-class head is replaced by a new zero-initialised 5-class head", caplog.text)
 
 
 def test_out_of_memory_anywhere_names_the_size_and_the_fix(model_dir, tmp_path, monkeypatch, capsys):

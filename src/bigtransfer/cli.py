@@ -17,6 +17,7 @@ import torch
 
 from . import __version__, machine
 from .errors import BadImageError, OutOfMemoryError, did_you_mean, original_message
+from .extras import missing_module_message
 from .fields import positive_int
 from .report import printable
 
@@ -88,7 +89,7 @@ def _explain(error: Exception, args: argparse.Namespace) -> str:
     if requested is not None and not isinstance(error, OutOfMemoryError):
         return _out_of_memory(requested, args)
     message = error.args[0] if isinstance(error, KeyError) and error.args else error
-    text = _one_line(message)
+    text = _one_line(missing_module_message(error) or message) if isinstance(error, ImportError) else _one_line(message)
     if isinstance(error, BadImageError) and getattr(args, "on_bad_image", None) == "fail":
         text += "; pass --on-bad-image skip to leave unreadable images out (they are listed in the report)"
     if not isinstance(error, (ValueError, OSError, TypeError, RuntimeError, KeyError, ImportError, MemoryError)):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .extras import require
 from .inference.speed import fold_weight_standardization
 
 FORMATS = ("onnx", "torchscript", "exported-program")
@@ -225,13 +226,14 @@ def _dynamic_axes() -> dict[int, Any]:
 def _export_onnx(wrapped: ExportedOutputs, example: torch.Tensor, path: Path, opset: int) -> None:
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is not supported: torch.onnx's exporter writes opset {MIN_OPSET} or newer")
+    for module in ("onnx", "onnxscript"):  # torch.onnx's exporter imports them on its first call
+        require(module, "ONNX export")
     program = torch.onnx.export(
         wrapped, (example,), dynamo=True, opset_version=opset, input_names=["pixel_values"],
         output_names=wrapped.output_names, dynamic_shapes={"pixel_values": _dynamic_axes()}, verbose=False,
     )
     program.save(str(path))
-    import onnx
-
+    onnx = require("onnx", "ONNX export")
     written = next((entry.version for entry in onnx.load(str(path), load_external_data=False).opset_import
                     if entry.domain in ("", "ai.onnx")), None)
     if written != opset:
@@ -240,8 +242,7 @@ def _export_onnx(wrapped: ExportedOutputs, example: torch.Tensor, path: Path, op
 
 def onnx_operators(path: str | os.PathLike) -> dict[str, int]:
     """Node counts by operator of an ONNX file; training-mode BatchNormalization is counted separately."""
-    import onnx
-
+    onnx = require("onnx", "reading an ONNX file")
     graph = onnx.load(str(path), load_external_data=False).graph
     counts: Counter[str] = Counter()
     for node in graph.node:
@@ -283,11 +284,7 @@ def onnx_session(model_or_path: nn.Module | str | os.PathLike, device: str | tor
 
 
 def _import_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ImportError("checking an ONNX export needs onnxruntime: pip install 'bigtransfer[onnx]'") from None
-    return onnxruntime
+    return require("onnxruntime", "running an ONNX export")
 
 
 def _check(report: ExportReport, reference: nn.Module, path: Path, format: str, channels: int, tolerance: float) -> None:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .export import export, onnx_operators, onnx_session, staged_output
+from .extras import require
 
 QUANTIZED_OPERATORS = ("Conv", "Gemm", "MatMul")
 _BATCH = 8  # calibration images per run of the float graph
@@ -58,11 +59,7 @@ class _Batches:
 
 
 def _quantization():
-    try:
-        from onnxruntime import quantization
-    except ImportError as error:
-        raise ImportError("int8 quantization needs onnxruntime: pip install 'bigtransfer[onnx]'") from error
-    return quantization
+    return require("onnxruntime.quantization", "int8 quantization")
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .extras import require
 from .files import atomic_directory, atomic_path, read_bytes, read_json, write_text_atomic
 
 REPORT_NAME = "report.json"
@@ -208,11 +209,8 @@ class StageProgress:
 
 
 def _figure(width: float = 6.0, height: float = 4.0):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("plots need matplotlib: pip install 'bigtransfer[train]'") from error
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "plots").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "plots").Figure
     figure = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(figure)
     return figure

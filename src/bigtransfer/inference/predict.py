@@ -167,22 +167,12 @@ def predict_images(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if top_k < 1:
         raise ValueError(f"top_k must be positive, got {top_k}")
-    transform = _processor_transform(processor)
-    min_size = processor_min_size(processor) if reduced_decode else None
-    shape = _output_shape(processor)
-    dataset = ImageFiles(paths, transform, min_size, on_bad_image, shape)
+    dataset = ImageFiles(paths, _processor_transform(processor),
+                         processor_min_size(processor) if reduced_decode else None, on_bad_image,
+                         _output_shape(processor))
     device = torch.device(getattr(model, "device", None) or module_device(model))
-    if num_workers is None:
-        # Workers only on spare cores: a decoder sharing a core with the model's threads stalls them all (on a
-        # 2-core CPU one worker made the pipeline 15 % slower than decoding in between batches).
-        busy = torch.get_num_threads() if device.type == "cpu" else 1
-        num_workers = max(0, min(4, (os.cpu_count() or 1) - busy))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-        persistent_workers=False, prefetch_factor=2 if num_workers else None,
-    )
-    config = getattr(model, "config", None)
-    id2label = getattr(config, "id2label", None) or {}
+    loader = _file_loader(dataset, batch_size, num_workers, device)
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
     model.eval()
     start, compiled_before = time.perf_counter(), getattr(model, "compile_seconds", 0.0)
     results: list[list[tuple[str, float]] | None] = []
@@ -194,21 +184,28 @@ def predict_images(
             pixels = torch.cat([pixels, pixels.new_zeros((batch_size - count,) + tuple(pixels.shape[1:]))])
         with torch.inference_mode():
             logits = model(pixels.to(device, non_blocking=True)).logits[:count].float()
-        probabilities = logits.softmax(-1)
-        scores, indices = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
-        for row, good in enumerate(ok.tolist()):
-            if not good:
-                results.append(None)
-                continue
-            results.append(
-                [(id2label.get(int(i), str(int(i))), float(s)) for s, i in zip(scores[row], indices[row], strict=True)]
-            )
+        scores, indices = logits.softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+        results.extend(
+            [(id2label.get(int(i), str(int(i))), float(s)) for s, i in zip(scores[row], indices[row], strict=True)]
+            if good else None for row, good in enumerate(ok.tolist())
+        )
         if bar is not None:
             bar.update(count)
     if bar is not None:
         bar.close()
     compiling = getattr(model, "compile_seconds", 0.0) - compiled_before
     return Predictions(results, len(results), time.perf_counter() - start - compiling, compiling)
+
+
+def _file_loader(dataset: ImageFiles, batch_size: int, num_workers: int | None, device: torch.device):
+    """Batches of decoded files; by default decoded by workers on the cores the model's threads leave free."""
+    if num_workers is None:
+        # Workers only on spare cores: a decoder sharing a core with the model's threads stalls them all (on a
+        # 2-core CPU one worker made the pipeline 15 % slower than decoding in between batches).
+        busy = torch.get_num_threads() if device.type == "cpu" else 1
+        num_workers = max(0, min(4, (os.cpu_count() or 1) - busy))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                                       persistent_workers=False, prefetch_factor=2 if num_workers else None)
 
 
 def _processor_transform(processor: Any) -> Callable[[PIL.Image.Image], torch.Tensor]:

@@ -227,14 +227,9 @@ def optimize(
         >>> fast(torch.randn(2, 3, 64, 64)).logits.shape
         torch.Size([2, 10])
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, OptimizedModel):
-        raise TypeError("model is already optimized; pass the original model")
+    _check_arguments(model, compile, micro_batch)
     device = torch.device(device) if device is not None else module_device(model)
     reduced = autocast_dtype(dtype)
-    if compile not in (True, False, "auto"):
-        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
     if not inplace:
         model = copy.deepcopy(model)
     model = fold_weight_standardization(model.eval().requires_grad_(False))
@@ -246,11 +241,20 @@ def optimize(
             use_opaque_group_norms(model)
         # dynamic=False: a graph per input shape, so oneDNN gets fixed shapes to prepack the weights for.
         compiled = torch.compile(model, dynamic=False)
-    if micro_batch not in (None, "auto") and (not isinstance(micro_batch, int) or micro_batch < 1):
-        raise ValueError(f"micro_batch must be a positive int, 'auto' or None, got {micro_batch!r}")
     return OptimizedModel(
         model, device, memory_format, reduced, compiled, strict_compile=compile is True, micro_batch=micro_batch
     )
+
+
+def _check_arguments(model: nn.Module, compile: bool | str, micro_batch: int | str | None) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, OptimizedModel):
+        raise TypeError("model is already optimized; pass the original model")
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    if micro_batch not in (None, "auto") and (not isinstance(micro_batch, int) or micro_batch < 1):
+        raise ValueError(f"micro_batch must be a positive int, 'auto' or None, got {micro_batch!r}")
 
 
 def module_device(model: nn.Module) -> torch.device:

@@ -123,7 +123,8 @@ class Trainer:
         self.output = claim_run_directory(settings, create=context.is_main)
         barrier(context)
         lock = RunLock(self.output) if context.is_main else contextlib.nullcontext()
-        with lock, StopSignals() as signals, torch.random.fork_rng(devices=cuda_devices(context)):
+        with lock, StopSignals(announce=context.is_main) as signals, torch.random.fork_rng(
+                devices=cuda_devices(context)):
             if context.is_main:  # holds the lock: no live process writes these files
                 remove_stale_temporaries(self.output, (CHECKPOINT_NAME, RUN_NAME, METRICS_NAME, MODEL_DIRNAME))
                 if settings.overwrite and not settings.resume:
@@ -133,8 +134,9 @@ class Trainer:
             self._setup()
             self._resume()
             self._open_streams()
+            self.signals = signals
             try:
-                return self._train(signals)
+                return self._train()
             finally:
                 for callback in self.callbacks:
                     callback.on_train_end(self)
@@ -241,7 +243,7 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------------
 
-    def _train(self, signals: StopSignals) -> RunResult:
+    def _train(self) -> RunResult:
         total, step = self.recipe.total_steps, self.start_step
         try:
             for step in range(self.start_step, total):
@@ -249,11 +251,11 @@ class Trainer:
                 if lr is None:
                     break
                 started = time.perf_counter()
-                mean_loss, images, stop = self._step(step, lr, signals)
+                mean_loss, images, stop = self._step(step, lr)
                 done = step + 1
                 self._after_step(done, mean_loss, lr, images / max(time.perf_counter() - started, 1e-9))
                 if stop:
-                    return self._stopped(done, int(signals.received or stop))
+                    return self._stopped(done, int(self.signals.received or stop))
                 if self.settings.save_every and done % self.settings.save_every == 0 and done < total:
                     self._save(done)
             else:
@@ -267,7 +269,7 @@ class Trainer:
             self._close_streams()
         return self._finish(max(step, self.start_step))
 
-    def _step(self, step: int, lr: float, signals: StopSignals) -> tuple[float, float, float]:
+    def _step(self, step: int, lr: float) -> tuple[float, float, float]:
         """One optimizer step on the global batch: (mean loss, images seen, the stop signal any rank received)."""
         optimizer, scaler, batch_size = self.optimizer, self.scaler, self.settings.batch_size
         for group in optimizer.param_groups:
@@ -275,7 +277,7 @@ class Trainer:
         loss_sum, good, step_skipped = self._micro_batches(step, mixup_lambda(self.settings.seed, step,
                                                                               self.recipe.mixup_alpha))
         loss_total, good_total, skipped_total, stop = all_sum(
-            self.context, [loss_sum, float(good), float(len(step_skipped)), float(signals.received or 0)]
+            self.context, [loss_sum, float(good), float(len(step_skipped)), float(self.signals.received or 0)]
         )
         self.skipped.extend(gather_paths(self.context, step_skipped) if skipped_total else [])
         if good_total == 0:
@@ -372,7 +374,8 @@ class Trainer:
             state = dict(step=step, total_steps=self.recipe.total_steps, kind=self.recipe.kind,
                          signature=self.signature, skipped_images=self.skipped, seconds=self.seconds(),
                          epoch=self.plan.epoch(step))
-            save_run_state(self.checkpoint_path, self.model, self.optimizer, state, self.scaler)
+            with self.signals.saving():
+                save_run_state(self.checkpoint_path, self.model, self.optimizer, state, self.scaler)
         barrier(self.context)
 
     def _stopped(self, done: int, signal_number: int) -> RunResult:

@@ -48,7 +48,7 @@ def finetune(config: FinetuneConfig, callbacks: tuple[Callback, ...] = ()) -> Ru
     """
     config.check()
     with distributed(config.device) as context:
-        source, eval_source, evaluated = _open_data(config, context)
+        source, eval_source, evaluated = _open_data(config)
         recipe = finetune_recipe(config, source)
         return _train(config, recipe, source, eval_source, evaluated, context, [], callbacks)
 
@@ -57,7 +57,7 @@ def pretrain(config: PretrainConfig, callbacks: tuple[Callback, ...] = ()) -> Ru
     """Pre-train (upstream) with the paper's recipe and write a run directory; see `PretrainConfig`."""
     config.check()
     with distributed(config.device) as context:
-        source, eval_source, evaluated = _open_data(config, context)
+        source, eval_source, evaluated = _open_data(config)
         recipe = pretrain_recipe(config, source)
         evaluators = [_fewshot_evaluator(config, recipe, context)] if config.fewshot_every else []
         return _train(config, recipe, source, eval_source, evaluated, context, evaluators, callbacks)
@@ -88,13 +88,14 @@ def _train(settings: RunSettings, recipe: Recipe, source: ImageSource, eval_sour
     return trainer.run()
 
 
-def _open_data(config: RunSettings, context: Context) -> tuple[ImageSource, ImageSource, dict[str, Any]]:
+def _open_data(config: RunSettings) -> tuple[ImageSource, ImageSource, dict[str, Any]]:
     """(training source, evaluation source, which images are evaluated): see `data.open_train_eval`."""
     source, eval_source, described = open_train_eval(config.data, config.eval_data, val_fraction=config.val_fraction,
                                                      classes=config.classes)
-    if len(source.classes) == 1 and context.is_main:
-        logger.warning("the training data has one class (%s): every prediction will be that class and accuracy "
-                       "will read 100 %%; a classifier needs two or more classes (sub-folders)", source.classes[0])
+    if len(source.classes) < 2:
+        raise ValueError(f"--data {config.data} has {len(source.classes)} class ({', '.join(map(str, source.classes))}"
+                         "): a classifier needs two or more (one sub-folder per class); every prediction would be "
+                         "that class and accuracy would read 100 %")
     return source, eval_source, described["test"]
 
 

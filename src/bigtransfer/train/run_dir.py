@@ -13,6 +13,7 @@ Model weight *formats* (timm, .npz, the original code) are another matter: see `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import random
 import shutil
 import signal
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -275,16 +276,39 @@ def remove_stale_temporaries(directory: Path, names: Iterable[str]) -> list[Path
 
 
 class StopSignals:
-    """Turns the first SIGINT / SIGTERM into a flag checked after each step; a second one interrupts at once."""
+    """The first SIGINT / SIGTERM sets a flag the loop checks after each step, and says so at once; a second one
+    while a checkpoint is being written waits for the write; a second one at any other time interrupts at once
+    (KeyboardInterrupt), keeping the last checkpoint written."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.received: int | None = None
+        self.announce = announce
+        self._saving = False
         self._previous: dict[int, Any] = {}
 
+    def _say(self, text: str) -> None:
+        if self.announce:
+            os.write(2, text.encode())  # from a signal handler: no buffered stream, no logging locks
+
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signum
+            self._say(f"\nbigtransfer: {name}: stopping after this step and saving a checkpoint (send it again to "
+                      "stop at once, keeping the last checkpoint)\n")
+        elif self._saving:
+            self._say(f"\nbigtransfer: {name}: the checkpoint is being written; stopping as soon as it is\n")
+        else:
+            raise KeyboardInterrupt(f"{name} received twice: stopped at once; the last checkpoint written is kept")
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """While a checkpoint is written, a second signal does not interrupt it."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
 
     def __enter__(self) -> StopSignals:
         for signum in (signal.SIGINT, signal.SIGTERM):

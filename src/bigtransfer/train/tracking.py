@@ -17,14 +17,20 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import math
 import os
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..extras import require
 from ..report import progress_bar
 from .callbacks import Callback
+
+logger = logging.getLogger("bigtransfer")
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -38,11 +44,7 @@ def check_trackers(names: Sequence[str]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"report_to: unknown tracker(s) {unknown}; the trackers are {', '.join(TRACKERS)}")
     for name in names:
-        try:
-            importlib.import_module(PACKAGES[name])
-        except ImportError as error:
-            extra = " (pip install 'bigtransfer[track]')" if name == "tensorboard" else ""
-            raise ImportError(f"--report-to {name} needs the {PACKAGES[name]} package{extra}") from error
+        require(PACKAGES[name], f"--report-to {name}")
     return names
 
 
@@ -155,23 +157,44 @@ class TrackerCallback(Callback):
 
 
 class ProgressCallback(Callback):
-    """A progress bar over the steps on rank 0 (shown only on a terminal), with the loss, lr and images/s."""
+    """Progress on rank 0: a bar on a terminal (loss, lr, images/s); in a log (stderr not a terminal), a line at
+    the first step, at least every `every_seconds` and at the last step, with the loss, images/s and the time
+    left."""
 
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar = enabled, None
+    def __init__(self, enabled: bool, every_seconds: float = 60.0):
+        self.enabled, self.every_seconds, self.bar = enabled, every_seconds, None
+        self.logged_at = self.started = 0.0
 
     def on_train_begin(self, trainer: Any) -> None:
-        self.bar = progress_bar(self.enabled and trainer.context.is_main, trainer.recipe.total_steps,
-                                trainer.start_step, trainer.recipe.kind)
+        if not (self.enabled and trainer.context.is_main):
+            return
+        if sys.stderr.isatty():
+            self.bar = progress_bar(True, trainer.recipe.total_steps, trainer.start_step, trainer.recipe.kind)
+        self.started = self.logged_at = time.monotonic()
 
     def on_step_end(self, trainer: Any, step: int, loss: float, lr: float, images_per_second: float) -> None:
+        total = trainer.recipe.total_steps
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(f"loss={loss:.4f} lr={lr:.2e} img/s={images_per_second:.0f}", refresh=False)
-            if step == trainer.recipe.total_steps:  # before the final evaluation shows its own
+            if step == total:  # before the final evaluation shows its own
                 self.on_train_end(trainer)
+        elif self.started and (step in (trainer.start_step + 1, total)
+                               or time.monotonic() - self.logged_at >= self.every_seconds):
+            now = time.monotonic()
+            left = (now - self.started) / (step - trainer.start_step) * (total - step)
+            logger.info("%s step %d/%d: loss %.4f, lr %.3g, %.1f img/s, %s left", trainer.recipe.kind, step, total,
+                        loss, lr, images_per_second, _duration(left))
+            self.logged_at = now
 
     def on_train_end(self, trainer: Any) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    """12 s, 7 min, 2.5 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
