@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 from bigtransfer import demo
 from bigtransfer.cli import main
 from bigtransfer.data import FASHION_MNIST_DIR
-from bigtransfer.train import CHECKPOINT_NAME, LOCK_NAME, load_run_state
+from bigtransfer.train import CHECKPOINT_NAME, LOCK_NAME, Callback, FinetuneConfig, finetune, load_run_state
 from conftest import CLASSES
 
 TRAIN = ["--batch-size", "8", "--resize", "20", "--crop", "16", "--no-progress", "--no-plots"]
@@ -118,6 +119,53 @@ def test_sigterm_half_way_then_resume_matches_an_uninterrupted_run(folder, tmp_p
     steps = [json.loads(line)["step"] for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 61))
     assert json.loads((tmp_path / "interrupted" / "report.json").read_text())["per_class_accuracy"].keys() == set(CLASSES)
+
+
+@pytest.mark.slow
+def test_a_signal_during_a_long_step_is_answered_at_once_and_a_second_waits_for_the_save(folder, tmp_path):
+    # Steps of several seconds: 256 images at 96 px on one thread.
+    command = [sys.executable, "-m", "bigtransfer.cli", "finetune", "--model", "tiny", "--data", str(folder),
+               "--output", str(tmp_path / "run"), "--max-steps", "50", "--batch-size", "256", "--batch-split", "1",
+               "--resize", "100", "--crop", "96", "--threads", "1", "--no-plots"]
+    process = subprocess.Popen(command, env=dict(os.environ, PYTHONUNBUFFERED="1"), stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in process.stderr:  # the first step's progress line: the second step is under way
+        lines.append(line)
+        if "finetune step 1/50" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    for line in process.stderr:
+        lines.append(line)
+        if "stopping after this step and saving a checkpoint" in line:
+            break
+    assert time.monotonic() - sent < 2, "".join(lines)
+    _, rest = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGINT, "".join(lines) + rest
+    _, state = load_run_state(tmp_path / "run" / CHECKPOINT_NAME)
+    assert state["step"] == 2
+
+
+def test_training_logs_progress_lines_when_stderr_is_not_a_terminal(folder, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="bigtransfer"):
+        assert main(["finetune", "--model", "tiny", "--data", str(folder), "--output", str(tmp_path / "run"),
+                     "--max-steps", "3", "--batch-size", "8", "--resize", "20", "--crop", "16", "--no-plots"]) == 0
+    lines = [record.getMessage() for record in caplog.records if "finetune step" in record.getMessage()]
+    assert len(lines) == 2 and lines[0].startswith("finetune step 1/3: loss") and lines[1].startswith("finetune step 3/3")
+    assert all(" img/s, " in line and line.endswith(" left") for line in lines)
+
+
+def test_defaults_that_would_take_hours_on_a_cpu_say_so_before_training(folder, tmp_path, caplog):
+    class StopAtOnce(Callback):
+        def on_train_begin(self, trainer):
+            raise KeyboardInterrupt
+
+    with caplog.at_level("INFO", logger="bigtransfer"), pytest.raises(KeyboardInterrupt):
+        finetune(FinetuneConfig(model="tiny", data=str(folder), output=tmp_path / "run", device="cpu",
+                                progress=False), callbacks=(StopAtOnce(),))
+    assert re.search(r"500 steps of 512 images at 128 px would take roughly \d+ hours on this CPU", caplog.text)
+    assert "--resize 72 --crop 64 --batch-size 64 --max-steps 30" in caplog.text
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="apt-get install dataset-fashion-mnist")

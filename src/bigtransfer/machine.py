@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +176,14 @@ class StepMemory:
 
     fixed: int
     per_image: int
+    seconds_per_image: float = 0.0  # the probe's forward pass, scaled to `crop` pixels
 
     def for_micro_batch(self, images: int) -> int:
         return self.fixed + images * self.per_image
+
+    def step_seconds(self, images: int) -> float:
+        """A rough training-step time for `images` images: forward and backward about 3 forwards."""
+        return 3 * self.seconds_per_image * images
 
 
 def step_memory(model: nn.Module, crop: int, device: torch.device, autocast: Any) -> StepMemory:
@@ -201,11 +207,15 @@ def step_memory(model: nn.Module, crop: int, device: torch.device, autocast: Any
         del output
         return sum(tensors.values())
 
-    one, two = saved(1), saved(2)
+    one, seconds = saved(1), math.inf
+    for _ in range(2):  # the first passes also set up kernels: the faster of two
+        started = time.perf_counter()
+        two = saved(2)
+        seconds = min(seconds, time.perf_counter() - started)
     scale = (crop / size) ** 2
     per_image = (two - one) * scale * ACTIVATION_FACTOR + 3 * crop * crop * 4  # and the image itself
     fixed = max(0, one - (two - one)) + 2 * sum(p.numel() * p.element_size() for p in parameters)  # grads, momentum
-    return StepMemory(int(fixed), int(per_image))
+    return StepMemory(int(fixed), int(per_image), seconds / 2 * scale)
 
 
 def fit_batch_split(batch_per_process: int, need: StepMemory, available: int | None) -> int:

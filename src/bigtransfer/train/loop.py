@@ -175,6 +175,7 @@ class Trainer:
         available = machine.available_memory(context.device)
         split = max(all_gather(context, machine.fit_batch_split(per_process, need, available)))
         if context.is_main:
+            self._warn_if_hours(need)
             logger.info(
                 "batch %d %s (a step needs about %s; %s available%s); --batch-split N sets it", settings.batch_size,
                 "in one pass" if split == 1 else f"as {split} micro-batches of {per_process // split}",
@@ -183,6 +184,17 @@ class Trainer:
                 f", per process of {context.world_size}" if context.world_size > 1 else "",
             )
         return split
+
+    def _warn_if_hours(self, need: machine.StepMemory) -> None:
+        """Say before starting when the run would take hours here (a CPU at the HyperRule's GPU-sized defaults)."""
+        recipe = self.recipe
+        seconds = need.step_seconds(self.settings.batch_size // self.context.world_size) * recipe.total_steps
+        if self.context.device.type == "cpu" and seconds > 2 * 3600:
+            logger.warning(
+                "%d steps of %d images at %d px would take roughly %.0f hours on this CPU (estimated from a probe "
+                "step); the HyperRule's defaults are sized for GPUs. A trial run on a CPU: --resize 72 --crop 64 "
+                "--batch-size 64 --max-steps 30 (see the README's quick start)", recipe.total_steps,
+                self.settings.batch_size, recipe.crop, seconds / 3600)
 
     def _resume(self) -> None:
         """Continue from the run's checkpoint (refusing one whose settings differ), or start fresh; write run.json."""
