@@ -1,4 +1,5 @@
-"""`bigtransfer finetune`: transfer a BiT model to a data set with the BiT-HyperRule (`bigtransfer.train.finetune`)."""
+"""`bigtransfer finetune`: transfer a BiT model to a data set with the BiT-HyperRule (`bigtransfer.train.finetune`);
+`register_recipe` and `finish` serve every training command."""
 
 from __future__ import annotations
 
@@ -6,23 +7,28 @@ import argparse
 import sys
 
 from ..distributed import is_main_process
-from ..train.settings import FinetuneConfig
+from ..train.settings import FinetuneConfig, RunSettings
 from . import library
 from .options import add_fields, from_args
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "finetune", help="fine-tune with the BiT-HyperRule",
+    register_recipe(
+        subparsers, "finetune", FinetuneConfig, help="fine-tune with the BiT-HyperRule",
         description="Fine-tune a BiT model with the BiT-HyperRule: SGD momentum 0.9, no weight decay, linear warmup, "
         "step decays, MixUp (20k+ examples), zero-initialised head. Works under torchrun for several GPUs or nodes.",
     )
-    add_fields(parser, FinetuneConfig)
+
+
+def register_recipe(subparsers, name: str, settings: type[RunSettings], help: str, description: str) -> None:
+    """A training command: its flags are the settings' fields; it runs `bigtransfer.train.<name>(settings)`."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_fields(parser, settings)
+
+    def run(args: argparse.Namespace) -> int:
+        return finish(getattr(library("train.run"), name)(from_args(settings, args)))
+
     parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    return finish(library("train.run").finetune(from_args(FinetuneConfig, args)))
 
 
 def finish(result) -> int:

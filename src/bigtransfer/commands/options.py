@@ -42,7 +42,9 @@ def add_fields(parser: argparse.ArgumentParser, settings: type, only: Iterable[s
     """Add a flag for each `option()` field of `settings` (those in `only`, if given; none in `skip`)."""
     wanted = None if only is None else list(only)
     fields = {field.name: field for field in dataclasses.fields(settings) if option_of(field) is not None}
-    names = [name for name in (wanted if wanted is not None else fields) if name not in set(skip)]
+    # The model first, as a command line reads: `finetune --model M --data D --output O ...`.
+    order = wanted if wanted is not None else sorted(fields, key=lambda name: name != "model")
+    names = [name for name in order if name not in set(skip)]
     for name in names:
         _add(parser, fields[name], help_overrides.get(name))
 
@@ -63,7 +65,7 @@ def _add(parser: argparse.ArgumentParser, field: dataclasses.Field, help_overrid
     if meta["required"]:
         arguments["required"] = True
     else:
-        arguments["default"] = list(default) if isinstance(default, tuple) and meta["parse"] is not None else default
+        arguments["default"] = default
     parser.add_argument(flag, **arguments)
 
 
