@@ -98,6 +98,13 @@ def _cache(cache: Path) -> None:
     (repo / "refs" / "main").write_text(COMMIT)
 
 
+def _demo_model(directory: Path) -> None:
+    """What `demo --quick` leaves for the quick start: a tiny BiT with 5 classes and its squash processor."""
+    torch.manual_seed(0)
+    BitForImageClassification(BitConfig.from_variant("tiny", num_labels=5)).save_pretrained(directory)
+    BitImageProcessor.squash(28).save_pretrained(directory)
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     _image_folder(tmp_path / "photos")
@@ -113,6 +120,7 @@ def workspace(tmp_path, monkeypatch):
     cat.save(tmp_path / "cat.jpg")
     dog.save(tmp_path / "dog.jpg")
     _cache(tmp_path / "cache")
+    _demo_model(tmp_path / "runs" / "demo-quick" / "upstream" / "tiny-5classes" / "model")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
