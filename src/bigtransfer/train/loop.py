@@ -125,6 +125,7 @@ class Trainer:
         lock = RunLock(self.output) if context.is_main else contextlib.nullcontext()
         with lock, StopSignals(announce=context.is_main) as signals, torch.random.fork_rng(
                 devices=cuda_devices(context)):
+            self.signals = signals
             if context.is_main:  # holds the lock: no live process writes these files
                 remove_stale_temporaries(self.output, (CHECKPOINT_NAME, RUN_NAME, METRICS_NAME, MODEL_DIRNAME))
                 if settings.overwrite and not settings.resume:
@@ -134,7 +135,6 @@ class Trainer:
             self._setup()
             self._resume()
             self._open_streams()
-            self.signals = signals
             try:
                 return self._train()
             finally:
