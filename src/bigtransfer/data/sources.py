@@ -56,6 +56,23 @@ class ImageSource:
         file sources decode JPEGs at reduced size, in-memory sources ignore it."""
         return self[index]
 
+    def load_many(self, indices: Sequence[int], min_size: int | tuple[int, int] | None = None,
+                  ) -> list[tuple[Image.Image, int] | BadImageError]:
+        """`load` of several indices, with a BadImageError in place of each unreadable image; sources in object
+        storage fetch them together."""
+        loaded: list[tuple[Image.Image, int] | BadImageError] = []
+        for index in indices:
+            try:
+                loaded.append(self.load(int(index), min_size))
+            except BadImageError as error:
+                loaded.append(error)
+        return loaded
+
+    def damage(self) -> list[tuple[str, str]]:
+        """(path, reason) of damage found when the source was opened that lost images it cannot list one by one
+        (a truncated shard); empty for most sources."""
+        return []
+
     def path(self, index: int) -> str:
         raise NotImplementedError
 
@@ -405,6 +422,13 @@ class ClassSubset(ImageSource):
         image, label = self.source.load(int(self.indices[index]), min_size)
         return image, int(self._relabel[label])
 
+    def load_many(self, indices, min_size=None):
+        loaded = self.source.load_many([int(self.indices[index]) for index in indices], min_size)
+        return [item if isinstance(item, BadImageError) else (item[0], int(self._relabel[item[1]])) for item in loaded]
+
+    def damage(self) -> list[tuple[str, str]]:
+        return self.source.damage()
+
     def path(self, index: int) -> str:
         return self.source.path(int(self.indices[index]))
 
@@ -442,6 +466,20 @@ class Selection(ImageSource):
     def load(self, index: int, min_size: int | tuple[int, int] | None = None) -> tuple[Image.Image, int]:
         part, inner = self._where[index]
         return self.parts[part][0].load(inner, min_size)
+
+    def load_many(self, indices, min_size=None):
+        loaded: list = [None] * len(indices)
+        for number, (source, _) in enumerate(self.parts):
+            mine = [(position, self._where[index][1]) for position, index in enumerate(indices)
+                    if self._where[index][0] == number]
+            if mine:
+                for (position, _), item in zip(mine, source.load_many([inner for _, inner in mine], min_size),
+                                               strict=True):
+                    loaded[position] = item
+        return loaded
+
+    def damage(self) -> list[tuple[str, str]]:
+        return [problem for source, _ in self.parts for problem in source.damage()]
 
     def path(self, index: int) -> str:
         part, inner = self._where[index]
