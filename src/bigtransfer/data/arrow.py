@@ -160,8 +160,9 @@ class ParquetSource(StoredImageSource):
             image = image_column or _image_column(parquet) or "image"
             label = label_column or "label"
             _check_columns(f"{spec} ({file})", parquet.schema_arrow.names, image, label)
-            labels.append(labels_from_column(self._read(number, lambda parquet=parquet, label=label: parquet.read(
-                columns=[label]).column(label), f"column {label!r}"), f"{file}: column {label!r}"))
+            column = self._read(number, lambda number=number, label=label: self._parquet(number).read(
+                columns=[label]).column(label), f"column {label!r}")
+            labels.append(labels_from_column(column, f"{file}: column {label!r}"))
             names = names or _class_label_names(parquet, label)
             groups = parquet.metadata
             rows.extend((number, group, row) for group in range(groups.num_row_groups)
@@ -186,11 +187,19 @@ class ParquetSource(StoredImageSource):
         return self._handles[number]
 
     def _read(self, number: int, call, what: str):
-        """`call()`, its errors named: the file and what was being read."""
+        """`call()`, retried as the storage retries, its errors named: the file and what was being read."""
         import pyarrow as pa
 
+        def attempt():
+            try:
+                return call()
+            except Exception:
+                self._handles.pop(number, None)  # a connection cut mid-read: start again on a fresh handle
+                self._cursor = None
+                raise
+
         try:
-            return call()
+            return self.storage.retry(attempt, self.files[number], what)
         except MemoryError as error:
             raise OutOfMemoryError(f"{self.files[number]}: out of memory while reading {what}") from error
         except (pa.ArrowException, OSError) as error:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from ..files import open_regular, read_bytes
 
 MAX_SHARD_NAMES = 1_000_000  # ImageNet-21k comes in 4,095 shards, LAION-5B in about 230,000
-READ_TIMEOUT_S = float(os.environ.get("BIGTRANSFER_READ_TIMEOUT", "30"))  # one request's stall before a retry
+DEFAULT_READ_TIMEOUT_S = 30.0  # one request's stall before it is retried (BIGTRANSFER_READ_TIMEOUT overrides)
 RETRY_BUDGET_S = 60.0  # the most time one read spends retrying before it is reported
 RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0, 2.0)
 COALESCE_GAP = 64 << 10  # ranges closer than this are fetched as one request
@@ -142,6 +142,9 @@ class LocalStorage:
     def open(self, path: str) -> BinaryIO:
         return open_regular(path)
 
+    def retry(self, call, path: str, what: str):
+        return call()
+
     def exists(self, path: str) -> bool:
         return os.path.isfile(path)
 
@@ -170,6 +173,8 @@ class RemoteStorage:
                 raise ImportError(f"{self.protocol}:// data needs fsspec and {package}: pip install "
                                   f"'bigtransfer[{extra}]'") from error
             self._fs = fsspec.filesystem(self.protocol, skip_instance_cache=True, **_client_options(self.protocol))
+            if hasattr(self._fs, "retries"):
+                self._fs.retries = 1  # one retry policy: ours (`retry`), which names the object at the end
             self._pid = os.getpid()
         return self._fs
 
@@ -178,7 +183,7 @@ class RemoteStorage:
         listed: dict[str, dict] = {}
         if self.protocol not in ("http", "https"):
             for folder in sorted({parent(path) for path in paths}):
-                entries = self._retry(lambda folder=folder: self.fs.ls(folder, detail=True), folder, "listing")
+                entries = self.retry(lambda folder=folder: self.fs.ls(folder, detail=True), folder, "listing")
                 listed.update({_strip(entry["name"]): entry for entry in entries})
         stats = []
         for path in paths:
@@ -189,7 +194,7 @@ class RemoteStorage:
 
     def _info(self, path: str) -> dict | None:
         try:
-            return self._retry(lambda: self.fs.info(path), path, "metadata")
+            return self.retry(lambda: self.fs.info(path), path, "metadata")
         except FileNotFoundError:
             return None
 
@@ -211,7 +216,7 @@ class RemoteStorage:
         paths, starts, ends = (list(column) for column in zip(*ranges, strict=True))
         merged = merge_offset_ranges(paths, starts, ends, max_gap=COALESCE_GAP, sort=True)
         what = f"{len(ranges)} byte range(s), e.g. {starts[0]}-{ends[0]}"
-        blocks = self._retry(lambda: self._fetch(*merged), paths[0], what)
+        blocks = self.retry(lambda: self._fetch(*merged), paths[0], what)
         return [_cut(merged, blocks, path, start, end) for path, start, end in ranges]
 
     def _fetch(self, paths: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
@@ -229,7 +234,7 @@ class RemoteStorage:
     def exists(self, path: str) -> bool:
         return self.stat_many([path])[0] is not None
 
-    def _retry(self, call, path: str, what: str):
+    def retry(self, call, path: str, what: str):
         """`call()`, again after transient failures (with growing pauses, up to RETRY_BUDGET_S), then an OSError
         naming the object."""
         began = time.monotonic()
@@ -250,14 +255,15 @@ class RemoteStorage:
 
 def _client_options(protocol: str) -> dict:
     """Timeouts, so that a stalled connection is retried rather than waited on forever."""
+    timeout = float(os.environ.get("BIGTRANSFER_READ_TIMEOUT") or DEFAULT_READ_TIMEOUT_S)
     if protocol == "s3":
-        return {"config_kwargs": {"connect_timeout": READ_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S,
-                                  "retries": {"max_attempts": 2}}}
+        return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
+                                  "retries": {"max_attempts": 1}}}
     if protocol in ("http", "https"):
         import aiohttp
 
-        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=READ_TIMEOUT_S,
-                                                                   sock_read=READ_TIMEOUT_S)}}
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout,
+                                                                   sock_read=timeout)}}
     return {}
 
 

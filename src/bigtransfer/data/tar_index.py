@@ -339,7 +339,7 @@ def open_shards(storage: Storage, paths: list[str], stats: list[FileStat], cache
 
 def _cached_or_scanned(storage: Storage, path: str, stat: FileStat, digest: str, cache: Path | None) -> ShardIndex:
     if cache is None:
-        return scan_shard(storage, path, stat, digest)
+        return storage.retry(lambda: scan_shard(storage, path, stat, digest), path, "its tar headers")
     cache.mkdir(parents=True, exist_ok=True)
     entry = cache / (hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:40] + ".npz")
     with open(entry.with_suffix(".lock"), "a") as lock:
@@ -350,7 +350,7 @@ def _cached_or_scanned(storage: Storage, path: str, stat: FileStat, digest: str,
                 if same_identity(shard, stat, digest, storage.remote):
                     check_index(shard, path, str(entry))
                     return shard
-        shard = scan_shard(storage, path, stat, digest)
+        shard = storage.retry(lambda: scan_shard(storage, path, stat, digest), path, "its tar headers")
         with atomic_path(entry) as temporary:
             temporary.write_bytes(encode_index([shard]))
         return shard

@@ -1,0 +1,163 @@
+"""Shards and Parquet files in object storage, read from real servers on 127.0.0.1 (moto's S3 server and a
+Range-capable HTTP server) through a proxy that injects seeded connection resets and stalls: the same samples,
+labels and trained weights as the local files, batches fetched in coalesced requests, failures retried and then
+reported naming the object, and credentials never written anywhere."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bigtransfer.cli import main
+from bigtransfer.data import EvalTransform, TransformedDataset, open_source
+from bigtransfer.data import storage as storage_module
+from bigtransfer.train import CHECKPOINT_NAME, FinetuneConfig, finetune, load_run_state
+
+pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+pytest.importorskip("webdataset")
+datasets = pytest.importorskip("datasets")
+loopback = pytest.importorskip("loopback")  # benchmarks/loopback.py: the servers and the fault proxy
+
+SHARDS = "shard-{000000..000002}.tar"
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """24 JPEGs in 2 classes as a folder, as `bigtransfer shard` output (3 shards and _index.npz), as the same
+    shards without the global index, and as a Parquet file."""
+    skimage_data = pytest.importorskip("skimage.data")
+    root = tmp_path_factory.mktemp("remote")
+    for number in range(24):
+        folder = root / "photos" / ("animal", "space")[number % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        picture = getattr(skimage_data, ("chelsea", "coffee", "rocket")[number % 3])()
+        Image.fromarray(picture).convert("RGB").rotate(15 * number).resize((48, 40)).save(folder / f"{number}.jpg")
+    assert main(["shard", "--data", str(root / "photos"), "--output", str(root / "shards"), "--shard-size", "8",
+                 "--no-progress"]) == 0
+    (root / "bare").mkdir()
+    for file in (root / "shards").glob("*"):
+        if file.name != "_index.npz":
+            shutil.copy(file, root / "bare" / file.name)
+    folder = open_source(str(root / "photos"), "all")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=folder.classes)})
+    rows = {"image": [{"bytes": open(folder.path(i), "rb").read(), "path": None} for i in range(len(folder))],
+            "label": folder.labels.tolist()}
+    (root / "parquet").mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(root / "parquet" / "train.parquet"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def s3(local):
+    server, endpoint = loopback.start_s3()
+    for prefix in ("shards", "bare", "parquet"):
+        loopback.upload_folder(endpoint, local / prefix, "data", prefix)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def through(s3, monkeypatch, tmp_path):
+    """Point the standard S3 variables at a fault proxy in front of the server: `through(reset=..., stall=...)`."""
+    proxies = []
+
+    def connect(**faults) -> loopback.FaultProxy:
+        proxy = loopback.FaultProxy(s3, seed=len(proxies), stall_s=2.0, **faults)
+        proxies.append(proxy)
+        for name, value in loopback.s3_environment(proxy.url).items():
+            monkeypatch.setenv(name, value)
+        return proxy
+
+    monkeypatch.setenv("BIGTRANSFER_READ_TIMEOUT", "1")
+    monkeypatch.setenv("BIGTRANSFER_INDEX_CACHE", str(tmp_path / "index-cache"))
+    yield connect
+    for proxy in proxies:
+        proxy.close()
+
+
+def same_samples(remote, local) -> None:
+    assert remote.classes == local.classes and np.array_equal(remote.labels, local.labels)
+    for index in range(len(local)):
+        assert remote.stored_bytes(index) == local.stored_bytes(index), index
+        assert remote.path(index).rsplit("/", 1)[1] == local.path(index).rsplit("/", 1)[1]
+
+
+def test_s3_shards_read_as_the_local_ones_through_resets_and_stalls(local, through):
+    proxy = through(reset=0.05, stall=0.1)
+    reference = open_source(f"wds:{local}/shards/{SHARDS}", "all")
+    same_samples(open_source(f"wds:s3://data/shards/{SHARDS}", "all"), reference)
+    bare = open_source(f"wds:s3://data/bare/{SHARDS}", "all")  # no global index: each shard scanned once, cached
+    same_samples(bare, reference)
+    assert sum(proxy.faults.values()) > 0, proxy.faults
+    assert bare.fingerprint() == open_source(f"wds:s3://data/bare/{SHARDS}", "all").fingerprint()
+
+
+def test_the_index_cache_is_written_once_and_where_the_user_says(local, through, tmp_path):
+    through()
+    open_source(f"wds:s3://data/bare/{SHARDS}", "all")
+    entries = sorted(path.stat().st_mtime_ns for path in (tmp_path / "index-cache").glob("*.npz"))
+    assert len(entries) == 3
+    open_source(f"wds:s3://data/bare/{SHARDS}", "all")
+    assert sorted(path.stat().st_mtime_ns for path in (tmp_path / "index-cache").glob("*.npz")) == entries
+
+
+def test_http_shards_and_a_batch_in_one_request(local):
+    server, url = loopback.start_http(local / "shards")
+    try:
+        remote = open_source(f"wds:{url}/{SHARDS}", "all")
+        same_samples(remote, open_source(f"wds:{local}/shards/{SHARDS}", "all"))
+        data = TransformedDataset(remote, EvalTransform(32))
+        before = server.requests
+        batch = data.__getitems__(list(range(8, 16)))  # the DataLoader's batched fetch: one shard's 8 images
+        assert server.requests - before == 1
+        assert all(torch.equal(image, data[8 + number][0]) for number, (image, _) in enumerate(batch))
+    finally:
+        server.shutdown()
+
+
+def test_parquet_from_s3_reads_as_the_local_file(local, through):
+    through(reset=0.02)
+    remote = open_source("hf:s3://data/parquet/", "all")
+    reference = open_source(f"hf:{local}/parquet", "all")
+    assert remote.classes == reference.classes == ["animal", "space"]
+    assert np.array_equal(remote.labels, reference.labels)
+    assert all(remote.stored_bytes(index) == reference.stored_bytes(index) for index in range(len(reference)))
+
+
+def test_a_failing_object_is_named_after_bounded_retries(local, through, monkeypatch):
+    through(reset=1.0)  # every response cut short
+    monkeypatch.setattr(storage_module, "RETRY_BUDGET_S", 1.0)
+    with pytest.raises(OSError, match=r"s3://data/.*failed \d+ times in \d+ s") as caught:
+        open_source(f"wds:s3://data/shards/{SHARDS}", "all")
+    assert "loopback-secret" not in str(caught.value) and "loopback-key-id" not in str(caught.value)
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    tensors, _ = load_run_state(run_dir / CHECKPOINT_NAME)
+    return {key: value for key, value in tensors.items() if key.startswith("model/")}
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_s3_gives_the_local_weights_with_and_without_faults(local, through, tmp_path):
+    settings = dict(model="tiny", max_steps=4, base_lr=0.01, batch_size=8, batch_split=1, resize=40, crop=32,
+                    seed=3, device="cpu", progress=False, plots=False, workers=2)
+    finetune(FinetuneConfig(data=f"wds:{local}/shards/{SHARDS}", output=str(tmp_path / "local"), **settings))
+    reference = weights(tmp_path / "local")
+    for name, faults in (("clean", {}), ("faulty", dict(reset=0.05, stall=0.05))):
+        proxy = through(**faults)
+        finetune(FinetuneConfig(data=f"wds:s3://data/shards/{SHARDS}", output=str(tmp_path / name), **settings))
+        run = weights(tmp_path / name)
+        assert all(torch.equal(run[key], reference[key]) for key in reference), name
+        assert not faults or sum(proxy.faults.values()) > 0
+        for file in (tmp_path / name).rglob("*"):  # the credentials are in the environment, never in the run
+            if file.is_file():
+                content = file.read_bytes()
+                assert b"loopback-secret" not in content and b"loopback-key-id" not in content, file
+    report = json.loads((tmp_path / "faulty" / "report.json").read_text())
+    assert report["data"]["data"] == f"wds:s3://data/shards/{SHARDS}"
