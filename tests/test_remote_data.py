@@ -16,6 +16,7 @@ from PIL import Image
 from bigtransfer.cli import main
 from bigtransfer.data import EvalTransform, TransformedDataset, open_source
 from bigtransfer.data import storage as storage_module
+from bigtransfer.data.shards import READ_AHEAD_PARTS
 from bigtransfer.train import CHECKPOINT_NAME, FinetuneConfig, finetune, load_run_state
 
 pytest.importorskip("moto.server")
@@ -107,7 +108,7 @@ def test_the_index_cache_is_written_once_and_where_the_user_says(local, through,
     assert sorted(path.stat().st_mtime_ns for path in (tmp_path / "index-cache").glob("*.npz")) == entries
 
 
-def test_http_shards_and_a_batch_in_one_request(local):
+def test_http_shards_and_a_batch_in_few_requests(local):
     server, url = loopback.start_http(local / "shards")
     try:
         remote = open_source(f"wds:{url}/{SHARDS}", "all")
@@ -115,7 +116,7 @@ def test_http_shards_and_a_batch_in_one_request(local):
         data = TransformedDataset(remote, EvalTransform(32))
         before = server.requests
         batch = data.__getitems__(list(range(8, 16)))  # the DataLoader's batched fetch: one shard's 8 images
-        assert server.requests - before == 1
+        assert server.requests - before <= READ_AHEAD_PARTS  # neighbours merged within each read-ahead part
         assert all(torch.equal(image, data[8 + number][0]) for number, (image, _) in enumerate(batch))
     finally:
         server.shutdown()

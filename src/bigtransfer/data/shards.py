@@ -12,6 +12,7 @@ Shards are indexed once (see `tar_index`); images are then read as byte ranges, 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import os
@@ -30,6 +31,7 @@ from .storage import LocalStorage, RemoteStorage, expand_braces, is_remote, pare
 from .tar_index import INFO_NAME, ShardIndex, default_cache, fingerprint_part, open_shards
 
 MAX_INFO_BYTES = 64 << 20  # _info.json with a million class names
+READ_AHEAD_PARTS = 4  # a batch's images are requested at once and decoded in this many parts as they arrive
 
 
 def expand_pattern(pattern: str) -> list[str]:
@@ -152,8 +154,7 @@ class TarShardSource(StoredImageSource):
     def _range(self, index: int) -> tuple[str, int, int]:
         shard, offset, size = self.shards[self._shard[index]], int(self._offset[index]), int(self._size[index])
         if size < 0:
-            raise BadImageError(self.path(index), "a link member or a truncated one: the shard does not hold "
-                                "this image's bytes")
+            raise _link_error(self, index)
         return shard, offset, offset + size
 
     def stored_bytes(self, index: int) -> bytes:
@@ -161,36 +162,41 @@ class TarShardSource(StoredImageSource):
 
     def read_many(self, indices) -> list[bytes | BadImageError]:
         """The stored bytes of several samples, fetched together (a BadImageError in place of an unreadable one)."""
-        ranges, wanted = [], []
-        results: list[bytes | BadImageError] = []
-        for index in indices:
-            try:
-                ranges.append(self._range(int(index)))
-                wanted.append(len(results))
-                results.append(b"")
-            except BadImageError as error:
-                results.append(error)
-        try:
-            blocks = self.storage.read_ranges(ranges)
-        except MemoryError as error:
-            raise OutOfMemoryError(f"{ranges[0][0]}: out of memory while reading {len(ranges)} images "
-                                   f"({sum(end - start for _, start, end in ranges):,} bytes)") from error
-        for position, block in zip(wanted, blocks, strict=True):
-            results[position] = block
-        return results
+        return [item for part in self._fetch_parts(indices, 1) for item in part[1]]
 
     def load_many(self, indices, min_size=None) -> list[tuple[Image.Image, int] | BadImageError]:
+        """Images of several samples: all requested at once, decoded part by part as they arrive."""
         loaded: list = []
-        for index, data in zip(indices, self.read_many(indices), strict=True):
-            if isinstance(data, BadImageError):
-                loaded.append(data)
-                continue
-            try:
-                loaded.append((decode_image(MemoryImage(data, self.path(int(index))), min_size),
-                               int(self.labels[index])))
-            except BadImageError as error:
-                loaded.append(error)
+        for part_indices, part in self._fetch_parts(indices, READ_AHEAD_PARTS):
+            for index, data in zip(part_indices, part, strict=True):
+                try:
+                    if isinstance(data, BadImageError):
+                        raise data
+                    loaded.append((decode_image(MemoryImage(data, self.path(index)), min_size),
+                                   int(self.labels[index])))
+                except BadImageError as error:
+                    loaded.append(error)
         return loaded
+
+    def _fetch_parts(self, indices, parts: int):
+        """(indices, their bytes or BadImageErrors) of `indices` cut into `parts` consecutive parts."""
+        indices = [int(index) for index in indices]
+        size = max(1, -(-len(indices) // parts))
+        chunks = [indices[start:start + size] for start in range(0, len(indices), size)]
+        ranges: list[list[tuple[str, int, int]]] = []
+        for chunk in chunks:
+            ranges.append([])
+            for index in chunk:
+                with contextlib.suppress(BadImageError):
+                    ranges[-1].append(self._range(index))
+        try:
+            for chunk, blocks in zip(chunks, self.storage.read_ahead(ranges), strict=True):
+                found = iter(blocks)
+                yield chunk, [next(found) if self._size[index] >= 0 else _link_error(self, index) for index in chunk]
+        except MemoryError as error:
+            wanted = sum(end - start for part in ranges for _, start, end in part)
+            raise OutOfMemoryError(f"{self.shards[self._shard[indices[0]]]}: out of memory while reading "
+                                   f"{len(indices)} images ({wanted:,} bytes)") from error
 
     def key(self, index: int) -> str:
         start = int(self._key_end[index - 1]) if index else 0
@@ -204,6 +210,11 @@ class TarShardSource(StoredImageSource):
 
     def __repr__(self) -> str:
         return f"TarShardSource({self.pattern!r}, {len(self)} images, {self.num_classes} classes)"
+
+
+def _link_error(source: TarShardSource, index: int) -> BadImageError:
+    return BadImageError(source.path(index), "a link member or a truncated one: the shard does not hold this "
+                         "image's bytes")
 
 
 def _compare_lengths(paths: list[str], indexes: list[ShardIndex], info: ShardInfo,

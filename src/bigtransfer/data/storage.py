@@ -12,13 +12,14 @@ refused.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
@@ -139,6 +140,11 @@ class LocalStorage:
                 blocks.append(handle.read(end - start))
         return blocks
 
+    def read_ahead(self, parts: Sequence[Sequence[tuple[str, int, int]]]) -> Iterator[list[bytes]]:
+        """`read_ranges` of each part in turn."""
+        for part in parts:
+            yield self.read_ranges(part)
+
     def open(self, path: str) -> BinaryIO:
         return open_regular(path)
 
@@ -220,13 +226,28 @@ class RemoteStorage:
         return [_cut(merged, blocks, path, start, end) for path, start, end in ranges]
 
     def _fetch(self, paths: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
-        blocks = self.fs.cat_ranges(paths, starts, ends, on_error="return")
-        for block, path, start, end in zip(blocks, paths, starts, ends, strict=True):
-            if isinstance(block, BaseException):
-                raise block
-            if len(block) != end - start:  # a connection cut short: fetch again
-                raise ConnectionError(f"{path}: {len(block)} of {end - start} bytes arrived")
-        return blocks
+        return _checked(self.fs.cat_ranges(paths, starts, ends, on_error="return"), paths, starts, ends)
+
+    def read_ahead(self, parts: Sequence[Sequence[tuple[str, int, int]]]) -> Iterator[list[bytes]]:
+        """`read_ranges` of each part in turn, every part requested at once: the caller decodes the first while
+        the others arrive. A part whose requests failed is read again through `read_ranges` (and its retries)."""
+        from fsspec.utils import merge_offset_ranges
+
+        fs, pending = self.fs, []
+        for part in parts:
+            paths, starts, ends = (list(column) for column in zip(*part, strict=True)) if part else ([], [], [])
+            merged = merge_offset_ranges(paths, starts, ends, max_gap=COALESCE_GAP, sort=True)
+            future = None
+            if part and hasattr(fs, "_cat_ranges") and getattr(fs, "loop", None) is not None:
+                future = asyncio.run_coroutine_threadsafe(fs._cat_ranges(*merged, on_error="return"), fs.loop)
+            pending.append((part, merged, future))
+        for part, merged, future in pending:
+            try:
+                blocks = _checked(future.result(), *merged) if future is not None else None
+            except Exception:  # noqa: BLE001 - read again below, with retries and a message naming the object
+                blocks = None
+            yield ([_cut(merged, blocks, *wanted) for wanted in part] if blocks is not None
+                   else self.read_ranges(part))
 
     def open(self, path: str) -> BinaryIO:
         return self.fs.open(path, "rb", block_size=8 << 20, cache_type="readahead")
@@ -274,6 +295,15 @@ def _strip(name: str) -> str:
 def _etag(entry: dict) -> str | None:
     etag = entry.get("ETag") or entry.get("etag")
     return str(etag).strip('"') if etag else None
+
+
+def _checked(blocks: list, paths: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
+    for block, path, start, end in zip(blocks, paths, starts, ends, strict=True):
+        if isinstance(block, BaseException):
+            raise block
+        if len(block) != end - start:  # a connection cut short: fetch again
+            raise ConnectionError(f"{path}: {len(block)} of {end - start} bytes arrived")
+    return blocks
 
 
 def _cut(merged, blocks: list[bytes], path: str, start: int, end: int) -> bytes:
