@@ -10,14 +10,13 @@ from typing import Any
 
 from .arrow import ArrowSource, ParquetSource, has_hf_splits, is_saved_dataset, parse_hf_spec
 from .readers import FASHION_MNIST_DIR, load_cifar, load_digits, load_fashion_mnist
+from .selection import Selection, select_classes
 from .shards import TarShardSource, expand_pattern
 from .sources import (
     SPLITS,
     CsvSource,
     ImageFolderSource,
     ImageSource,
-    Selection,
-    select_classes,
     split_indices,
 )
 from .storage import is_remote
