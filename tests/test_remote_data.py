@@ -6,7 +6,12 @@ reported naming the object, and credentials never written anywhere."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -162,3 +167,54 @@ def test_fine_tuning_from_s3_gives_the_local_weights_with_and_without_faults(loc
                 assert b"loopback-secret" not in content and b"loopback-key-id" not in content, file
     report = json.loads((tmp_path / "faulty" / "report.json").read_text())
     assert report["data"]["data"] == f"wds:s3://data/shards/{SHARDS}"
+
+
+def _cli(*arguments: str) -> subprocess.Popen:
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "bigtransfer.cli", *arguments], env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+TRAIN = ["--model", "tiny", "--base-lr", "0.01", "--batch-size", "8", "--batch-split", "1", "--resize", "40",
+         "--crop", "32", "--seed", "3", "--no-progress", "--no-plots", "--device", "cpu", "--workers", "2"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_from_s3_is_bit_exact(local, through, tmp_path):
+    through(reset=0.03, stall=0.03)
+    run = ["finetune", *TRAIN, "--max-steps", "12", "--save-every", "2"]
+    straight = _cli(*run, "--data", f"wds:{local}/shards/{SHARDS}", "--output", str(tmp_path / "local"))
+    remote = [*run, "--data", f"wds:s3://data/shards/{SHARDS}", "--output", str(tmp_path / "killed")]
+    killed = _cli(*remote)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill once a checkpoint past step 2 exists, mid-run
+        metrics = tmp_path / "killed" / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=30) == -signal.SIGKILL
+    _, state = load_run_state(tmp_path / "killed" / CHECKPOINT_NAME)
+    assert 2 <= state["step"] < 12
+    resumed = _cli(*remote, "--resume")
+    for process in (straight, resumed):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+    reference, run_weights = weights(tmp_path / "local"), weights(tmp_path / "killed")
+    assert all(torch.equal(reference[key], run_weights[key]) for key in reference)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_two_workers_each_read_s3_in_equal_steps(local, through, tmp_path):
+    from test_distributed import _torchrun_cli
+
+    through(reset=0.02)
+    run = ["pretrain", *TRAIN, "--max-steps", "6"]
+    assert main([*run, "--workers", "0", "--data", f"wds:{local}/shards/{SHARDS}", "--output",
+                 str(tmp_path / "one")]) == 0
+    _torchrun_cli([[*run, "--data", f"wds:s3://data/shards/{SHARDS}", "--output", str(tmp_path / "two")]], tmp_path)
+    _, state = load_run_state(tmp_path / "two" / CHECKPOINT_NAME)
+    assert state["step"] == 6 and json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)

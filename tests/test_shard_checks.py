@@ -278,3 +278,30 @@ def test_a_giant_row_group_is_read_in_slices_without_a_cache_copy(tmp_path):
     assert count == "6000" and sizes == "[(8, 8), (8, 8), (8, 8)]"
     assert grown_mb < 200, f"peak memory grew by {grown_mb} MB"
     assert not cache.exists() or not any(path.is_file() for path in cache.rglob("*"))
+
+
+def test_running_out_of_memory_while_opening_names_what_was_read(tmp_path):
+    """A 1,000,000-sample global index opened under an address-space limit too small for it."""
+    from bigtransfer.data.storage import LocalStorage
+    from bigtransfer.data.tar_index import INDEX_NAME, ShardIndex, encode_index, sampled_digests
+
+    storage, samples = LocalStorage(), 1_000_000
+    path = tmp_path / "shard-0.tar"
+    with open(path, "wb") as handle:
+        handle.truncate(samples * 1536)  # sparse: room for the samples the index lists
+    stat = storage.stat_many([str(path)])[0]
+    keys = np.arange(samples).astype("S9")
+    index = ShardIndex(path.name, stat, sampled_digests(storage, [str(path)], [stat])[0],
+                       np.arange(samples, dtype=np.int64) * 1536 + 512, np.full(samples, 1024), np.zeros(samples,
+                       np.int64), keys.tobytes(), np.arange(1, samples + 1, dtype=np.int64) * 9)
+    (tmp_path / INDEX_NAME).write_bytes(encode_index([index]))
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from bigtransfer.cli import main
+        size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (size + (40 << 20), resource.RLIM_INFINITY))
+        sys.exit(main(["shard", "--data", "wds:{tmp_path}/shard-0.tar", "--output", "{tmp_path}/out"]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "out of memory while reading the shards' indexes" in done.stderr and "shard-0.tar" in done.stderr
