@@ -218,3 +218,15 @@ def test_two_ranks_with_two_workers_each_read_s3_in_equal_steps(local, through, 
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_missing_credentials_are_named_at_once(local, through, monkeypatch, tmp_path):
+    through()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(PermissionError, match=r"s3://data/shards: Unable to locate credentials; give credentials in "
+                                              r"the environment"):
+        open_source(f"wds:s3://data/shards/{SHARDS}", "all")

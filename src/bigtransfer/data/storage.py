@@ -265,6 +265,9 @@ class RemoteStorage:
             except _PERMANENT:
                 raise
             except Exception as error:  # noqa: BLE001 - clients raise many types; the permanent ones are above
+                if "Credentials" in type(error).__name__:  # botocore's NoCredentialsError and kin: no retry helps
+                    raise PermissionError(f"{path}: {error}; give credentials in the environment or the client's "
+                                          "configuration files (e.g. AWS_ACCESS_KEY_ID, ~/.aws/credentials)") from error
                 delay = RETRY_DELAYS_S[min(attempt - 1, len(RETRY_DELAYS_S) - 1)]
                 if attempt >= len(RETRY_DELAYS_S) or time.monotonic() - began + delay > RETRY_BUDGET_S:
                     raise OSError(f"{path}: reading {what} failed {attempt} times in {time.monotonic() - began:.0f} "
