@@ -234,9 +234,10 @@ def decode_index(data: bytes, where: str) -> list[ShardIndex]:
     arrays = _read_arrays(data, where)
     try:
         meta = json.loads(arrays["meta"].tobytes())
-        assert meta["format"] == INDEX_FORMAT and isinstance(meta["shards"], list)
+        if meta["format"] != INDEX_FORMAT or not isinstance(meta["shards"], list):
+            raise ValueError(f"format {meta['format']!r}")
         entries = [_entry(entry) for entry in meta["shards"]]
-    except (ValueError, KeyError, TypeError, AssertionError) as error:
+    except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{where}: not a {INDEX_FORMAT} index (its meta field is {type(error).__name__}: "
                          f"{error})") from None
     counts = [entry["samples"] for entry in entries]
@@ -322,6 +323,7 @@ def open_shards(storage: Storage, paths: list[str], stats: list[FileStat], cache
     if storage.exists(global_path):
         recorded = {shard.name: shard for shard in decode_index(storage.read_file(global_path, MAX_INDEX_BYTES,
                                                                                   "shard index"), global_path)}
+        changed = []
         for number, path in enumerate(paths):
             shard = recorded.get(os.path.basename(path))
             if shard is None:
@@ -330,7 +332,10 @@ def open_shards(storage: Storage, paths: list[str], stats: list[FileStat], cache
                 check_index(shard, path, global_path)
                 chosen[number] = shard
             else:
-                warnings.warn(f"{path} changed since {global_path} was written; indexing it again", stacklevel=2)
+                changed.append(path)
+        if changed:  # relabelled, replaced, or copied without their modification times (rsync -a keeps them)
+            warnings.warn(f"{', '.join(changed[:3])}{' and others' if len(changed) > 3 else ''}: {len(changed)} "
+                          f"shard(s) changed since {global_path} was written; indexing them again", stacklevel=2)
     for number, path in enumerate(paths):
         if chosen[number] is None:
             chosen[number] = _cached_or_scanned(storage, path, stats[number], digests[number], cache)
