@@ -305,3 +305,14 @@ def test_running_out_of_memory_while_opening_names_what_was_read(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "out of memory while reading the shards' indexes" in done.stderr and "shard-0.tar" in done.stderr
+
+
+def test_parquet_converted_only_into_the_cache_the_user_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    _parquet(tmp_path / "train.parquet", [0, 2, 1, 1], pa.int64(), rows_per_group=3)
+    direct = open_source(f"hf:{tmp_path / 'train.parquet'}", "all")
+    cached = open_source(f"hf:{tmp_path / 'train.parquet'}#cache={tmp_path / 'mine'}", "all")
+    assert cached.labels.tolist() == direct.labels.tolist() == [0, 2, 1, 1]
+    assert all(cached.stored_bytes(index) == direct.stored_bytes(index) == png(index) for index in range(4))
+    assert any(path.suffix == ".arrow" for path in (tmp_path / "mine").rglob("*"))
+    assert not any(path.is_file() for path in (tmp_path / "hf-cache").rglob("*"))

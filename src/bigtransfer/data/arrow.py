@@ -6,6 +6,9 @@
   pyarrow directly: the label column alone when opened, an image by streaming its row group's image column in
   slices of SLICE_ROWS rows (never a whole row group, never a copy into a cache).
 
+Random access into Parquet decodes a row group's pages up to the row wanted; `hf:PATH#cache=DIR` converts the
+files once into memory-mapped Arrow in DIR, a folder the user names (the datasets cache is never written).
+
 The image column holds encoded bytes (datasets' `Image` feature: a struct of bytes and path, or plain binary), the
 label column class indices (a `ClassLabel` in the file's datasets metadata gives the names). `hf:PATH#image=COL,
 label=COL` names other columns. Labels must be integers in [0, 1,000,000): floats, booleans and text are refused
@@ -35,13 +38,23 @@ SLICE_ROWS = 16  # rows of an image column decoded at a time
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str | None]:
     """`PATH#image=COL,label=COL` -> (PATH, image column or None, label column or None)."""
     path, _, options = spec.partition("#")
-    columns: dict[str, str] = {}
+    columns = _options(spec, options)
+    return path, columns.get("image"), columns.get("label")
+
+
+def hf_cache(spec: str) -> str | None:
+    """The folder a `#cache=DIR` option names for Parquet files converted to Arrow, or None."""
+    return _options(spec, spec.partition("#")[2]).get("cache")
+
+
+def _options(spec: str, options: str) -> dict[str, str]:
+    found: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in options.split(","))):
         name, equals, value = item.partition("=")
-        if not equals or name not in ("image", "label") or not value:
-            raise ValueError(f"hf:{spec}: options are image=COLUMN and label=COLUMN, got {item!r}")
-        columns[name] = value
-    return path, columns.get("image"), columns.get("label")
+        if not equals or name not in ("image", "label", "cache") or not value:
+            raise ValueError(f"hf:{spec}: options are image=COLUMN, label=COLUMN and cache=DIR, got {item!r}")
+        found[name] = value
+    return found
 
 
 def has_hf_splits(spec: str) -> bool:
@@ -111,8 +124,7 @@ class ArrowSource(StoredImageSource):
         datasets = _import_datasets()
         self.spec = spec
         path, image_column, label_column = parse_hf_spec(spec)
-        loaded = datasets.load_from_disk(path)
-        self.description = path
+        loaded, self.description = _load_arrow(datasets, spec, path)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise ValueError(f"hf:{spec}: no {split!r} split (it has {', '.join(loaded)})")
@@ -139,6 +151,25 @@ class ArrowSource(StoredImageSource):
 
     def _identity(self):
         yield f"{self.description} {self.dataset._fingerprint}".encode()
+
+
+def _load_arrow(datasets, spec: str, path: str):
+    """(dataset or DatasetDict, description): a save_to_disk folder, or Parquet files converted into `#cache=DIR`."""
+    cache = hf_cache(spec)
+    try:
+        if cache is None:
+            return datasets.load_from_disk(path), path
+        files = _parquet_files(storage_for(path), path, spec)
+        storage = {"storage_options": {}} if is_remote(path) else {}
+        loaded = datasets.Dataset.from_parquet(files, cache_dir=cache, **storage)
+        return loaded, f"{len(files)} Parquet file(s) in {path} (as Arrow in {cache})"
+    except MemoryError as error:
+        raise OutOfMemoryError(f"hf:{spec}: out of memory while reading {path}") from error
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        if isinstance(error, FileNotFoundError) or str(error).startswith(f"hf:{spec}"):
+            raise
+        raise ValueError(f"hf:{spec}: {path} is not a readable datasets folder or Parquet file "
+                         f"({type(error).__name__}: {error})") from error
 
 
 class ParquetSource(StoredImageSource):

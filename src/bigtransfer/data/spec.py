@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .arrow import ArrowSource, ParquetSource, has_hf_splits, is_saved_dataset, parse_hf_spec
+from .arrow import ArrowSource, ParquetSource, has_hf_splits, hf_cache, is_saved_dataset, parse_hf_spec
 from .readers import FASHION_MNIST_DIR, load_cifar, load_digits, load_fashion_mnist
 from .selection import Selection, select_classes
 from .shards import TarShardSource, expand_pattern
@@ -176,7 +176,7 @@ def _open_sharded(spec: str, split: str, val_fraction: float, seed: int) -> Imag
         source: ImageSource = TarShardSource(spec[4:])
     elif has_hf_splits(spec[3:]):
         return ArrowSource(spec[3:], "test" if split in ("test", "val") else "train")
-    elif is_saved_dataset(spec[3:]):
+    elif is_saved_dataset(spec[3:]) or hf_cache(spec[3:]):
         source = ArrowSource(spec[3:])
     else:
         source = ParquetSource(spec[3:])
