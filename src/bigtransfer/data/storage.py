@@ -191,18 +191,29 @@ class RemoteStorage:
             for folder in sorted({parent(path) for path in paths}):
                 entries = self.retry(lambda folder=folder: self.fs.ls(folder, detail=True), folder, "listing")
                 listed.update({_strip(entry["name"]): entry for entry in entries})
-        stats = []
-        for path in paths:
-            entry = listed.get(_strip(path)) if listed else self._info(path)
-            stats.append(None if entry is None or entry.get("type") == "directory" else
-                         FileStat(int(entry["size"]), None, _etag(entry)))
-        return stats
+        entries = ([listed.get(_strip(path)) for path in paths] if listed else
+                   self.retry(lambda: self._infos(paths), paths[0], "metadata"))
+        return [None if entry is None or entry.get("type") == "directory" else
+                FileStat(int(entry["size"]), None, _etag(entry)) for entry in entries]
 
-    def _info(self, path: str) -> dict | None:
+    def _infos(self, paths: Sequence[str]) -> list[dict | None]:
+        """Every path's metadata, the requests sent concurrently (one HEAD each over http); None where missing."""
+        from fsspec.asyn import sync
+
+        async def gather():
+            return await asyncio.gather(*(self.fs._info(path) for path in paths), return_exceptions=True)
+
+        found = sync(self.fs.loop, gather) if hasattr(self.fs, "_info") else [self._info(path) for path in paths]
+        for entry in found:
+            if isinstance(entry, BaseException) and not isinstance(entry, FileNotFoundError):
+                raise entry
+        return [None if isinstance(entry, FileNotFoundError) else entry for entry in found]
+
+    def _info(self, path: str) -> dict | BaseException:
         try:
-            return self.retry(lambda: self.fs.info(path), path, "metadata")
-        except FileNotFoundError:
-            return None
+            return self.fs.info(path)
+        except FileNotFoundError as error:
+            return error
 
     def read_file(self, path: str, limit: int, what: str) -> bytes:
         size = self.stat_many([path])[0]
