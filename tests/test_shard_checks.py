@@ -229,6 +229,8 @@ def test_a_hard_link_member_is_reported_by_name(tmp_path):
         TransformedDataset(source, EvalTransform(8))[1]
     skipped = TransformedDataset(source, EvalTransform(8), on_bad_image="skip")[1]
     assert skipped.path.endswith("linked.tar#0001") and "link member" in skipped.reason
+    with pytest.raises(ValueError, match=r"cannot read image .*linked.tar#0001: a link member"):
+        source[1]
 
 
 @pytest.mark.parametrize(("target", "content", "expected"), [
@@ -316,3 +318,11 @@ def test_parquet_converted_only_into_the_cache_the_user_names(tmp_path, monkeypa
     assert all(cached.stored_bytes(index) == direct.stored_bytes(index) == png(index) for index in range(4))
     assert any(path.suffix == ".arrow" for path in (tmp_path / "mine").rglob("*"))
     assert not any(path.is_file() for path in (tmp_path / "hf-cache").rglob("*"))
+
+
+def test_an_index_cache_that_cannot_be_written_is_named_and_done_without(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("BIGTRANSFER_INDEX_CACHE", str(tmp_path / "a-file" / "cache"))
+    write_tar(tmp_path / "s.tar", sample_members([1, 0]))
+    with pytest.warns(UserWarning, match=r"the index cache .*a-file/cache cannot be written .*; indexing .*s.tar"):
+        assert open_source(f"wds:{tmp_path / 's.tar'}", "all").labels.tolist() == tar_labels(tmp_path / "s.tar")

@@ -158,7 +158,10 @@ class TarShardSource(StoredImageSource):
         return shard, offset, offset + size
 
     def stored_bytes(self, index: int) -> bytes:
-        return self.read_many([index])[0]
+        data = self.read_many([index])[0]
+        if isinstance(data, BadImageError):
+            raise data
+        return data
 
     def read_many(self, indices) -> list[bytes | BadImageError]:
         """The stored bytes of several samples, fetched together (a BadImageError in place of an unreadable one)."""

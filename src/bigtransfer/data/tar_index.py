@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import LIMITS
-from ..files import atomic_path
+from ..files import atomic_path, read_bytes
 from .storage import FileStat, LocalStorage, RemoteStorage, parent
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -343,19 +343,36 @@ def open_shards(storage: Storage, paths: list[str], stats: list[FileStat], cache
 
 
 def _cached_or_scanned(storage: Storage, path: str, stat: FileStat, digest: str, cache: Path | None) -> ShardIndex:
-    if cache is None:
+    def scan() -> ShardIndex:
         return storage.retry(lambda: scan_shard(storage, path, stat, digest), path, "its tar headers")
-    cache.mkdir(parents=True, exist_ok=True)
-    entry = cache / (hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:40] + ".npz")
-    with open(entry.with_suffix(".lock"), "a") as lock:
+
+    opened = _cache_entry(cache, path)
+    if opened is None:
+        return scan()
+    entry, lock = opened
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process indexes, the others wait and read its entry
         if entry.is_file():
             with contextlib.suppress(ValueError, OSError):  # a damaged entry is simply made again
-                shard = decode_index(entry.read_bytes(), str(entry))[0]
+                shard = decode_index(read_bytes(entry, MAX_INDEX_BYTES, "shard index"), str(entry))[0]
                 if same_identity(shard, stat, digest, storage.remote):
                     check_index(shard, path, str(entry))
                     return shard
-        shard = storage.retry(lambda: scan_shard(storage, path, stat, digest), path, "its tar headers")
+        shard = scan()
         with atomic_path(entry) as temporary:
             temporary.write_bytes(encode_index([shard]))
         return shard
+
+
+def _cache_entry(cache: Path | None, path: str):
+    """(the cache entry for `path`, its lock file opened), or None where there is no writable cache."""
+    if cache is None:
+        return None
+    entry = cache / (hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:40] + ".npz")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        return entry, open(entry.with_suffix(".lock"), "a")  # noqa: SIM115 - the caller closes it
+    except OSError as error:  # a read-only home, say: index without the cache
+        warnings.warn(f"the index cache {cache} cannot be written ({error}); indexing {path} without it",
+                      stacklevel=4)
+        return None
