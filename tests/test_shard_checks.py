@@ -247,6 +247,21 @@ def test_damaged_index_files_are_named_by_the_cli(shard_set, capsys, target, con
     assert error.startswith("bigtransfer shard: error: ") and __import__("re").search(expected, error), error
 
 
+def test_a_cut_or_mistyped_global_index_is_named(shard_set):
+    out, pattern, _ = shard_set
+    whole = (out / "_index.npz").read_bytes()
+    (out / "_index.npz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"_index.npz: not a readable shard index"):
+        open_source(pattern, "all")
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.zeros(3, np.float32) for name in ("offset", "size", "label", "key_blob", "key_end",
+                                                                    "meta")})
+    (out / "_index.npz").write_bytes(buffer.getvalue())
+    with pytest.raises(ValueError, match=r"_index.npz: not a readable shard index \(array offset is float32\[3\], "
+                                         r"expected int64"):
+        open_source(pattern, "all")
+
+
 def test_a_file_that_is_no_parquet_is_named(tmp_path, capsys):
     (tmp_path / "train.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match=r"train.parquet: not a readable Parquet file \(reading its footer: .*"
