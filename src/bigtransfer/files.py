@@ -75,13 +75,17 @@ def read_bytes(path: str | os.PathLike, limit: int, what: str) -> bytes:
 
 def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
     """Parse a JSON object from a file; a file that is not a JSON object raises ValueError naming it."""
-    data = read_bytes(path, max_bytes, "JSON file")
+    return json_object(read_bytes(path, max_bytes, "JSON file"), os.fspath(path))
+
+
+def json_object(data: bytes, where: str) -> dict[str, Any]:
+    """Parse the bytes of a JSON object (read from `where`, which errors name)."""
     try:
         parsed = json.loads(data.decode("utf-8-sig"))
     except (ValueError, UnicodeDecodeError, RecursionError) as error:  # ValueError: also 5,000-digit integers
-        raise ValueError(f"{os.fspath(path)} is not valid JSON: {error}") from None
+        raise ValueError(f"{where} is not valid JSON: {error}") from None
     if not isinstance(parsed, dict):
-        raise ValueError(f"{os.fspath(path)} must hold a JSON object, got {type(parsed).__name__}")
+        raise ValueError(f"{where} must hold a JSON object, got {type(parsed).__name__}")
     return parsed
 
 
@@ -117,12 +121,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, keep_existing: bool | Callable[[str], bool] = False) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it takes `path`'s place as a whole, on error it is
     removed. An existing `path` is exchanged for it in one step (Linux `renameat2(RENAME_EXCHANGE)`), then
     deleted; where the file system cannot exchange, the old directory is moved aside first, so a crash there
     leaves it as `.NAME.*.old` beside the missing `path`. With `keep_existing`, entries of the old directory
-    that the new one does not have are carried over (hard links, so nothing is copied) before the exchange."""
+    that the new one does not have are carried over (hard links, so nothing is copied) before the exchange; a
+    function of the entry's name keeps only those it accepts."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise NotADirectoryError(f"cannot write {path}: it is a {'symbolic link' if path.is_symlink() else 'file'}, "
@@ -131,7 +136,7 @@ def atomic_directory(path: str | os.PathLike, keep_existing: bool = False) -> It
     try:
         yield temporary
         if keep_existing and path.is_dir():
-            _link_missing(path, temporary)
+            _link_missing(path, temporary, keep_existing if callable(keep_existing) else None)
         for file in sorted(temporary.rglob("*")):
             if file.is_file():
                 with open(file, "rb+") as written:
@@ -150,11 +155,12 @@ def atomic_directory(path: str | os.PathLike, keep_existing: bool = False) -> It
             shutil.rmtree(temporary, ignore_errors=True)
 
 
-def _link_missing(source: Path, target: Path) -> None:
-    """Hard-link (or copy, across file systems) the entries of `source` that `target` lacks into `target`."""
+def _link_missing(source: Path, target: Path, keep: Callable[[str], bool] | None = None) -> None:
+    """Hard-link (or copy, across file systems) the entries of `source` that `target` lacks (and `keep` accepts)
+    into `target`."""
     for entry in source.iterdir():
         destination = target / entry.name
-        if destination.exists() or destination.is_symlink():
+        if destination.exists() or destination.is_symlink() or (keep is not None and not keep(entry.name)):
             continue
         if entry.is_symlink():
             os.symlink(os.readlink(entry), destination)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..data import open_source, spec_paths, whole_split
-from ..data.shard_writer import write_shards
-from ..data.shards import INFO_NAME
+from ..data.shard_writer import is_shard_output, write_shards
+from ..data.tar_index import INFO_NAME
 from ..fields import DATA_HELP, fraction, parse_classes, positive_int
 from ..files import claim_output
 from ..report import progress_bar
@@ -14,8 +14,7 @@ from .options import ModelOptions, add_fields
 
 
 def _is_shard_directory(path) -> bool:
-    return (path / INFO_NAME).is_file() and all(entry.name == INFO_NAME or entry.name.endswith((".tar", ".idx.npy"))
-                                                for entry in path.iterdir())
+    return (path / INFO_NAME).is_file() and all(is_shard_output(entry.name) for entry in path.iterdir())
 
 
 def register(subparsers) -> None:
@@ -23,7 +22,8 @@ def register(subparsers) -> None:
         "shard", help="write a data set as WebDataset tar shards (then train from wds:DIR/shard-{...}.tar)",
         description="Images are stored as they are (JPEG, PNG, WebP files keep their bytes; arrays become PNG) with "
         "their class index in KEY.cls, in shards of --shard-size samples, plus an _info.json with the class names "
-        "and shard lengths (timm's layout). The folder is written whole or not at all.")
+        "and shard lengths (timm's layout), and one index of every shard (_index.npz) so that readers open them without a "
+        "scan. The folder is written whole or not at all.")
     parser.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP)
     parser.add_argument("--output", required=True, metavar="DIR", help="the folder of shards (new, or one written here)")
     parser.add_argument("--split", choices=("train", "test", "all"), default=None,
@@ -34,7 +34,9 @@ def register(subparsers) -> None:
     parser.add_argument("--classes", type=parse_classes, metavar="LIST", help="keep only these classes, e.g. 0-4")
     parser.add_argument("--shard-size", type=positive_int, default=10_000, metavar="N",
                         help="samples per shard (default 10,000)")
-    parser.add_argument("--overwrite", action="store_true", help="write into an --output that holds other files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --output that holds other files: its shards, index and _info.json are "
+                        "replaced as a whole (no shard of the earlier set remains), other files are kept")
     add_fields(parser, ModelOptions, only=("progress",))
     parser.set_defaults(func=run)
 

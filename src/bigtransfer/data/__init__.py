@@ -12,17 +12,15 @@ from .readers import (
 )
 from .safe_pickle import safe_load
 from .sampling import check_shots, few_shot_indices, shot_order, stratified_split
+from .selection import ClassSubset, Selection, select_classes
 from .sources import (
     IMAGE_EXTENSIONS,
     ArraySource,
     BadImageError,
-    ClassSubset,
     CsvSource,
     FileSource,
     ImageFolderSource,
     ImageSource,
-    Selection,
-    select_classes,
 )
 from .spec import (
     ACCEPTED_SPECS,

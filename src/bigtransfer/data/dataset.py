@@ -6,11 +6,16 @@ number of DDP ranks, or where a resumed run restarted.
 
 Bad images either raise :class:`~bigtransfer.data.sources.BadImageError` (default) or, with
 ``on_bad_image="skip"``, come back as a :class:`SkippedSample` that :func:`collate_skip_bad` drops from the
-batch while reporting its path.
+batch while reporting its path. Damage found when a source was opened (a truncated shard) is refused in the same
+way, or with "skip" listed in a warning.
+
+A DataLoader asks for a whole batch at once (``__getitems__``), so sources in object storage fetch its images in
+one round of requests.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -93,6 +98,11 @@ class TransformedDataset(Dataset):
         self.on_bad_image = on_bad_image
         self.min_size = min_size
         self.epoch = 0
+        self.damage = source.damage()
+        if self.damage and on_bad_image == "raise":
+            raise BadImageError(*self.damage[0])
+        for path, reason in self.damage:
+            warnings.warn(f"skipped (on_bad_image='skip'): {path}: {reason}", stacklevel=2)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose augmentations ``dataset[i]`` returns."""
@@ -111,19 +121,27 @@ class TransformedDataset(Dataset):
         return self.source.classes
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | SkippedSample:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list[tuple[torch.Tensor, int] | SkippedSample]:
+        """The items of several keys, their images loaded together (the DataLoader's batched fetch)."""
+        places = [self._place(key) for key in keys]
+        loaded = self.source.load_many([int(self.indices[position]) for _, position in places], self.min_size)
+        items: list[tuple[torch.Tensor, int] | SkippedSample] = []
+        for (epoch, position), item in zip(places, loaded, strict=True):
+            if isinstance(item, BadImageError):
+                if self.on_bad_image == "raise":
+                    raise item
+                items.append(SkippedSample(item.path, item.reason))
+                continue
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, position))
+            items.append((self.transform(item[0], generator), int(item[1])))
+        return items
+
+    def _place(self, key: int | tuple[int, int]) -> tuple[int, int]:
         epoch, position = key if isinstance(key, tuple) else (self.epoch, key)
         position = int(position)
-        if position < 0:
-            position += len(self.indices)
-        source_index = int(self.indices[position])
-        try:
-            image, label = self.source.load(source_index, self.min_size)
-        except BadImageError as error:
-            if self.on_bad_image == "skip":
-                return SkippedSample(error.path, error.reason)
-            raise
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, int(epoch), position))
-        return self.transform(image, generator), int(label)
+        return int(epoch), position + len(self.indices) if position < 0 else position
 
 
 class EpochSampler(torch.utils.data.Sampler):

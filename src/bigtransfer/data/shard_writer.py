@@ -1,22 +1,40 @@
 """`bigtransfer shard`: any data set this package reads, written once as WebDataset tar shards in timm's layout
-(`shard-000000.tar`, ... with `KEY.jpg|png|webp` + `KEY.cls` members and an `_info.json`), to pre-train from; each
-shard's index (`shard-000000.idx.npy`: offsets, sizes, labels) goes beside it, so readers need not scan it."""
+(`shard-000000.tar`, ... with `KEY.jpg|png|webp` + `KEY.cls` members and an `_info.json`), to pre-train from, plus
+one global index of every shard (`_index.npz`: offsets, sizes, labels, keys and each shard's identity), so that a
+reader opens millions of samples without scanning a shard. The folder is replaced as a whole: shards, index and
+`_info.json` appear together, and no shard of an earlier, larger set survives an overwrite."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..files import atomic_directory, read_bytes
-from .shards import IMAGE_SUFFIXES, INFO_NAME, MAX_IMAGE_BYTES, StoredImageSource, index_path, read_index
+from .shards import StoredImageSource
 from .sources import FileSource, ImageSource
+from .storage import LocalStorage
+from .tar_index import (
+    IMAGE_SUFFIXES,
+    INDEX_NAME,
+    INFO_NAME,
+    MAX_IMAGE_BYTES,
+    encode_index,
+    sampled_digests,
+    scan_shard,
+)
 
 SHARD_NAME = "shard-{:06d}.tar"
+_OUTPUTS = re.compile(r"shard-\d+\.tar|shard-\d+\.idx\.npy|_info\.json|_index\.npz")  # this and earlier versions'
+
+
+def is_shard_output(name: str) -> bool:
+    """Whether a file name is one `bigtransfer shard` writes (an overwrite replaces all of them)."""
+    return _OUTPUTS.fullmatch(name) is not None
 
 
 def encoded(source: ImageSource, index: int) -> tuple[str, bytes]:
@@ -48,8 +66,9 @@ def write_shards(source: ImageSource, output: str | os.PathLike, shard_size: int
         raise ImportError("writing shards needs webdataset: pip install 'bigtransfer[wds]'") from error
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    filenames, lengths, sizes = [], [], []
-    with atomic_directory(Path(output), keep_existing=overwrite) as written:
+    filenames, lengths, indexes = [], [], []
+    with atomic_directory(Path(output), keep_existing=(lambda name: not is_shard_output(name)) if overwrite
+                          else False) as written:
         for start in range(0, len(source), shard_size):
             filename = SHARD_NAME.format(len(filenames))
             with open(written / filename, "wb") as handle, TarWriter(handle) as writer:
@@ -58,13 +77,25 @@ def write_shards(source: ImageSource, output: str | os.PathLike, shard_size: int
                     writer.write({"__key__": f"{index:09d}", extension: data, "cls": int(source.labels[index])})
                     if progress is not None:
                         progress.update(1)
-            with open(index_path(written / filename), "wb") as handle:  # readers skip the header scan
-                np.save(handle, read_index(str(written / filename), None), allow_pickle=False)
+            indexes.append(_indexed(written / filename))
             filenames.append(filename)
             lengths.append(min(shard_size, len(source) - start))
-            sizes.append((written / filename).stat().st_size)
+        (written / INDEX_NAME).write_bytes(encode_index(indexes))
         info = dict(name=name, num_classes=source.num_classes, class_names=list(source.classes),
                     splits={"train": dict(name="train", num_samples=len(source), filenames=filenames,
-                                          shard_lengths=lengths, shard_bytes=sizes)})
+                                          shard_lengths=lengths, shard_bytes=[index.stat.bytes for index in indexes])})
         (written / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
+
+
+def _indexed(shard: Path):
+    """A written shard's index and identity, with the MD5 an object store reports as a single upload's ETag."""
+    storage, path = LocalStorage(), str(shard)
+    stat = storage.stat_many([path])[0]
+    index = scan_shard(storage, path, stat, sampled_digests(storage, [path], [stat])[0])
+    md5 = hashlib.md5(usedforsecurity=False)
+    with open(shard, "rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            md5.update(block)
+    index.md5 = md5.hexdigest()
+    return index

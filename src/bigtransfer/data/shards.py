@@ -1,56 +1,48 @@
-"""Sharded data sets with random access, so that they train exactly like folders: WebDataset tar shards
-(`wds:PATTERN`) and Hugging Face datasets / Parquet files (`hf:PATH`).
+"""WebDataset tar shards with random access (`wds:PATTERN`), so that they train exactly like folders: every rank
+and worker of a run takes its share of one seeded order by index, every rank runs the same number of steps
+whatever the shard count, and `--resume` continues bit-exactly, as for folders and CSV files.
 
-Both are indexed when opened (tar headers, Arrow columns; no image bytes are read), after which every rank and
-worker of a run takes its share of one seeded order by index, every rank runs the same number of steps whatever
-the shard count, and `--resume` continues bit-exactly, as for folders and CSV files.
-
-- `wds:PATTERN`: local, uncompressed tar shards named by a brace pattern (`/data/in22k/shard-{000000..004094}.tar`),
-  as webdataset and timm write them: members `KEY.jpg` / `.jpeg` / `.png` / `.webp` with `KEY.cls` (the class index
-  as text) or `KEY.json` (`{"label": index}`). An `_info.json` beside the shards (written by `bigtransfer shard`)
-  gives the class names. Remote shards (http, s3, `pipe:`) are refused: random access needs a file system.
-- `hf:PATH`: a folder saved with `datasets.save_to_disk` (a DatasetDict's "train" and "test" splits are used as
-  published splits), or a Parquet file or folder of them; the image column holds encoded bytes (datasets'
-  `Image` feature), the label column ints (a `ClassLabel` gives the names). `hf:PATH#image=COL,label=COL` names
-  other columns.
+`PATTERN` names uncompressed tar shards by a brace pattern (`/data/in22k/shard-{000000..004094}.tar`) or a glob,
+on this machine or in object storage (`s3://`, `gs://`, `az://`, `https://`; see `storage`). Members are
+`KEY.jpg` / `.jpeg` / `.png` / `.webp` with `KEY.cls` (the class index as text) or `KEY.json`
+(`{"label": index}`), as webdataset and timm write them. An `_info.json` beside the shards (written by
+`bigtransfer shard`) gives the class names and each shard's sample count, which the indexes must agree with.
+Shards are indexed once (see `tar_index`); images are then read as byte ranges, a batch's ranges in one request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
-import json
 import os
-import tarfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ..files import read_bytes, read_json
+from ..config import LIMITS
+from ..errors import OutOfMemoryError
+from ..files import json_object
 from ..images import MemoryImage, decode_image
 from .sources import BadImageError, ImageSource
+from .storage import LocalStorage, RemoteStorage, expand_braces, is_remote, parent, storage_for
+from .tar_index import INFO_NAME, ShardIndex, default_cache, fingerprint_part, open_shards
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-LABEL_SUFFIXES = (".cls", ".json")
-MAX_LABEL_BYTES = 64 << 10  # a .cls or .json label member
-MAX_IMAGE_BYTES = 256 << 20  # an encoded image member
-MAX_SHARD_MEMBERS = 10_000_000
-INFO_NAME = "_info.json"
+MAX_INFO_BYTES = 64 << 20  # _info.json with a million class names
+READ_AHEAD_PARTS = 4  # a batch's images are requested at once and decoded in this many parts as they arrive
 
 
 def expand_pattern(pattern: str) -> list[str]:
-    """The shard paths of a brace pattern (webdataset's expansion), or of a glob."""
-    if "://" in pattern or pattern.startswith("pipe:"):
-        raise ValueError(f"wds:{pattern}: only local shard files are read (random access, exact resume); copy or "
-                         "mount remote shards first")
+    """The shard locations of a brace pattern (webdataset's notation) or of a local glob."""
+    if pattern.startswith("pipe:"):
+        raise ValueError(f"wds:{pattern}: pipe: commands are not read (random access and exact resume need byte "
+                         "ranges); give the shards' s3://, gs://, az:// or https:// location")
     if "{" in pattern:
-        try:
-            from webdataset.shardlists import expand_urls
-        except ImportError as error:
-            raise ImportError("wds: brace patterns need webdataset: pip install 'bigtransfer[wds]'") from error
-        return list(expand_urls(pattern))
+        return expand_braces(pattern)
+    if is_remote(pattern):
+        return [pattern]
     return sorted(glob.glob(pattern)) or [pattern]
 
 
@@ -80,227 +72,163 @@ class StoredImageSource(ImageSource):
         return int(np.median(heights)), int(np.median(widths))
 
 
-class TarShardSource(StoredImageSource):
-    """Samples of local WebDataset tar shards, indexed by their tar headers (see the module doc)."""
+@dataclass(frozen=True)
+class ShardInfo:
+    """What `_info.json` says: class names (None: not given) and samples per shard file name."""
 
-    def __init__(self, pattern: str):
+    class_names: list[str] | None
+    lengths: dict[str, int]
+
+
+def read_shard_info(storage: LocalStorage | RemoteStorage, path: str) -> ShardInfo:
+    """The `_info.json` at `path` (empty without one); a field of the wrong kind is an error naming it."""
+    if not storage.exists(path):
+        return ShardInfo(None, {})
+    info = json_object(storage.read_file(path, MAX_INFO_BYTES, "JSON file"), path)
+    names = info.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(name, str) for name in names)
+                                  and 0 < len(names) <= LIMITS["num_labels"]):
+        raise ValueError(f"{path}: class_names must be a list of 1 to {LIMITS['num_labels']:,} strings")
+    splits = info.get("splits", {})
+    split = splits.get("train", {}) if isinstance(splits, dict) else None
+    if not isinstance(split, dict):
+        raise ValueError(f"{path}: splits must be an object of splits (as bigtransfer shard writes it), got "
+                         f"{type(splits).__name__}")
+    files, lengths = split.get("filenames", []), split.get("shard_lengths", [])
+    if not (isinstance(files, list) and isinstance(lengths, list) and len(files) == len(lengths)
+            and all(isinstance(name, str) for name in files)
+            and all(type(length) is int and 0 <= length for length in lengths)):
+        raise ValueError(f"{path}: splits.train.filenames and shard_lengths must be lists of names and sample "
+                         "counts of the same length")
+    return ShardInfo(names, dict(zip(files, lengths, strict=True)))
+
+
+class TarShardSource(StoredImageSource):
+    """Samples of WebDataset tar shards (see the module doc).
+
+    Args:
+        pattern: the shards, e.g. `/data/shard-{000000..000099}.tar` or `s3://bucket/in22k/shard-{0000..4094}.tar`.
+        index_cache: where indexes of shards without a global `_index.npz` are kept (default: the environment's
+            `BIGTRANSFER_INDEX_CACHE`, else `~/.cache/bigtransfer/shard-index`).
+    """
+
+    def __init__(self, pattern: str, index_cache: str | os.PathLike | None = None):
         self.pattern = pattern
         self.shards = expand_pattern(pattern)
-        missing = [path for path in self.shards if not os.path.isfile(path)]
+        self.storage = storage_for(pattern)
+        stats = self.storage.stat_many(self.shards)
+        missing = [path for path, stat in zip(self.shards, stats, strict=True) if stat is None]
         if missing:
             raise FileNotFoundError(f"wds:{pattern}: {len(missing)} of {len(self.shards)} shard file(s) not found, "
                                     f"e.g. {missing[0]}")
-        known = _recorded_sizes(Path(self.shards[0]).parent / INFO_NAME)
-        shard_of, offsets, sizes, keys, labels = [], [], [], [], []
-        for number, shard in enumerate(self.shards):
-            index = read_index(shard, known.get(os.path.basename(shard)))
-            shard_of.append(np.full(len(index), number, np.int64))
-            offsets.append(index["offset"])
-            sizes.append(index["size"])
-            labels.append(index["label"])
-            keys.extend(key.decode("utf-8", "surrogateescape") for key in index["key"])
-        if not keys:
+        info_path = f"{parent(self.shards[0])}/{INFO_NAME}"
+        info = read_shard_info(self.storage, info_path)
+        try:
+            indexes = open_shards(self.storage, self.shards, stats, Path(index_cache or default_cache()))
+        except MemoryError as error:
+            raise OutOfMemoryError(f"wds:{pattern}: out of memory while reading the shards' indexes "
+                                   f"({len(self.shards):,} shards)") from error
+        self.damage_found = _compare_lengths(self.shards, indexes, info, info_path)
+        self._gather(indexes)
+        if not len(self.labels):
             raise ValueError(f"wds:{pattern}: no samples (an image member with a .cls or .json label) in "
                              f"{len(self.shards)} shard(s)")
-        self._shard, self._offset, self._size = (np.concatenate(values).astype(np.int64)
-                                                 for values in (shard_of, offsets, sizes))
-        self._keys = keys
-        self.labels = np.concatenate(labels).astype(np.int64)
-        self.classes = _class_names(Path(self.shards[0]).parent / INFO_NAME, int(self.labels.max()) + 1, pattern)
-        if self.labels.min() < 0 or self.labels.max() >= len(self.classes):
-            raise ValueError(f"wds:{pattern}: labels must lie in [0, {len(self.classes)}), found "
-                             f"{int(self.labels.min())}..{int(self.labels.max())}")
+        self.classes = info.class_names or [str(index) for index in range(int(self.labels.max()) + 1)]
+        if self.labels.max() >= len(self.classes):
+            raise ValueError(f"wds:{pattern}: labels must lie in [0, {len(self.classes)}) (the class_names of "
+                             f"{info_path}), found {int(self.labels.max())}")
+
+    def _gather(self, indexes: list[ShardIndex]) -> None:
+        self._shard = np.concatenate([np.full(len(index), number, np.int32) for number, index in enumerate(indexes)])
+        self._offset = np.concatenate([index.offset for index in indexes])
+        self._size = np.concatenate([index.size for index in indexes])
+        self.labels = np.concatenate([index.label for index in indexes]).astype(np.int64)
+        self._key_blob = b"".join(index.key_blob for index in indexes)
+        starts = np.cumsum([0] + [len(index.key_blob) for index in indexes])
+        self._key_end = np.concatenate([index.key_end + start for index, start in zip(indexes, starts, strict=False)])
+        self._identities = [fingerprint_part(path, index) for path, index in zip(self.shards, indexes, strict=True)]
+
+    def damage(self) -> list[tuple[str, str]]:
+        return list(self.damage_found)
+
+    def _range(self, index: int) -> tuple[str, int, int]:
+        shard, offset, size = self.shards[self._shard[index]], int(self._offset[index]), int(self._size[index])
+        if size < 0:
+            raise _link_error(self, index)
+        return shard, offset, offset + size
 
     def stored_bytes(self, index: int) -> bytes:
-        with open(self.shards[self._shard[index]], "rb") as handle:
-            handle.seek(int(self._offset[index]))
-            return handle.read(int(self._size[index]))
+        data = self.read_many([index])[0]
+        if isinstance(data, BadImageError):
+            raise data
+        return data
+
+    def read_many(self, indices) -> list[bytes | BadImageError]:
+        """The stored bytes of several samples, fetched together (a BadImageError in place of an unreadable one)."""
+        return [item for part in self._fetch_parts(indices, 1) for item in part[1]]
+
+    def load_many(self, indices, min_size=None) -> list[tuple[Image.Image, int] | BadImageError]:
+        """Images of several samples: all requested at once, decoded part by part as they arrive."""
+        loaded: list = []
+        for part_indices, part in self._fetch_parts(indices, READ_AHEAD_PARTS):
+            for index, data in zip(part_indices, part, strict=True):
+                try:
+                    if isinstance(data, BadImageError):
+                        raise data
+                    loaded.append((decode_image(MemoryImage(data, self.path(index)), min_size),
+                                   int(self.labels[index])))
+                except BadImageError as error:
+                    loaded.append(error)
+        return loaded
+
+    def _fetch_parts(self, indices, parts: int):
+        """(indices, their bytes or BadImageErrors) of `indices` cut into `parts` consecutive parts."""
+        indices = [int(index) for index in indices]
+        size = max(1, -(-len(indices) // parts))
+        chunks = [indices[start:start + size] for start in range(0, len(indices), size)]
+        ranges: list[list[tuple[str, int, int]]] = []
+        for chunk in chunks:
+            ranges.append([])
+            for index in chunk:
+                with contextlib.suppress(BadImageError):
+                    ranges[-1].append(self._range(index))
+        try:
+            for chunk, blocks in zip(chunks, self.storage.read_ahead(ranges), strict=True):
+                found = iter(blocks)
+                yield chunk, [next(found) if self._size[index] >= 0 else _link_error(self, index) for index in chunk]
+        except MemoryError as error:
+            wanted = sum(end - start for part in ranges for _, start, end in part)
+            raise OutOfMemoryError(f"{self.shards[self._shard[indices[0]]]}: out of memory while reading "
+                                   f"{len(indices)} images ({wanted:,} bytes)") from error
+
+    def key(self, index: int) -> str:
+        start = int(self._key_end[index - 1]) if index else 0
+        return self._key_blob[start:int(self._key_end[index])].decode("utf-8", "surrogateescape")
 
     def path(self, index: int) -> str:
-        return f"{self.shards[self._shard[index]]}#{self._keys[index]}"
+        return f"{self.shards[self._shard[index]]}#{self.key(index)}"
 
     def _identity(self):
-        for shard in self.shards:
-            yield f"{shard} {os.path.getsize(shard)}".encode("utf-8", "surrogateescape")
+        yield from self._identities
 
     def __repr__(self) -> str:
         return f"TarShardSource({self.pattern!r}, {len(self)} images, {self.num_classes} classes)"
 
 
-INDEX_DTYPE = np.dtype([("offset", "<i8"), ("size", "<i8"), ("label", "<i8"), ("key", "S128")])
+def _link_error(source: TarShardSource, index: int) -> BadImageError:
+    return BadImageError(source.path(index), "a link member or a truncated one: the shard does not hold this "
+                         "image's bytes")
 
 
-def index_path(shard: str | os.PathLike) -> Path:
-    """The index `bigtransfer shard` writes beside each shard: shard-000000.tar -> shard-000000.idx.npy."""
-    shard = Path(shard)
-    return shard.with_name(shard.name[: -len(".tar")] + ".idx.npy" if shard.name.endswith(".tar") else shard.name + ".idx.npy")
-
-
-def read_index(shard: str, recorded_bytes: int | None) -> np.ndarray:
-    """The samples of one shard (INDEX_DTYPE): from its .idx.npy when _info.json records this shard's size and the
-    file still has it, else by reading every tar header."""
-    sidecar = index_path(shard)
-    if recorded_bytes is not None and sidecar.is_file() and os.path.getsize(shard) == recorded_bytes:
-        data = read_bytes(sidecar, MAX_SHARD_MEMBERS * INDEX_DTYPE.itemsize + 4096, "shard index")
-        index = np.load(io.BytesIO(data), allow_pickle=False)
-        if index.dtype == INDEX_DTYPE and index.ndim == 1:
-            return index
-    return np.array([(offset, size, label, key.encode("utf-8", "surrogateescape")[:128])
-                     for key, (offset, size), label in _index_shard(shard)], dtype=INDEX_DTYPE)
-
-
-def _recorded_sizes(info_path: Path) -> dict[str, int]:
-    """shard file name -> its byte size, as `bigtransfer shard` recorded them in _info.json (empty without)."""
-    if not info_path.is_file():
-        return {}
-    split = read_json(info_path).get("splits", {}).get("train", {})
-    names, sizes = split.get("filenames", []), split.get("shard_bytes", [])
-    return {name: int(size) for name, size in zip(names, sizes, strict=False) if isinstance(size, int)}
-
-
-def _index_shard(shard: str):
-    """(key, (offset, size) of the image, label) of every sample of one shard; errors name the shard and member."""
-    images: dict[str, tuple[int, int]] = {}
-    labels: dict[str, int] = {}
-    try:
-        with open(shard, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
-            for count, member in enumerate(tar):
-                if count >= MAX_SHARD_MEMBERS:
-                    raise ValueError(f"{shard}: more than {MAX_SHARD_MEMBERS:,} members")
-                if not member.isfile():
-                    continue
-                key, suffix = _split_name(member.name)
-                if suffix in IMAGE_SUFFIXES:
-                    if member.size > MAX_IMAGE_BYTES:
-                        raise ValueError(f"{shard}: member {member.name} is {member.size:,} bytes, more than the "
-                                         f"{MAX_IMAGE_BYTES:,} an encoded image may have")
-                    images[key] = (member.offset_data, member.size)
-                elif suffix in LABEL_SUFFIXES:
-                    labels[key] = _read_label(tar, member, shard)
-    except tarfile.TarError as error:
-        raise ValueError(f"{shard}: not a readable uncompressed tar shard ({error})") from error
-    for key, place in images.items():
-        if key in labels:
-            yield key, place, labels[key]
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """`dir/n01440764_10026.jpg` -> (`dir/n01440764_10026`, `.jpg`): the key runs to the first dot of the base
-    name, as webdataset groups members."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, rest = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), (f".{rest.rsplit('.', 1)[-1].lower()}" if dot else "")
-
-
-def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: str) -> int:
-    if member.size > MAX_LABEL_BYTES:
-        raise ValueError(f"{shard}: label member {member.name} is {member.size:,} bytes (at most {MAX_LABEL_BYTES:,})")
-    text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
-    try:
-        value = json.loads(text)["label"] if member.name.endswith(".json") else int(text)
-        return int(value)
-    except (ValueError, KeyError, TypeError) as error:
-        what = 'a JSON object with an integer "label"' if member.name.endswith(".json") else "an integer"
-        raise ValueError(f"{shard}: label member {member.name} holds {text[:40]!r}, expected {what}") from error
-
-
-def _class_names(info_path: Path, count: int, where: str) -> list[str]:
-    """`class_names` of an _info.json beside the shards (or the folder), else "0".."count-1"."""
-    if not info_path.is_file():
-        return [str(index) for index in range(count)]
-    names = read_json(info_path).get("class_names")
-    if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
-        raise ValueError(f"{info_path}: class_names must be a list of strings (for {where})")
-    return names
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Hugging Face datasets and Parquet.
-
-
-def parse_hf_spec(spec: str) -> tuple[str, str | None, str | None]:
-    """`PATH#image=COL,label=COL` -> (PATH, image column or None, label column or None)."""
-    path, _, options = spec.partition("#")
-    columns: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in options.split(","))):
-        name, equals, value = item.partition("=")
-        if not equals or name not in ("image", "label") or not value:
-            raise ValueError(f"hf:{spec}: options are image=COLUMN and label=COLUMN, got {item!r}")
-        columns[name] = value
-    return path, columns.get("image"), columns.get("label")
-
-
-def open_hf(spec: str, split: str) -> tuple[Any, str]:
-    """(datasets.Dataset, what it is in words) for `hf:` `spec` and a "train" / "test" split (of a DatasetDict)."""
-    datasets = _import_datasets()
-    path = Path(parse_hf_spec(spec)[0])
-    if not path.exists():
-        raise FileNotFoundError(f"hf:{spec}: {path} does not exist")
-    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"hf:{spec}: no {split!r} split (it has {', '.join(loaded)})")
-            return loaded[split], f"{path} [{split}]"
-        return loaded, str(path)
-    files = sorted(str(file) for file in path.glob("*.parquet")) if path.is_dir() else [str(path)]
-    if not files or not all(file.endswith(".parquet") for file in files):
-        raise ValueError(f"hf:{spec}: expected a save_to_disk folder, a .parquet file or a folder of them")
-    return datasets.Dataset.from_parquet(files), f"{len(files)} Parquet file(s) in {path}"
-
-
-def _import_datasets():
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError("hf: data needs the datasets package: pip install 'bigtransfer[hf]'") from error
-    return datasets
-
-
-def has_hf_splits(spec: str) -> bool:
-    path = Path(parse_hf_spec(spec)[0])
-    return (path / "dataset_dict.json").is_file()
-
-
-class ArrowSource(StoredImageSource):
-    """The rows of a Hugging Face dataset (memory-mapped Arrow): labels read as a column, images decoded from
-    their stored bytes when a row is loaded."""
-
-    def __init__(self, spec: str, split: str = "train"):
-        datasets = _import_datasets()
-        self.spec = spec
-        dataset, self.description = open_hf(spec, split)
-        _, image_column, label_column = parse_hf_spec(spec)
-        features = dataset.features
-        image_column = image_column or next((name for name, feature in features.items()
-                                             if isinstance(feature, datasets.Image)), "image")
-        label_column = label_column or "label"
-        for column in (image_column, label_column):
-            if column not in features:
-                raise ValueError(f"hf:{spec}: no column {column!r} (columns: {', '.join(features)}); name them as "
-                                 "hf:PATH#image=COL,label=COL")
-        if isinstance(features[image_column], datasets.Image):
-            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-        self.dataset, self.image_column = dataset, image_column
-        self.labels = np.asarray(dataset[label_column], dtype=np.int64)
-        label_feature = features[label_column]
-        count = int(self.labels.max()) + 1 if len(self.labels) else 0
-        self.classes = (list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel)
-                        else [str(index) for index in range(count)])
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
-            raise ValueError(f"hf:{spec}: column {label_column!r} must hold labels in [0, {len(self.classes)})")
-
-    def stored_bytes(self, index: int) -> bytes:
-        cell = self.dataset[int(index)][self.image_column]
-        data = cell.get("bytes") if isinstance(cell, dict) else cell
-        if data is None and isinstance(cell, dict) and cell.get("path"):
-            data = read_bytes(cell["path"], MAX_IMAGE_BYTES, "image")
-        if not isinstance(data, (bytes, bytearray)):
-            raise BadImageError(self.path(index), f"column {self.image_column!r} holds no encoded image bytes")
-        return bytes(data)
-
-    def path(self, index: int) -> str:
-        return f"{self.description}[{index}]"
-
-    def _identity(self):
-        yield f"{self.description} {self.dataset._fingerprint}".encode()
+def _compare_lengths(paths: list[str], indexes: list[ShardIndex], info: ShardInfo,
+                     info_path: str) -> list[tuple[str, str]]:
+    """The shards' problems; a shard whose sample count is not the one _info.json records, without a problem that
+    explains it, is refused."""
+    damage = []
+    for path, index in zip(paths, indexes, strict=True):
+        damage.extend((path, problem.removeprefix(f"{path}: ")) for problem in index.problems)
+        recorded = info.lengths.get(os.path.basename(path))
+        if recorded is not None and recorded != len(index) and not index.problems:
+            raise ValueError(f"{path} holds {len(index):,} samples but {info_path} records {recorded:,} "
+                             "(shard_lengths): the shard or _info.json was changed after they were written")
+    return damage

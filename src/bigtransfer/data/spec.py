@@ -8,17 +8,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .arrow import ArrowSource, ParquetSource, has_hf_splits, hf_cache, is_saved_dataset, parse_hf_spec
 from .readers import FASHION_MNIST_DIR, load_cifar, load_digits, load_fashion_mnist
-from .shards import ArrowSource, TarShardSource, expand_pattern, has_hf_splits, parse_hf_spec
+from .selection import Selection, select_classes
+from .shards import TarShardSource, expand_pattern
 from .sources import (
     SPLITS,
     CsvSource,
     ImageFolderSource,
     ImageSource,
-    Selection,
-    select_classes,
     split_indices,
 )
+from .storage import is_remote
 
 ACCEPTED_SPECS = (
     "a folder with one sub-folder of images per class",
@@ -28,8 +29,9 @@ ACCEPTED_SPECS = (
     "'fashion-mnist:DIR'",
     "'cifar10:DIR'",
     "'cifar100:DIR'",
-    "'wds:PATTERN' (local WebDataset tar shards, e.g. wds:/data/shard-{000000..000099}.tar)",
-    "'hf:PATH' (a datasets.save_to_disk folder or Parquet files)",
+    "'wds:PATTERN' (WebDataset tar shards, local or s3:// gs:// az:// https://, e.g. "
+    "wds:/data/shard-{000000..000099}.tar)",
+    "'hf:PATH' (a datasets.save_to_disk folder, or Parquet files, local or in object storage)",
 )
 
 _NAMED = re.compile(
@@ -139,9 +141,9 @@ def spec_paths(spec: str | os.PathLike | ImageSource | None) -> list[str]:
     if named:
         return [named["dir"] or FASHION_MNIST_DIR] if named["dir"] or named["name"].startswith("fashion") else []
     if text.startswith("wds:"):
-        return expand_pattern(text[4:]) if "://" not in text else []
+        return [] if is_remote(text[4:]) else expand_pattern(text[4:])
     if text.startswith("hf:"):
-        return [parse_hf_spec(text[3:])[0]]
+        return [] if is_remote(text[3:]) else [parse_hf_spec(text[3:])[0]]
     return [] if text.lower() == "digits" else [text]
 
 
@@ -174,8 +176,10 @@ def _open_sharded(spec: str, split: str, val_fraction: float, seed: int) -> Imag
         source: ImageSource = TarShardSource(spec[4:])
     elif has_hf_splits(spec[3:]):
         return ArrowSource(spec[3:], "test" if split in ("test", "val") else "train")
-    else:
+    elif is_saved_dataset(spec[3:]) or hf_cache(spec[3:]):
         source = ArrowSource(spec[3:])
+    else:
+        source = ParquetSource(spec[3:])
     if split == "all":
         return source
     return Selection([(source, split_indices(source.labels, split, val_fraction, seed, spec))], f"{spec} [{split}]")
