@@ -37,12 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pipeline", action="store_true", help="skip the JPEG-to-top-5 pipeline")
     parser.add_argument("--profile", action="store_true", help="print where the time goes for the best of ours "
                         "and the best peer of each workload (torch.profiler)")
+    parser.add_argument("--parallel-builds", action="store_true", help="build the contenders of a workload all at "
+                        "once (large machines, GPUs: compiles overlap; setup times are then not comparable)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the report to this JSON file")
     args = parser.parse_args(argv)
     config = BenchConfig(
         variant=args.variant, workloads=tuple(args.workloads.split(",")), precisions=tuple(args.precision.split(",")),
         rounds=args.rounds, device=args.device, compile=not args.no_compile, threads=args.threads,
-        contenders=tuple(args.contenders.split(",")) if args.contenders else None,
+        contenders=tuple(args.contenders.split(",")) if args.contenders else None, parallel_builds=args.parallel_builds,
     )
     extras = Extras(peers=not args.no_peers, onnx=not args.no_onnx, pipeline=not args.no_pipeline, profile=args.profile)
     try:

@@ -26,7 +26,7 @@ def row(name: str, ours: bool, speed: float | None) -> dict:
     return {"contender": name, "ours": ours, "images_per_second": speed, "error": None if speed else "failed"}
 
 
-def test_ratios_are_to_the_best_peer_or_without_peers_to_the_default_model():
+def test_ratios_are_to_the_best_peer_or_without_peers_to_the_default_path():
     rows = add_ratios([row("bigtransfer", True, 10.0), row("bigtransfer optimize()", True, 24.0),
                        row("timm", False, 12.0), row("timm frozen", False, 16.0), row("transformers", False, None)])
     assert [r["ratio"] for r in rows] == [0.625, 1.5, 0.75, 1.0, None]
@@ -40,11 +40,12 @@ def test_our_contenders_freeze_only_the_compiled_inference_path():
     assert [c.name for c in inference] == ["bigtransfer", 'bigtransfer optimize(dtype="bf16", compile=False)',
                                            'bigtransfer optimize(dtype="bf16")']
     assert [c.frozen for c in inference] == [False, False, True]
-    assert [c.name for c in our_contenders(config, "train-b16", "fp32")] == ["bigtransfer", "bigtransfer compiled"]
+    training = ["bigtransfer prepare_for_training()", "bigtransfer prepare_for_training(compile=True)"]
+    assert [c.name for c in our_contenders(config, "train-b16", "fp32")] == training
     config.compile = False
     assert [c.name for c in our_contenders(config, "infer-b1", "fp32")] == ["bigtransfer",
                                                                            "bigtransfer optimize(compile=False)"]
-    assert [c.name for c in our_contenders(config, "train-b16", "fp32")] == ["bigtransfer"]
+    assert [c.name for c in our_contenders(config, "train-b16", "fp32")] == training[:1]
 
 
 def test_bench_cli_validates_before_building(capsys):
@@ -120,13 +121,13 @@ def test_the_frozen_peer_froze_its_parameters_and_the_options_form_is_caught():
     assert inlined == [0]
     # The bench's frozen timm contender, in its own worker: every parameter became a constant of its graph.
     frozen = next(c for c in peers.peer_contenders(config, "infer-b1", "fp32") if c.frozen and "timm" in c.name)
-    worker = Worker(frozen, threads=1, precision="fp32")
+    worker = Worker(frozen, threads=1, precision="fp32").wait()
     try:
         assert worker.error is None and worker.info["frozen_constants"] == parameters
     finally:
         worker.close()
     # A contender that must run frozen and froze nothing is refused, not reported.
     unfrozen = Contender("timm eager, labelled frozen", peers.peer, dict(frozen.kwargs, compiled=False), frozen=True)
-    worker = Worker(unfrozen, threads=1, precision="fp32")
+    worker = Worker(unfrozen, threads=1, precision="fp32").wait()
     worker.close()
     assert "freezing did not take effect" in worker.error

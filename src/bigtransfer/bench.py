@@ -164,7 +164,7 @@ def _sync() -> None:
 
 
 class Worker:
-    """A contender's process: built on creation (`error` says why it could not be), then `ask`ed."""
+    """A contender's process, started on creation and built by `wait()` (then `error` says why it could not be)."""
 
     def __init__(self, contender: Contender, threads: int | None, precision: str):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no compiled graph is inherited
@@ -172,11 +172,14 @@ class Worker:
         self.process = context.Process(target=_serve, args=(child, contender, threads, precision), daemon=True)
         self.process.start()
         child.close()
+
+    def wait(self) -> Worker:
         try:
             kind, self.info = self.ask()
         except RuntimeError as error:
             kind, self.info = "error", str(error)
         self.error = self.info if kind == "error" else None
+        return self
 
     def ask(self, *message: Any) -> Any:
         try:
@@ -206,12 +209,17 @@ def _busy_seconds() -> float:
 
 
 def time_contenders(contenders: list[Contender], batch: int, rounds: int, threads: int | None = None,
-                    precision: str = "fp32", calls: dict[str, Callable] | None = None,
+                    precision: str = "fp32", calls: dict[str, Callable] | None = None, parallel_builds: bool = False,
                     between_rounds: Callable[[], Any] = lambda: None, log: Callable = print) -> list[dict[str, Any]]:
     """Each contender in its own worker, timed interleaved: one row per contender with its median images/s, its
     rounds, how many were quiet (other processes used under 10 % of the CPUs; the median uses those when two or
-    more were), its ratio to the best peer (without peers: to "bigtransfer") and `calls`' answers from its worker."""
-    workers = {contender.name: Worker(contender, threads, precision) for contender in contenders}
+    more were), its ratio (`add_ratios`) and `calls`' answers from its worker. `parallel_builds`: all workers
+    build at once (faster on a large machine; their setup times then overlap), else one after another."""
+    if parallel_builds:
+        workers = {c.name: Worker(c, threads, precision) for c in contenders}
+        workers = {name: worker.wait() for name, worker in workers.items()}
+    else:
+        workers = {c.name: Worker(c, threads, precision).wait() for c in contenders}
     live = [name for name, worker in workers.items() if not worker.error]
     counts = {name: max(1, min(50, int(SAMPLE_SECONDS / max(workers[name].ask("time", 1)[0], 1e-4)))) for name in live}
     samples: dict[str, list[tuple[float, bool]]] = {name: [] for name in live}
@@ -238,10 +246,11 @@ def time_contenders(contenders: list[Contender], batch: int, rounds: int, thread
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`ratio` of each row's images/s to the best peer's (rows not `ours`), or to "bigtransfer" without peers."""
+    """`ratio` of each row's images/s to the best peer's (rows not `ours`); without peers, to the first row's
+    (this package's default path)."""
     speed = {row["contender"]: row["images_per_second"] for row in rows if not row.get("error")}
     peers = [speed[row["contender"]] for row in rows if not row["ours"] and row["contender"] in speed]
-    reference = max(peers) if peers else speed.get("bigtransfer")
+    reference = max(peers) if peers else speed.get(rows[0]["contender"]) if rows else None
     for row in rows:
         row["ratio"] = speed[row["contender"]] / reference if reference and row["contender"] in speed else None
     return rows
@@ -261,6 +270,7 @@ class BenchConfig:
     threads: int | None = None
     contenders: tuple[str, ...] | None = None
     seed: int = 0
+    parallel_builds: bool = False  # build every contender of a workload at once (GPU machines: minutes saved)
 
 
 def check_config(config: BenchConfig) -> None:
@@ -276,13 +286,14 @@ def check_config(config: BenchConfig) -> None:
 
 
 def our_contenders(config: BenchConfig, workload: str, precision: str) -> list[Contender]:
-    """This package's paths for one workload: eager and prepare_for_training(compile=True) for the training step;
-    the default model, optimize(compile=False) and optimize() (frozen) for inference."""
+    """This package's paths for one workload, the default first: the default model, optimize(compile=False) and
+    optimize() (frozen) for inference; prepare_for_training() and its compile=True for the training step."""
     common = dict(workload=workload, precision=precision, variant=config.variant, device=config.device,
                   seed=config.seed)
     dtype = f'dtype="{precision}"' if precision in REDUCED_PRECISION else ""
     if WORKLOADS[workload][2]:
-        kinds = {"bigtransfer": "train", "bigtransfer compiled": "train-compiled"}
+        kinds = {"bigtransfer prepare_for_training()": "train",
+                 "bigtransfer prepare_for_training(compile=True)": "train-compiled"}
     else:
         kinds = {"bigtransfer": "eager", f"bigtransfer optimize({dtype}{', ' if dtype else ''}compile=False)":
                  "optimize-eager", f"bigtransfer optimize({dtype})": "optimize"}
@@ -302,5 +313,6 @@ def run_bench(config: BenchConfig, peers: Callable[[str, str], list[Contender]] 
                           if not config.contenders or any(part in c.name for part in config.contenders)]
             log(f"{workload} ({precision}): {len(contenders)} contenders, {config.rounds} rounds")
             rows += [{"workload": workload, "precision": precision, **row} for row in time_contenders(
-                contenders, WORKLOADS[workload][0], config.rounds, config.threads, precision, log=log, **timing)]
+                contenders, WORKLOADS[workload][0], config.rounds, config.threads, precision,
+                parallel_builds=config.parallel_builds, log=log, **timing)]
     return rows
