@@ -42,14 +42,14 @@ class Extras:
     profile: bool = False  # torch.profiler's top operators for each contender (printed for the best ones)
 
 
-def onnx_runtime(int8: bool, workload: str, precision: str, variant: str, device: str, seed: int = 0):
+def onnx_runtime(int8: bool, workload: str, precision: str, variant: str, device: str):
     """A worker's factory: this package's model exported to ONNX (`int8`: quantized by `bigtransfer.quantize`,
     calibrated on the bench's own pixels: the timing does not depend on their content), run by ONNX Runtime."""
     directory = tempfile.TemporaryDirectory()
     path = Path(directory.name) / "model.onnx"
     if int8:
-        quantize(reference_model(variant, seed), path, pixels("infer-b16", "cpu", False)[:8].numpy())
-    session = onnx_session(path if int8 else reference_model(variant, seed), spinning=False)
+        quantize(reference_model(variant), path, pixels("infer-b16", "cpu", False)[:8].numpy())
+    session = onnx_session(path if int8 else reference_model(variant), spinning=False)
     x, name = pixels(workload, "cpu", False).numpy(), session.get_inputs()[0].name
     return lambda: (directory, session.run(None, {name: x}))[1]  # the closure keeps the directory alive
 
@@ -113,8 +113,7 @@ def run(config: BenchConfig, extras: Extras, log=print) -> dict[str, Any]:
     peaks = measure_peaks(device, config.precisions, int8=extras.onnx)
 
     def contenders(workload: str, precision: str) -> list[Contender]:
-        common = dict(workload=workload, precision=precision, variant=config.variant, device=config.device,
-                      seed=config.seed)
+        common = dict(workload=workload, precision=precision, variant=config.variant, device=config.device)
         extra = peer_contenders(config, workload, precision) if extras.peers else []
         if extras.onnx and device.type == "cpu" and precision == "fp32" and not WORKLOADS[workload][2]:
             extra += [Contender(f"bigtransfer onnxruntime{' int8' * int8}", onnx_runtime, dict(common, int8=int8))
@@ -220,11 +219,11 @@ def format_report(report: dict[str, Any]) -> str:
         + "; ".join(env["peak_kernels"].values()) + f"); load average {env['load_average_before']} -> "
         f"{env.get('load_average_after')}",
         "",
-        f"{'workload':<10} {'prec':<5} {'contender':<44} {'img/s':>7} {'peak MB':>8} {'GFLOP/s':>8} {'%peak':>6} "
+        f"{'workload':<10} {'prec':<5} {'contender':<50} {'img/s':>7} {'peak MB':>8} {'GFLOP/s':>8} {'%peak':>6} "
         f"{'vs ' + ('best peer' if peers else 'eager'):>12} {'quiet':>6}",
     ]
     for row in rows:
-        head = f"{row['workload']:<10} {row['precision']:<5} {row['contender']:<44}"
+        head = f"{row['workload']:<10} {row['precision']:<5} {row['contender']:<50}"
         if row["error"]:
             lines.append(f"{head} failed: {row['error'][:100]}")
             continue

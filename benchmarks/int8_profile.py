@@ -33,7 +33,7 @@ VARIANTS = {  # name -> (form, operators): the first is what bigtransfer.quantiz
 
 def quantized(directory: Path, calibration: np.ndarray) -> dict[str, Path]:
     floating, prepared = directory / "float.onnx", directory / "prepared.onnx"
-    export(reference_model("BiT-S-R50x1", 0), floating, image_size=224)
+    export(reference_model("BiT-S-R50x1"), floating, image_size=224)
     quantization.shape_inference.quant_pre_process(str(floating), str(prepared))
     name = onnx_session(floating).get_inputs()[0].name
     paths = {}

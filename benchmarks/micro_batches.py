@@ -24,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
-    reference = reference_model("BiT-S-R50x1", 0)
+    reference = reference_model("BiT-S-R50x1")
     batch = pixels("infer-b16", "cpu", channels_last=True)
     print(f"{cpu_description()}; L2 per core {l2_cache_bytes()} bytes; torch {torch.__version__}")
     for compiled, chunks in ((True, (2, 4, 6, 8, None)), (False, (2, 4, 8, None))):

@@ -46,11 +46,11 @@ def import_peers():
     return transformers, timm
 
 
-def peer_model(kind: str, variant: str, seed: int = 0) -> nn.Module:
-    """transformers' or timm's BiT with the reference weights of (variant, seed); any variant, `tiny` included
+def peer_model(kind: str, variant: str) -> nn.Module:
+    """transformers' or timm's BiT with the variant's reference weights; any variant, `tiny` included
     (timm's ResNetV2 built as its `resnetv2_*_bit` models are, at the variant's widths)."""
     transformers, timm = import_peers()
-    reference = reference_model(variant, seed)
+    reference = reference_model(variant)
     ours = reference.config
     if kind == "transformers":
         config = transformers.BitConfig(
@@ -73,10 +73,9 @@ def peer_model(kind: str, variant: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def peer(kind: str, channels_last: bool, compiled: bool, workload: str, precision: str, variant: str, device: str,
-         seed: int = 0):
+def peer(kind: str, channels_last: bool, compiled: bool, workload: str, precision: str, variant: str, device: str):
     """A worker's factory: one step of transformers' or timm's model (inference, or the training step)."""
-    model = peer_model(kind, variant, seed).to(device)
+    model = peer_model(kind, variant).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if WORKLOADS[workload][2]:
@@ -87,8 +86,7 @@ def peer(kind: str, channels_last: bool, compiled: bool, workload: str, precisio
 def peer_contenders(config: BenchConfig, workload: str, precision: str) -> list[Contender]:
     """transformers and timm, eager in both layouts; compiled in channels_last (inference: frozen, and timm also
     unfrozen)."""
-    common = dict(workload=workload, precision=precision, variant=config.variant, device=config.device,
-                  seed=config.seed)
+    common = dict(workload=workload, precision=precision, variant=config.variant, device=config.device)
 
     def contender(name: str, kind: str, channels_last: bool, compiled: bool = False, frozen: bool = False):
         return Contender(name, peer, dict(common, kind=kind, channels_last=channels_last, compiled=compiled),
@@ -105,15 +103,15 @@ def peer_contenders(config: BenchConfig, workload: str, precision: str) -> list[
         for kind in ("transformers", "timm")]
 
 
-def parity(variant: str, seed: int = 0) -> dict[str, float]:
+def parity(variant: str) -> dict[str, float]:
     """Max |difference| of each peer's logits from this package's on the same weights, and the logits' scale."""
-    reference = reference_model(variant, seed)
+    reference = reference_model(variant)
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
     differences = {}
     with torch.no_grad():
         expected = reference(x).logits
         for kind in ("transformers", "timm"):
-            output = peer_model(kind, variant, seed)(x)
+            output = peer_model(kind, variant)(x)
             logits = output if isinstance(output, torch.Tensor) else output.logits
             differences[kind] = (logits - expected).abs().max().item()
     return differences | {"logit_scale": expected.abs().max().item()}

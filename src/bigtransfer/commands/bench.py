@@ -38,11 +38,11 @@ def run(args) -> int:
         contenders=tuple(args.contenders.split(",")) if args.contenders else None,
     )
     rows = run_bench(config)
-    print(f"{'workload':<10} {'prec':<5} {'contender':<44} {'img/s':>8} {'vs default':>10} {'quiet':>6}")
+    print(f"{'workload':<10} {'prec':<5} {'contender':<50} {'img/s':>8} {'vs default':>10} {'quiet':>6}")
     for row in rows:
         speed = (f"failed: {row['error'][:80]}" if row["error"] else f"{row['images_per_second']:>8.2f} "
                  f"{row['ratio']:>9.2f}x {row['clean_rounds']:>3}/{len(row['rounds'])}")
-        print(f"{row['workload']:<10} {row['precision']:<5} {row['contender']:<44} {speed}")
+        print(f"{row['workload']:<10} {row['precision']:<5} {row['contender']:<50} {speed}")
     if args.json_path:
         write_text_atomic(args.json_path, json.dumps(rows, indent=2) + "\n")
     return 0
