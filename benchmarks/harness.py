@@ -229,8 +229,9 @@ def format_report(report: dict[str, Any]) -> str:
             continue
         memory = f"{row['peak_memory_mb']:.0f}" if row.get("peak_memory_mb") is not None else "-"
         fraction = f"{100 * row['peak_fraction']:.0f}%" if row.get("peak_fraction") else "-"
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
         lines.append(f"{head} {row['images_per_second']:>7.2f} {memory:>8} {row.get('gflops', 0):>8.1f} "
-                     f"{fraction:>6} {row['ratio']:>11.2f}x {row['clean_rounds']:>3}/{len(row['rounds'])}")
+                     f"{fraction:>6} {ratio:>12} {row['clean_rounds']:>3}/{len(row['rounds'])}")
     lines.append("frozen rows: verified frozen by their workers (parameters inlined as constants: "
                  + ", ".join(f"{r['contender']} {r['frozen_constants']}" for r in rows if r["frozen"] and not r["error"])
                  + "); quiet: rounds in which other processes used < 10 % of the CPUs (medians use those)")

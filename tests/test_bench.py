@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,17 @@ def test_bench_cli_validates_before_building(capsys):
     assert "tf32 / fp16 are measured on a GPU only" in capsys.readouterr().err
     assert main(["bench", "--variant", "R50"]) == 2
     assert "unknown variant R50" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_times_each_of_our_paths_in_its_own_worker(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--variant", "tiny", "--workloads", "infer-b1", "--rounds", "2", "--no-compile", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [r["contender"] for r in rows] == ["bigtransfer", "bigtransfer optimize(compile=False)"]
+    assert all(r["error"] is None and len(r["rounds"]) == 2 and r["images_per_second"] > 0 for r in rows)
+    assert rows[0]["ratio"] == 1.0 and "bigtransfer optimize(compile=False)" in capsys.readouterr().out
 
 
 def test_nothing_under_benchmarks_imports_the_command_line_layer():

@@ -40,9 +40,14 @@ def run(args) -> int:
     rows = run_bench(config)
     print(f"{'workload':<10} {'prec':<5} {'contender':<50} {'img/s':>8} {'vs default':>10} {'quiet':>6}")
     for row in rows:
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
         speed = (f"failed: {row['error'][:80]}" if row["error"] else f"{row['images_per_second']:>8.2f} "
-                 f"{row['ratio']:>9.2f}x {row['clean_rounds']:>3}/{len(row['rounds'])}")
+                 f"{ratio:>10} {row['clean_rounds']:>3}/{len(row['rounds'])}")
         print(f"{row['workload']:<10} {row['precision']:<5} {row['contender']:<50} {speed}")
+    frozen = [f"{r['contender']} ({r['workload']}, {r['precision']}) {r['frozen_constants']}" for r in rows
+              if r["frozen"] and not r["error"]]
+    if frozen:
+        print("verified frozen, parameters made constants: " + "; ".join(frozen))
     if args.json_path:
         write_text_atomic(args.json_path, json.dumps(rows, indent=2) + "\n")
     return 0
