@@ -26,7 +26,7 @@ from peaks import measure_peaks
 from peers import parity, peer_contenders, versions
 
 from bigtransfer import BitImageProcessor, optimize, predict_images, quantize
-from bigtransfer.bench import WORKLOADS, BenchConfig, Contender, pixels, reference_model, run_bench
+from bigtransfer.bench import WORKLOADS, BenchConfig, Contender, check_config, pixels, reference_model, run_bench
 from bigtransfer.export import onnx_session
 from bigtransfer.images import decode_image, load_image
 from bigtransfer.machine import cpu_description
@@ -105,6 +105,7 @@ def flops_per_image(variant: str, workload: str) -> float:
 
 def run(config: BenchConfig, extras: Extras, log=print) -> dict[str, Any]:
     """Time everything `config` and `extras` ask for; the report (also what --json writes)."""
+    check_config(config)  # before the peaks and the peers are built
     if config.threads:
         torch.set_num_threads(config.threads)  # the peaks run in this process
     device = torch.device(config.device)
