@@ -26,7 +26,15 @@ from peaks import measure_peaks
 from peers import parity, peer_contenders, versions
 
 from bigtransfer import BitImageProcessor, optimize, predict_images, quantize
-from bigtransfer.bench import WORKLOADS, BenchConfig, Contender, check_config, pixels, reference_model, run_bench
+from bigtransfer.bench import (
+    WORKLOADS,
+    BenchConfig,
+    Contender,
+    check_config,
+    pixels,
+    reference_model,
+    run_bench,
+)
 from bigtransfer.export import onnx_session
 from bigtransfer.images import decode_image, load_image
 from bigtransfer.machine import cpu_description
