@@ -25,6 +25,7 @@ from bigtransfer.bench import (
     training_step,
 )
 from bigtransfer.checkpoints import to_timm
+from bigtransfer.config import ARCHITECTURES
 
 
 def import_peers():
@@ -47,8 +48,8 @@ def import_peers():
 
 
 def peer_model(kind: str, variant: str) -> nn.Module:
-    """transformers' or timm's BiT with the variant's reference weights; any variant, `tiny` included
-    (timm's ResNetV2 built as its `resnetv2_*_bit` models are, at the variant's widths)."""
+    """transformers' or timm's BiT with the variant's reference weights: `timm.create_model("resnetv2_50x1_bit")`
+    and its kin for the paper's variants; for `tiny`, timm's ResNetV2 built as those are, at tiny's widths."""
     transformers, timm = import_peers()
     reference = reference_model(variant)
     ours = reference.config
@@ -60,6 +61,10 @@ def peer_model(kind: str, variant: str) -> nn.Module:
         )
         model = transformers.BitForImageClassification(config)
         model.load_state_dict(reference.state_dict(), strict=True)
+    elif (architecture := variant.rsplit("-", 1)[-1]) in ARCHITECTURES:
+        name = f"resnetv2_{architecture[1:].lower()}_bit"  # R50x1 -> resnetv2_50x1_bit
+        model = timm.create_model(name, pretrained=False, num_classes=ours.num_labels)
+        model.load_state_dict(to_timm(reference.state_dict()), strict=True)
     else:
         from timm.layers import GroupNormAct, StdConv2d
         from timm.models.resnetv2 import ResNetV2
