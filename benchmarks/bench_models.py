@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from harness import Extras, format_report, run
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds, device=args.device, compile=not args.no_compile, threads=args.threads,
         contenders=tuple(args.contenders.split(",")) if args.contenders else None, parallel_builds=args.parallel_builds,
     )
+    # A `timeout` (gpu_check.sh) exits through Python, so that multiprocessing ends the workers with it.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     extras = Extras(peers=not args.no_peers, onnx=not args.no_onnx, pipeline=not args.no_pipeline, profile=args.profile)
     try:
         report = run(config, extras)
