@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from bigtransfer import BitConfig, BitForImageClassification, hyperrule
-from bigtransfer.cli import main as cli
 from bigtransfer.data import TrainTransform, TransformedDataset, collate_skip_bad, open_source
+from bigtransfer.data.shard_writer import write_shards
 from bigtransfer.machine import cpu_description, usable_cpus
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "cat")
@@ -46,8 +46,8 @@ def make_data(root: Path, count: int, small: bool) -> dict[str, str]:
         folder = root / "photos" / f"class{index % 4}"
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{index:05d}.jpg", quality=90)
-    cli(["shard", "--data", str(root / "photos"), "--output", str(root / "shards"), "--shard-size", "64", "--no-progress"])
     source = open_source(str(root / "photos"), "all")
+    write_shards(source, root / "shards", shard_size=64)  # what `bigtransfer shard --shard-size 64` writes
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=source.classes)})
     rows = {"image": [{"bytes": Path(source.path(i)).read_bytes(), "path": None} for i in range(len(source))],
             "label": source.labels.tolist()}

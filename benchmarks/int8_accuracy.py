@@ -21,17 +21,22 @@ import torch
 
 from bigtransfer.data import open_source, whole_split
 from bigtransfer.export import onnx_session
-from bigtransfer.fields import parse_classes
 from bigtransfer.inference import load_for_inference
 from bigtransfer.machine import cpu_description
 from bigtransfer.quantize import quantize
+
+
+def class_indices(text: str) -> list[int]:
+    """`5-9` -> [5, 6, 7, 8, 9], `1,3` -> [1, 3]: the indices `bigtransfer finetune --classes` takes."""
+    return [index for part in text.split(",") for low, _, high in [part.partition("-")]
+            for index in range(int(low), int(high or low) + 1)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--classes", type=parse_classes)
+    parser.add_argument("--classes", type=class_indices)
     parser.add_argument("--calibration-images", type=int, default=64)
     parser.add_argument("--check-images", type=int, default=2000)
     args = parser.parse_args()

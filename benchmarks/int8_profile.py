@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 from onnxruntime import quantization
 
-from bigtransfer.benchmark import bench_pixels, build_reference
+from bigtransfer.bench import pixels, reference_model
 from bigtransfer.export import export, onnx_session
 from bigtransfer.machine import cpu_description
 from bigtransfer.quantize import QUANTIZED_OPERATORS, _Batches  # quantize's own calibration reader
@@ -34,7 +33,7 @@ VARIANTS = {  # name -> (form, operators): the first is what bigtransfer.quantiz
 
 def quantized(directory: Path, calibration: np.ndarray) -> dict[str, Path]:
     floating, prepared = directory / "float.onnx", directory / "prepared.onnx"
-    export(build_reference("BiT-S-R50x1", 0), floating, image_size=224)
+    export(reference_model("BiT-S-R50x1"), floating, image_size=224)
     quantization.shape_inference.quant_pre_process(str(floating), str(prepared))
     name = onnx_session(floating).get_inputs()[0].name
     paths = {}
@@ -75,23 +74,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     print(f"{cpu_description()}; onnxruntime {ort.__version__}")
-    calibration = bench_pixels((8, 224, False), torch.device("cpu"), False).numpy()
-    pixels = bench_pixels((16, 224, False), torch.device("cpu"), False).numpy()
+    calibration = pixels("infer-b16", "cpu", False)[:8].numpy()
+    images = pixels("infer-b16", "cpu", False).numpy()
     with tempfile.TemporaryDirectory() as directory:
         paths = quantized(Path(directory), calibration)
         sessions = {variant: onnx_session(path, spinning=False) for variant, path in paths.items()}
         name = next(iter(sessions.values())).get_inputs()[0].name
         speed: dict[str, list[float]] = {variant: [] for variant in sessions}
         for session in sessions.values():
-            session.run(None, {name: pixels})
+            session.run(None, {name: images})
         for _ in range(args.rounds):
             for variant, session in sessions.items():
                 start = time.perf_counter()
-                session.run(None, {name: pixels})
-                session.run(None, {name: pixels})
+                session.run(None, {name: images})
+                session.run(None, {name: images})
                 speed[variant].append(32 / (time.perf_counter() - start))
         print("batch 16: " + ", ".join(f"{v} {statistics.median(s):.2f}" for v, s in speed.items()) + " img/s")
-        profile(next(iter(paths.values())), pixels)
+        profile(next(iter(paths.values())), images)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from bigtransfer.benchmark import bench_pixels, build_reference
+from bigtransfer.bench import pixels, reference_model
 from bigtransfer.inference import optimize
 from bigtransfer.machine import cpu_description, l2_cache_bytes
 
@@ -24,21 +24,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
-    reference = build_reference("BiT-S-R50x1", 0)
-    pixels = bench_pixels((16, 224, False), torch.device("cpu"), True)
+    reference = reference_model("BiT-S-R50x1")
+    batch = pixels("infer-b16", "cpu", channels_last=True)
     print(f"{cpu_description()}; L2 per core {l2_cache_bytes()} bytes; torch {torch.__version__}")
     for compiled, chunks in ((True, (2, 4, 6, 8, None)), (False, (2, 4, 8, None))):
         models = {chunk: optimize(reference, compile=compiled, micro_batch=chunk) for chunk in chunks}
         for model in models.values():  # warm-up: one compile per chunk shape
-            model(pixels)
+            model(batch)
         speed: dict[int | None, list[float]] = {chunk: [] for chunk in chunks}
         for _ in range(args.rounds):
             for chunk, model in models.items():
                 start = time.perf_counter()
-                model(pixels)
-                model(pixels)
+                model(batch)
+                model(batch)
                 speed[chunk].append(32 / (time.perf_counter() - start))
-        auto = optimize(reference, compile=compiled).micro_batch_size(pixels)
+        auto = optimize(reference, compile=compiled).micro_batch_size(batch)
         print(("compiled" if compiled else "eager") + f" (auto: {auto}): " + ", ".join(
             f"{chunk or 'whole batch'} {statistics.median(values):.2f}" for chunk, values in speed.items()
         ) + " img/s")

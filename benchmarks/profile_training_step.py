@@ -14,11 +14,11 @@ import argparse
 import time
 
 import torch
+from peaks import convolution_peak
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from bigtransfer import BitConfig, BitForImageClassification, prepare_for_training
-from bigtransfer.peaks import convolution_peak
 
 CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution", "aten::cudnn_convolution")
 

@@ -450,7 +450,7 @@ def test_predict_images_matches_per_image_predictions(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The bench's pure parts (the bench itself is run by hand: tests never time anything).
+# The key map the bench's timm peer gets its weights with (the bench's own tests: test_bench.py).
 
 
 def test_timm_key_mapping_loads_into_timm():
@@ -463,71 +463,3 @@ def test_timm_key_mapping_loads_into_timm():
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert relative_error(theirs(pixels), ours(pixels).logits) < 1e-4
-
-
-def test_bench_ratios_and_table():
-    from bigtransfer.benchmark import Result, _add_ratios, format_report
-
-    def result(name, ours, speed, informational=False, eager_form=None, graphs=None):
-        return Result("infer-b16", "fp32", name, ours, informational, speed, 16 / speed, [speed], 100.0,
-                      8.2 * speed, 8.2 * speed / 100, eager_form=eager_form, graphs_compiled=graphs)
-
-    results = [result("bigtransfer optimize()", True, 12.0), result("timm", False, 6.0),
-               result("timm compiled", False, 5.4, eager_form="timm", graphs=1),
-               result("timm frozen", False, 8.0, eager_form="timm", graphs=0),
-               result("timm other", False, 11.0, informational=True)]
-    _add_ratios(results)
-    assert [r.ratio_to_best_peer for r in results] == [1.5, 0.75, 5.4 / 8.0, 1.0, 11.0 / 8.0]
-    assert [r.ratio_to_eager_form for r in results] == [None, None, 0.9, 8.0 / 6.0, None]
-    import dataclasses
-
-    report = {"environment": dict(variant="BiT-S-R50x1", device="cpu", threads=2, torch="x", transformers="y",
-                                  timm="z", rounds=3, peak_gflops={"fp32": 100.0}, load_average_before=None),
-              "results": [dataclasses.asdict(r) for r in results]}
-    table = format_report(report)
-    assert "1.50x" in table and "timm other *" in table
-    # A compiled peer slower than its eager form, and one that ran another's graph, are called out.
-    assert "timm compiled (infer-b16, fp32) ran at 0.90x its eager form, timm" in table
-    assert "timm frozen (infer-b16, fp32) compiled no graph of its own" in table
-    assert "timm frozen (infer-b16, fp32) ran at" not in table
-
-
-def test_bench_reports_missing_peers(monkeypatch):
-    import builtins
-
-    import peers as bench  # benchmarks/peers.py
-
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == "timm":
-            raise ImportError("no timm")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(ImportError, match="timm"):
-        bench.import_peers()
-
-
-def test_bench_cli_validates_before_building(capsys):
-    from bigtransfer.cli import main
-
-    assert main(["bench", "--workloads", "infer-b99"]) == 2
-    assert "infer-b99" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # argparse: a NaN wait budget would never end or never wait
-        main(["bench", "--quiet-wait", "nan"])
-    assert "argument --quiet-wait: must be a finite number >= 0, got nan" in capsys.readouterr().err
-    assert main(["bench", "--precision", "fp16"]) == 2  # GPU-only precisions are refused on a CPU
-    assert "tf32 / fp16 are measured on a GPU only" in capsys.readouterr().err
-
-
-def test_bench_peaks_run_the_models_kernels():
-    from bigtransfer.machine import cpu_description
-    from bigtransfer.peaks import measure_peaks
-
-    peaks = measure_peaks(torch.device("cpu"), ("fp32",))
-    assert "oneDNN" in peaks["fp32"].kernel and peaks["fp32"].probe() > 0 and peaks["fp32"].gflops > 0
-    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(cpu_description()["flags"]))
-    assert ("bf16" in peaks) == native_bf16  # emulated bf16 is not a peak anyone deploys
-    pytest.importorskip("onnxruntime")
-    assert "QLinearConv" in peaks["int8"].kernel and peaks["int8"].probe() > 0  # the int8 graph is valid and runs

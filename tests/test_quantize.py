@@ -18,9 +18,9 @@ pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """`tiny` fine-tuned briefly on scikit-learn's digits at 64 px, and preprocessed held-out digits."""
+    """`tiny` fine-tuned (60 steps) on scikit-learn's digits at 64 px, and preprocessed held-out digits."""
     root = tmp_path_factory.mktemp("int8")
-    assert main(["finetune", "--model", "tiny", "--data", "digits", "--output", str(root / "run"), "--max-steps", "40",
+    assert main(["finetune", "--model", "tiny", "--data", "digits", "--output", str(root / "run"), "--max-steps", "60",
                  "--batch-size", "32", "--batch-split", "1", "--resize", "72", "--crop", "64", "--base-lr", "0.01",
                  "--no-progress", "--no-plots"]) == 0
     model, processor = load_for_inference(root / "run" / "model", "cpu")

@@ -1,5 +1,5 @@
-"""The machine's measured peak GFLOP/s for the kernels a BiT model runs, the reference of `bigtransfer bench`'s
-"% of peak" column.
+"""The machine's measured peak GFLOP/s for the kernels a BiT model runs, the reference of the harness's
+"% of peak" column (benchmarks/harness.py).
 
 - fp32 and bf16: a 1x1 convolution through torch (oneDNN on CPU, cuDNN on GPU), channels_last, the kernels every
   contender's convolutions call. A matmul is not the reference: on AMD CPUs `torch.matmul` runs MKL's fp32 GEMM
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .export import onnx_session  # onnxruntime is imported there, when a session is made
-from .machine import cpu_description
+from bigtransfer.export import onnx_session  # onnxruntime is imported there, when a session is made
+from bigtransfer.machine import cpu_description
 
 CHANNELS, SIDE = 1024, 28
 INT8_LAYERS = 4
