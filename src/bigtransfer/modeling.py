@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,24 @@ from .layers import DropPath, GroupNormAct, MaxPool2dSame, StdConv2d, activation
 
 class ModelOutput(dict):
     """Named fields (each output class is a dataclass) that also read as a dict of the fields that are not None
-    (`out["logits"]`, `out.get("loss")`, `out.keys()`) and by position (`out[0]`), as transformers' ModelOutput does.
+    (`out["logits"]`, `out.get("loss")`, `out.keys()`) and by position (`out[0]`, `out.to_tuple()`, None fields left
+    out), as transformers' ModelOutput does.
 
-    Every subclass is a pytree node, so torch.export, torch.onnx, `torch.jit.trace(strict=False)`, `torch.func.vmap`
-    and DDP see its tensors as a plain container's.
+    Built from keywords or, as transformers' is, from one mapping of field names (`type(out)({...})`: accelerate's
+    mixed precision and the pipelines rebuild outputs that way). Every subclass is a pytree node, so torch.export,
+    torch.onnx, `torch.jit.trace(strict=False)`, `torch.func.vmap` and DDP see its tensors as a plain container's.
     """
+
+    def __post_init__(self) -> None:
+        names = [field.name for field in dataclasses.fields(self)]
+        first = getattr(self, names[0])
+        if not isinstance(first, Mapping) or any(getattr(self, name) is not None for name in names[1:]):
+            return
+        unknown = sorted(set(first) - set(names))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no fields {unknown} (its fields: {names})")
+        for name in names:  # in field order, so positions match a keyword-built output
+            setattr(self, name, first.get(name))
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
