@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import hub
+from . import hub, integrations
 from .checkpoints import loader, writers
 from .config import BitConfig, make_divisible
 from .layers import DropPath, GroupNormAct, MaxPool2dSame, StdConv2d, activation
@@ -101,7 +101,18 @@ class BackboneOutput(ModelOutput):
 # Building blocks.
 
 
-class BitEmbeddings(nn.Module):
+class ConvHolder(nn.Module):
+    """A module with StdConv2d children: a PEFT LoRA wrapper installed over one is switched to apply its update
+    inside the weight standardization (`integrations.standardized_adapter`: exact merges, a plain BiT after)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        replaced = self.__dict__.get("_modules", {}).get(name)
+        if isinstance(replaced, StdConv2d) and integrations.is_peft_layer(value):
+            value = integrations.standardized_adapter(value)
+        super().__setattr__(name, value)
+
+
+class BitEmbeddings(ConvHolder):
     """Stem: 7x7 stride-2 conv -> zero pad 1 (unless SAME) -> [GN+act for bottleneck] -> 3x3 stride-2 max pool.
 
     The explicit zero padding before the pool matters: stem outputs can be negative, so it differs from
@@ -125,7 +136,7 @@ class BitEmbeddings(nn.Module):
         return self.pooler(self.norm(self.pad(self.convolution(pixel_values))))
 
 
-class BitDownsampleConv(nn.Module):
+class BitDownsampleConv(ConvHolder):
     """1x1 strided projection of the shortcut (GroupNorm after it only in the non-pre-activation block)."""
 
     def __init__(self, config: BitConfig, in_channels: int, out_channels: int, stride: int, preact: bool):
@@ -137,7 +148,7 @@ class BitDownsampleConv(nn.Module):
         return self.norm(self.conv(x))
 
 
-class BitPreActivationBottleneckLayer(nn.Module):
+class BitPreActivationBottleneckLayer(ConvHolder):
     """ResNet-v2 bottleneck: relu(gn1(x)) feeds both the projection shortcut and conv1 -> conv2 (3x3) -> conv3."""
 
     def __init__(
@@ -169,7 +180,7 @@ class BitPreActivationBottleneckLayer(nn.Module):
         return _residual_add(self.drop_path(x), shortcut)
 
 
-class BitBottleneckLayer(nn.Module):
+class BitBottleneckLayer(ConvHolder):
     """Non-pre-activation bottleneck (ViT/DPT hybrids): conv+gn+act twice, conv+gn, act(branch + shortcut)."""
 
     def __init__(
