@@ -378,3 +378,21 @@ def test_logging_names_the_fresh_head(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="bigtransfer"):
         BitForImageClassification.from_pretrained(tmp_path, num_labels=4)
     assert "classifier.1.weight" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_training_step_with_labels_compiles_as_one_graph():
+    # aot_eager traces exactly what Inductor would (dynamo + AOT autograd), without its slow code generation.
+    model = build(num_labels=3).train()
+    labels = torch.tensor([0, 2])
+    eager_loss = model(PIXELS, labels=labels).loss
+    eager_loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(pixel_values=PIXELS, labels=labels).loss
+    loss.backward()
+    assert abs(loss.item() - eager_loss.item()) < 1e-5
+    assert all(relative_error(p.grad, expected[name]) < 1e-4 for name, p in model.named_parameters())
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\]"):
+        model(PIXELS, labels=torch.tensor([0, 3]))  # eager keeps the clear error

@@ -66,7 +66,7 @@ def test_std_conv2d_is_built_as_nn_conv2d_is(arguments):
                                                                  reference.dilation)
     assert relative_error(layer(x), expected) < 1e-5
     order = ("kernel_size", "stride", "padding", "dilation")  # PEFT passes them by position, as nn.Conv2d takes them
-    positional = StdConv2d(6, 4, *(arguments.get(name, default) 
+    positional = StdConv2d(6, 4, *(arguments.get(name, default)
                                    for name, default in zip(order, (1, 1, 0, 1), strict=True)))
     assert [getattr(positional, name) for name in order] == [getattr(layer, name) for name in order]
 

@@ -632,16 +632,21 @@ class BitForImageClassification(BitPreTrainedModel):
                 raise ValueError(f"expected {logits.shape[0]} labels for {logits.shape[0]} images, got {labels.numel()}")
             if labels.is_floating_point():
                 raise TypeError(f"single-label classification needs integer labels, got {labels.dtype}")
-            valid = labels[labels != -100]
-            if valid.numel() and (valid.min() < 0 or valid.max() >= num_labels):
-                raise ValueError(
-                    f"labels must be in [0, {num_labels - 1}] (num_labels={num_labels}), got values from "
-                    f"{int(valid.min())} to {int(valid.max())}"
-                )
+            if not torch.compiler.is_compiling():  # a data-dependent branch: compiled graphs leave it to the kernel
+                _check_label_range(labels, num_labels)
             return F.cross_entropy(logits.reshape(-1, num_labels), labels)
         if labels.shape != logits.shape:
             raise ValueError(f"multi-label targets must have the logits' shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def _check_label_range(labels: torch.Tensor, num_labels: int) -> None:
+    valid = labels[labels != -100]  # cross-entropy's ignore_index
+    if valid.numel() and (valid.min() < 0 or valid.max() >= num_labels):
+        raise ValueError(
+            f"labels must be in [0, {num_labels - 1}] (num_labels={num_labels}), got values from "
+            f"{int(valid.min())} to {int(valid.max())}"
+        )
 
 
 class BitBackbone(BitPreTrainedModel):
