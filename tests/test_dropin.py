@@ -151,6 +151,67 @@ def test_from_pretrained_takes_transformers_loading_arguments(tmp_path, caplog):
         BitForImageClassification.from_pretrained(tmp_path / "repo" / "sub", use_safetensors=False)
 
 
+def test_loading_info_holds_sets_as_transformers_5s_does(tmp_path):
+    build(num_labels=3).save_pretrained(tmp_path)
+    _, ours = BitForImageClassification.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True,
+                                                        output_loading_info=True)
+    _, theirs = transformers.BitForImageClassification.from_pretrained(tmp_path, num_labels=5,
+                                                                       ignore_mismatched_sizes=True,
+                                                                       output_loading_info=True)
+    assert {key: type(value) for key, value in ours.items()} == {key: type(value) for key, value in theirs.items()}
+    assert ours["missing_keys"].isdisjoint({"classifier.1.weight"})
+    assert {key for key, _, _ in ours["mismatched_keys"]} == {key for key, *_ in theirs["mismatched_keys"]}
+
+
+def test_variant_names_the_weight_files_on_save_and_load_in_both_libraries(tmp_path):
+    model = build(num_labels=3)
+    model.save_pretrained(tmp_path, variant="v1")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.v1.safetensors"]
+    for library in (BitForImageClassification, transformers.BitForImageClassification):
+        loaded = library.from_pretrained(tmp_path, variant="v1").eval()
+        with torch.no_grad():
+            assert relative_error(loaded(PIXELS).logits, model(PIXELS).logits) < 1e-5
+    with pytest.raises(CheckpointError, match=r"model\.v2\.safetensors"):
+        BitForImageClassification.from_pretrained(tmp_path, variant="v2")
+
+
+def test_every_loading_keyword_of_transformers_is_applied_or_refused_by_name(tmp_path):
+    model = build(num_labels=3)
+    model.save_pretrained(tmp_path)
+    for device_map in ("cpu", torch.device("cpu"), {"": "cpu"}, {"": torch.device("cpu")}):
+        assert BitForImageClassification.from_pretrained(tmp_path, device_map=device_map).device.type == "cpu"
+    accepted = dict(weights_only=True, offload_folder=str(tmp_path / "offload"), max_memory={"cpu": "1GB"},
+                    offload_state_dict=True, adapter_kwargs={}, quantization_config=None, use_kernels=False,
+                    tp_plan=None, proxies=None)
+    loaded = BitForImageClassification.from_pretrained(tmp_path, **accepted)
+    assert torch.equal(loaded(PIXELS).logits, model(PIXELS).logits)
+    refused = dict(proxies={"https": "http://proxy:3128"}, weights_only=False, adapter_kwargs={"revision": "x"},
+                   quantization_config={"load_in_8bit": True}, use_kernels=True, tp_plan="auto")
+    for name, value in refused.items():
+        with pytest.raises(ValueError, match=rf"^from_pretrained\({name}=.*is not supported: ") as error:
+            BitForImageClassification.from_pretrained(tmp_path, **{name: value})
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="HTTPS_PROXY"):
+        BitForImageClassification.from_pretrained(tmp_path, proxies={"https": "http://proxy:3128"})
+    with pytest.raises(ValueError, match="device_map as a dict of modules"):
+        BitForImageClassification.from_pretrained(tmp_path, device_map={"bit": "cpu", "classifier": "cpu"})
+
+
+def test_key_mapping_renames_checkpoint_keys_as_transformers_does(tmp_path):
+    from safetensors.torch import save_file
+
+    model = build(num_labels=3)
+    model.save_pretrained(tmp_path)
+    renamed = {key.replace("bit.", "backbone.", 1): value.contiguous() for key, value in model.state_dict().items()}
+    save_file(renamed, tmp_path / "model.safetensors", {"format": "pt"})
+    with pytest.raises(CheckpointError):
+        BitForImageClassification.from_pretrained(tmp_path)
+    for library in (BitForImageClassification, transformers.BitForImageClassification):
+        loaded = library.from_pretrained(tmp_path, key_mapping={r"^backbone\.": "bit."}).eval()
+        with torch.no_grad():
+            assert relative_error(loaded(PIXELS).logits, model(PIXELS).logits) < 1e-5
+
+
 def test_hub_arguments_reach_huggingface_hub(tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -194,7 +255,7 @@ def test_save_pretrained_shards_and_takes_a_state_dict(tmp_path):
     assert not (tmp_path / "other-rank").exists()
 
 
-def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch):
+def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):
     import huggingface_hub
 
     uploaded = {}
@@ -206,16 +267,29 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch):
         def create_repo(self, repo_id, private=None, exist_ok=False):
             uploaded["created"] = (repo_id, private, exist_ok)
 
+        def file_exists(self, repo_id, filename, revision=None):
+            return repo_id == "me/has-a-card"
+
         def upload_folder(self, repo_id, folder_path, commit_message, revision=None, create_pr=False):
             uploaded[repo_id] = sorted(os.listdir(folder_path))
+            card = Path(folder_path) / "README.md"
+            uploaded[repo_id + ":card"] = card.read_text() if card.is_file() else None
             return "commit"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert build().push_to_hub("me/model", private=True) == "commit"
     BitConfig(**TESTER).push_to_hub("me/config")
     BitImageProcessor().push_to_hub("me/processor")
-    assert uploaded["me/model"] == ["config.json", "model.safetensors"] and uploaded["created"][1:] == (None, True)
+    assert uploaded["me/model"] == ["README.md", "config.json", "model.safetensors"]
+    assert uploaded["created"][1:] == (None, True)
+    assert uploaded["me/model:card"].startswith("---\nlibrary_name: transformers\npipeline_tag: image-classification")
     assert uploaded["me/config"] == ["config.json"] and uploaded["me/processor"] == ["preprocessor_config.json"]
+    # save_pretrained(push_to_hub=True) uploads what it wrote: shards and variant names included.
+    build().save_pretrained(tmp_path / "has-a-card", push_to_hub=True, repo_id="me/has-a-card", max_shard_size="20kB",
+                            variant="v1")
+    written = sorted(path.name for path in (tmp_path / "has-a-card").iterdir())
+    assert uploaded["me/has-a-card"] == written and uploaded["me/has-a-card:card"] is None  # its card is kept
+    assert "model.safetensors.index.v1.json" in written and "model.v1-00001-of-00003.safetensors" in written
 
 
 # ---------------------------------------------------------------------------------------------------------------

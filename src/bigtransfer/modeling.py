@@ -478,29 +478,35 @@ class BitPreTrainedModel(nn.Module):
     def save_pretrained(
         self, save_directory: str | os.PathLike, safe_serialization: bool = True, *,
         max_shard_size: int | str | None = None, state_dict: dict[str, torch.Tensor] | None = None,
-        is_main_process: bool = True, push_to_hub: bool = False, **hub_kwargs: Any,
+        is_main_process: bool = True, push_to_hub: bool = False, variant: str | None = None, **hub_kwargs: Any,
     ) -> None:
         """Write config.json and model.safetensors (or pytorch_model.bin) atomically, loadable by transformers.
 
         As in transformers: `max_shard_size` ("5GB", bytes) splits the weights into indexed shards, `state_dict`
-        saves those tensors, `is_main_process=False` writes nothing (other ranks), `push_to_hub=True` also uploads
-        the directory (`repo_id=`, default the directory's name, and `push_to_hub`'s other arguments).
+        saves those tensors, `variant` names the weight files model.<variant>.safetensors, `is_main_process=False`
+        writes nothing (other ranks), `push_to_hub=True` also uploads what was written, with a model card
+        (`repo_id=`, default the directory's name, and `push_to_hub`'s other arguments).
         """
         if not is_main_process:
             return
         writers.save_transformers(self, save_directory, safe_serialization=safe_serialization,
-                                  max_shard_size=max_shard_size, state_dict=state_dict)
+                                  max_shard_size=max_shard_size, state_dict=state_dict, variant=variant)
         if push_to_hub:
-            self.push_to_hub(hub_kwargs.pop("repo_id", Path(save_directory).name), **hub_kwargs)
+            self.push_to_hub(hub_kwargs.pop("repo_id", Path(save_directory).name), max_shard_size=max_shard_size,
+                             safe_serialization=safe_serialization, variant=variant, **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
                     token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
-                    max_shard_size: int | str | None = None, safe_serialization: bool = True):
-        """Upload config.json and the weights to the Hugging Face Hub repository `repo_id` (created if missing)."""
+                    max_shard_size: int | str | None = None, safe_serialization: bool = True,
+                    variant: str | None = None):
+        """Upload config.json and the weights (sharded and named as `save_pretrained` would write them) to the Hugging
+        Face Hub repository `repo_id` (created if missing), with a model card when the repository has none."""
+        pipeline_tag = "image-classification" if hasattr(self, "classifier") else "image-feature-extraction"
         return hub.push_folder(
             repo_id, lambda directory: writers.save_transformers(
-                self, directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size),
+                self, directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size, variant=variant),
             commit_message=commit_message, private=private, token=token, revision=revision, create_pr=create_pr,
+            model_card=hub.model_card(repo_id, pipeline_tag),
         )
 
 
