@@ -470,3 +470,59 @@ def test_a_training_step_with_labels_compiles_as_one_graph():
     assert all(relative_error(p.grad, expected[name]) < 1e-4 for name, p in model.named_parameters())
     with pytest.raises(ValueError, match=r"labels must be in \[0, 2\]"):
         model(PIXELS, labels=torch.tensor([0, 3]))  # eager keeps the clear error
+
+
+def test_from_config_loss_function_and_batch_feature_data_work_as_in_transformers():
+    config = BitConfig(**TESTER)
+    for library in (transformers, None):
+        model_class, config_class = ((library.BitForImageClassification, library.BitConfig) if library
+                                     else (BitForImageClassification, BitConfig))
+        assert model_class._from_config(config_class(**TESTER), dtype=torch.bfloat16).dtype == torch.bfloat16
+        model = model_class._from_config(config_class(**TESTER)).eval()
+        labels = torch.tensor([0, 2])
+        default = model(PIXELS, labels=labels).loss
+        assert torch.allclose(model.loss_function(labels, model(PIXELS).logits, model.config), default)
+        model.loss_function = lambda labels, logits, config, **kwargs: logits.sum() * 0 + 7
+        assert model(PIXELS, labels=labels).loss.item() == 7
+    assert BitForImageClassification.from_config(config).config == config
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    ours = BitImageProcessor()(image, return_tensors="pt").data
+    theirs = transformers.BitImageProcessor()(image, return_tensors="pt").data
+    assert type(ours) is type(theirs) and list(ours) == list(theirs)
+
+
+@pytest.mark.parametrize("settings", [{}, dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5] * 3, resample=2,
+                                               size={"height": 48, "width": 48}, crop_size=32, do_center_crop=False)])
+def test_processor_to_dict_equals_transformers_value_for_value_and_type(settings):
+    ours, theirs = BitImageProcessor(**settings).to_dict(), transformers.BitImageProcessor(**settings).to_dict()
+    # resample is always PIL's Resampling here (an int enum); transformers keeps an int given as an int.
+    assert ours.pop("resample") == theirs.pop("resample")
+    assert {key: (value, type(value)) for key, value in ours.items()} == {
+        key: (value, type(value)) for key, value in theirs.items()}
+
+
+def test_integrations_are_reachable_after_import_without_loading_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, bigtransfer; bigtransfer.integrations.trainer_callback; "
+            "assert 'transformers' not in sys.modules and 'peft' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_weights_saved_without_a_config_name_the_groups_they_lack(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    model = build(num_labels=3)  # num_groups=1, which no weights file records
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, tmp_path / "model.safetensors",
+              {"format": "pt"})  # what the Trainer's save_model writes for it
+    with pytest.raises(ValueError, match=r"do not store the GroupNorm groups: pass num_groups=N"):
+        BitForImageClassification.from_pretrained(tmp_path)
+    reloaded = BitForImageClassification.from_pretrained(tmp_path, num_groups=1)
+    assert relative_error(reloaded(PIXELS).logits, model(PIXELS).logits) < 1e-5
+    wide = build(num_labels=3, hidden_sizes=[128, 128, 128, 128], embedding_size=32)  # 32 groups divide these widths
+    save_file({key: value.contiguous() for key, value in wide.state_dict().items()}, tmp_path / "model.safetensors",
+              {"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="bigtransfer"):
+        BitForImageClassification.from_pretrained(tmp_path)
+    assert "assumed BiT's num_groups=32" in caplog.text

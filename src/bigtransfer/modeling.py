@@ -445,6 +445,18 @@ class BitPreTrainedModel(nn.Module):
 
     # -- persistence (file handling lives in bigtransfer.checkpoints) ------------------------------------------
     @classmethod
+    def from_config(cls, config: BitConfig, *, dtype: Any = None, torch_dtype: Any = None) -> BitPreTrainedModel:
+        """A freshly initialised model of `config` (transformers' `from_config` / `_from_config`), in `dtype` when
+        given (a torch dtype or its name)."""
+        if not isinstance(config, BitConfig):
+            raise TypeError(f"config must be a bigtransfer.BitConfig, got {type(config).__name__}")
+        dtype = dtype if dtype is not None else torch_dtype
+        model = cls(config)
+        return model if dtype is None else model.to(loader.resolve_dtype(dtype, torch.float32))
+
+    _from_config = from_config
+
+    @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike | None = None, *args: Any, **kwargs: Any):
         """Load a model from a transformers-layout directory (config.json + model.safetensors or pytorch_model.bin),
         a Hub name (`google/bit-50`, `timm/resnetv2_50x1_bit.goog_in21k`), a single weights file in any supported
@@ -584,7 +596,7 @@ class BitForImageClassification(BitPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.bit(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.pooler_output)
-        loss = self.loss(logits, labels) if labels is not None else None
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         if not return_dict:
             output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + output) if loss is not None else output
@@ -610,7 +622,23 @@ class BitForImageClassification(BitPreTrainedModel):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
         self.classifier[1] = head.to(device=parameter.device, dtype=parameter.dtype)
-        self.config.num_labels = self.num_labels = num_classes
+        if self.config.num_labels != num_classes:  # setting it renames the classes; the same count keeps their names
+            self.config.num_labels = num_classes
+        self.num_labels = num_classes
+
+    @property
+    def loss_function(self):
+        """What the forward computes its loss with, called as transformers calls it: `(labels, logits, config)`.
+        Assign another function of that signature to replace it (as in transformers); `loss` is the default."""
+        return self.__dict__.get("_loss_function") or self._default_loss
+
+    @loss_function.setter
+    def loss_function(self, function) -> None:
+        self.__dict__["_loss_function"] = function
+
+    def _default_loss(self, labels: torch.Tensor, logits: torch.Tensor, config: BitConfig | None = None,
+                      **kwargs: Any) -> torch.Tensor:
+        return self.loss(logits, labels)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training loss for `labels`, following `config.problem_type` (set on first use, as in transformers)."""

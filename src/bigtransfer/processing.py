@@ -119,6 +119,11 @@ class BatchFeature(dict):
         except KeyError:
             raise AttributeError(f"BatchFeature has no field {name!r}; fields: {list(self)}") from None
 
+    @property
+    def data(self) -> dict[str, Any]:
+        """The fields as a plain dict (transformers' `BatchFeature.data`)."""
+        return dict(self)
+
     def to(self, *args: Any, **kwargs: Any) -> BatchFeature:
         """Move/cast every torch tensor (e.g. `.to("cuda")`, `.to(torch.bfloat16)`); returns self."""
         for key, value in self.items():
@@ -520,19 +525,20 @@ class BitImageProcessor:
     # ------------------------------------------------------------------ configuration
 
     def to_dict(self) -> dict[str, Any]:
-        """The transformers `preprocessor_config.json` contents (plus kept unknown keys)."""
+        """The transformers `preprocessor_config.json` contents (plus kept unknown keys), with transformers' types
+        (PIL's Resampling, tuples of means and deviations)."""
         config = dict(self.extra_config)
         config.update(
             do_resize=self.do_resize,
             size=dict(self.size),
-            resample=int(self.resample),
+            resample=Resampling(self.resample),
             do_center_crop=self.do_center_crop,
             crop_size=dict(self.crop_size),
             do_rescale=self.do_rescale,
             rescale_factor=self.rescale_factor,
             do_normalize=self.do_normalize,
-            image_mean=list(self.image_mean),
-            image_std=list(self.image_std),
+            image_mean=tuple(self.image_mean),
+            image_std=tuple(self.image_std),
             do_convert_rgb=self.do_convert_rgb,
             image_processor_type="BitImageProcessor",
         )

@@ -3,8 +3,8 @@ strict load.
 
 `load(model_class, source, ...)` is what every `from_pretrained`, `bigtransfer.load_checkpoint`,
 `bigtransfer convert` and training call. The model class is a parameter (the checkpoint code never imports the
-model code). The `bit.` prefix, the head (the only part a checkpoint and a model may disagree on) and its zero
-re-initialisation (the BiT recipe) are handled here and nowhere else.
+model code). The `bit.` prefix and the head (the only part a checkpoint and a model may disagree on) are handled
+here and nowhere else; a fresh head is started by the model's own `reset_classifier` (zeros, the BiT recipe).
 """
 
 from __future__ import annotations
@@ -290,8 +290,10 @@ def _config(checkpoint: Checkpoint, overrides: dict[str, Any], new_head: bool) -
         names = checkpoint.labels or (None if _named(checkpoint.config) else known_labels(head_size(checkpoint)))
         if names is not None:
             overrides["id2label"] = dict(enumerate(names))
+    unknown_groups = (checkpoint.inferred and checkpoint.naming == keymaps.TRANSFORMERS
+                      and checkpoint.container == "directory" and "num_groups" not in overrides)
     try:
-        return BitConfig.from_dict(checkpoint.config, **overrides)
+        config = BitConfig.from_dict(checkpoint.config, **overrides)
     except ValueError as error:
         if checkpoint.inferred and "num_groups" in str(error) and "num_groups" not in overrides:
             raise ValueError(
@@ -299,6 +301,13 @@ def _config(checkpoint: Checkpoint, overrides: dict[str, Any], new_head: bool) -
                 "num_groups=N (the value the network was trained with)"
             ) from None
         raise
+    if unknown_groups:
+        # Weights alone (what transformers' Trainer saves for a model that is not its own class) say nothing of the
+        # GroupNorm groups; BiT's 32 is assumed, and a network trained with others would load with a wrong function.
+        logger.warning("%s has no config.json: assumed BiT's num_groups=%d; pass num_groups=N if the network was "
+                       "trained with another (integrations.trainer_callback writes config.json into checkpoints)",
+                       checkpoint.source, config.num_groups)
+    return config
 
 
 def _named(config: dict[str, Any]) -> bool:
@@ -360,8 +369,9 @@ def load_state(model: nn.Module, checkpoint: Checkpoint, ignore_mismatched_sizes
         state.pop(key)
     fresh = [key for key in expected if key not in state]
     info["missing_keys"] = {key for key in fresh if key not in set(mismatched)}
-    for key in fresh:
-        state[key] = torch.zeros_like(expected[key])
+    if fresh:  # only the head can be fresh: the model's own reset_classifier starts it (zeros, the BiT recipe)
+        model.reset_classifier(model.config.num_labels)
+        state.update({key: value for key, value in model.state_dict().items() if key in fresh})
     old_head = checkpoint.state.get(HEAD_PREFIX + "1.weight")
     if new_head and has_head and old_head is not None:
         logger.info("%s: its %d-class head is replaced by a new zero-initialised %d-class head (the BiT recipe)",
