@@ -216,6 +216,7 @@ def test_hub_arguments_reach_huggingface_hub(tmp_path, monkeypatch):
     import huggingface_hub
 
     build(num_labels=3).save_pretrained(tmp_path / "remote")
+    BitImageProcessor(crop_size=48).save_pretrained(tmp_path / "remote")
     calls = []
 
     def download(repo_id, filename, **kwargs):
@@ -230,8 +231,16 @@ def test_hub_arguments_reach_huggingface_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     BitForImageClassification.from_pretrained("someone/bit", cache_dir=tmp_path / "cache", token="secret",
                                               local_files_only=True, force_download=True, revision="v1")
-    assert {str(call["cache_dir"]) for call in calls} == {str(tmp_path / "cache")}
+    # Configs and processors are resolved as models are: the same Hub arguments reach huggingface_hub.
+    hub_arguments = dict(cache_dir=tmp_path / "cache", token="secret", local_files_only=True, force_download=True,
+                         revision="v1")
+    assert BitConfig.from_pretrained("someone/bit", **hub_arguments).num_labels == 3
+    assert BitImageProcessor.from_pretrained("someone/bit", **hub_arguments).crop_size == {"height": 48, "width": 48}
+    assert {str(call["cache_dir"]) for call in calls} == {str(tmp_path / "cache")} and len(calls) >= 4
     assert all(call["token"] == "secret" and call["local_files_only"] and call["force_download"] for call in calls)
+    assert all(call["revision"] == "v1" for call in calls)
+    nested = BitImageProcessor.from_pretrained(tmp_path, subfolder="remote")  # a local subfolder, as for models
+    assert nested.crop_size == {"height": 48, "width": 48}
     config, unused = BitConfig.from_pretrained("someone/bit", return_unused_kwargs=True, num_labels=7, foo=1)
     assert config.num_labels == 7 and unused == {"foo": 1}
 

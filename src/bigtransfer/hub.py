@@ -238,6 +238,45 @@ def is_hub_name(name: str) -> bool:
     return bool(_REPO_ID.fullmatch(str(name))) and not str(name).startswith((".", "/"))
 
 
+def local_source(source: str | os.PathLike, options: HubOptions = DEFAULT_OPTIONS) -> Path | None:
+    """The existing local file or directory `source` names (a directory's `options.subfolder`), else None: the
+    first rule of every source resolution (models, configs, processors)."""
+    text = os.fspath(source)
+    if not str(text).strip():
+        raise ValueError("the model name or path is empty")
+    path = Path(text).expanduser()
+    if not path.exists():
+        return None
+    return path / options.subfolder if options.subfolder and path.is_dir() else path
+
+
+def locate(source: str | os.PathLike, filename: str, options: HubOptions = DEFAULT_OPTIONS) -> Path:
+    """Where `filename` (config.json, preprocessor_config.json) of `source` is: the file itself when `source` is a
+    file, `filename` in a directory (its `options.subfolder`), or a Hub repository's, downloaded into the cache.
+
+    The resolution `BitConfig.from_pretrained` and `BitImageProcessor.from_pretrained` share with model loading
+    (`checkpoints.loader.resolve`, which adds weights and Google's names). OSError when there is no such file.
+    """
+    local = local_source(source, options)
+    if local is not None:
+        path = local / filename if local.is_dir() else local
+        if not path.is_file():
+            raise OSError(f"no {filename} in the directory {str(local)!r}")
+        return path
+    text = os.fspath(source)
+    if is_hub_name(text) and not os.path.isabs(text):
+        return download_file(text, filename, options)
+    raise OSError(f"{text!r} is neither a file, a directory holding {filename} nor a Hugging Face Hub name such as "
+                  "google/bit-50")
+
+
+def hub_options(arguments: dict) -> HubOptions:
+    """HubOptions from transformers' loading keywords, removed from `arguments` (the rest are the caller's own)."""
+    names = {"revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder", "use_safetensors",
+             "variant"}
+    return HubOptions(**{name: arguments.pop(name) for name in names if name in arguments})
+
+
 def download(repo_id: str, options: HubOptions = DEFAULT_OPTIONS) -> Path:
     """The cached snapshot directory of a transformers or timm repository: config.json plus its weights.
 

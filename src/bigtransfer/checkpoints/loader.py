@@ -45,12 +45,11 @@ def resolve(source: str | os.PathLike, options: hub.HubOptions = hub.DEFAULT_OPT
     Google names (`BiT-M-R50x1`) and Hub names (`google/bit-50`) are downloaded into the cache (`hub`, as
     `options` say); a local directory's `options.subfolder` is looked into.
     """
+    existing = hub.local_source(source, options)
+    if existing is not None:
+        return existing, None
     text = os.fspath(source)
-    if not str(text).strip():
-        raise ValueError("the model name or path is empty")
     path = Path(text).expanduser()
-    if path.exists():
-        return (path / options.subfolder if options.subfolder else path), None
     local = looks_local(text)
     if hub.is_google_name(text):
         try:
