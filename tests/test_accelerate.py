@@ -112,3 +112,16 @@ def test_feature_extraction_pipeline_takes_a_model_object():
         expected = model(processor(Image.fromarray(image), return_tensors="pt")["pixel_values"])
     assert isinstance(expected, BaseModelOutputWithPoolingAndNoAttention)
     assert relative_error(features.flatten(), expected.pooler_output.flatten()) < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 mixed precision with a GradScaler needs a CUDA device")
+def test_trainer_in_fp16_with_a_grad_scaler_trains_like_transformers_bit(tmp_path):
+    losses = {}
+    for name, model in zip(["ours", "theirs"], _pair(tmp_path), strict=True):
+        arguments = transformers.TrainingArguments(
+            output_dir=str(tmp_path / name), fp16=True, per_device_train_batch_size=4, max_steps=4, logging_steps=1,
+            learning_rate=1e-3, report_to=[], seed=0, save_strategy="no")
+        trainer = transformers.Trainer(model=model, args=arguments, train_dataset=Images())
+        trainer.train()
+        losses[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert np.all(np.isfinite(losses["ours"])) and np.allclose(losses["ours"], losses["theirs"], rtol=2e-2, atol=2e-2)
