@@ -112,6 +112,14 @@ def test_lora_on_every_convolution_and_the_head_trains_saves_reloads_and_merges_
         assert relative_error(theirs(PIXELS).logits, adapted) < 1e-4
 
 
+def test_an_adapted_model_pickles_whole(tmp_path):
+    model = _lora(_model()).eval()
+    torch.save(model, tmp_path / "model.pt")
+    restored = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(restored(pixel_values=PIXELS).logits, model(pixel_values=PIXELS).logits)
+
+
 def test_disabling_and_unmerging_adapters_give_the_base_model_back():
     base = _model().eval()
     with torch.no_grad():

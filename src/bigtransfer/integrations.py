@@ -110,4 +110,12 @@ def _standardized_lora_class() -> type:
                 weight = weight + self.get_delta_weight(name).to(weight.dtype)
             return base.forward_with_weight(x, weight)
 
+    # Named as a module attribute (see __getattr__), so pickling a model that holds one (torch.save) finds it.
+    StandardizedLoraConv2d.__module__, StandardizedLoraConv2d.__qualname__ = __name__, "StandardizedLoraConv2d"
     return StandardizedLoraConv2d
+
+
+def __getattr__(name: str) -> Any:
+    if name == "StandardizedLoraConv2d":  # built on first use: peft is an optional dependency
+        return _standardized_lora_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
