@@ -140,8 +140,22 @@ def test_settings_with_no_exact_form_inside_the_standardization_are_refused():
         _lora(_model(), lora_dropout=0.1)
     with pytest.raises(ValueError, match="use_dora"):
         _lora(_model(), use_dora=True)
-    with pytest.raises(ValueError, match="only PEFT's LoRA"):
-        peft.get_peft_model(_model(), peft.LoHaConfig(r=2, target_modules=["conv2"]))
+    with pytest.raises(ValueError, match="only PEFT's additive adapters"):
+        peft.get_peft_model(_model(), peft.IA3Config(target_modules=["conv2"], feedforward_modules=[]))
+
+
+@pytest.mark.parametrize("config_class", ["LoHaConfig", "LoKrConfig"])
+def test_lycoris_adapters_on_every_convolution_merge_exactly(config_class, tmp_path):
+    convolutions = [name for name, module in _model().named_modules() if isinstance(module, StdConv2d)]
+    config = getattr(peft, config_class)(r=2, alpha=4, target_modules=convolutions, rank_dropout=0.1,
+                                         module_dropout=0.1, init_weights=False)  # random updates: a real test
+    model = peft.get_peft_model(_model(), config)
+    assert _train(model, steps=2)[-1] < 10
+    model.eval()
+    with torch.no_grad():
+        adapted = model(pixel_values=PIXELS).logits
+        assert relative_error(adapted, _model().eval()(PIXELS).logits) > 1e-3  # the adapters change the function
+        assert relative_error(model.merge_and_unload()(pixel_values=PIXELS).logits, adapted) < 1e-4
 
 
 @pytest.mark.slow
