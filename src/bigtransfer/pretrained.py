@@ -180,8 +180,8 @@ class BitPreTrainedModel(nn.Module):
         a Hub name (`google/bit-50`, `timm/resnetv2_50x1_bit.goog_in21k`), a single weights file in any supported
         format (timm, Google .npz, original big_transfer) or a Google name (`BiT-M-R50x1`).
 
-        Keyword arguments override config fields (`num_labels=10`, `out_features=[...]`; any other name raises
-        TypeError); with `ignore_mismatched_sizes=True` a head whose shape no longer matches is re-initialised
+        Keyword arguments override config fields (`num_labels=10`, `out_features=[...]`; a name that is neither a
+        field nor a loading argument of transformers raises TypeError); with `ignore_mismatched_sizes=True` a head whose shape no longer matches is re-initialised
         (zeros, as the BiT recipe does) and a warning says so; without it a mismatch raises ValueError naming
         key and shapes. As in transformers, `dtype` (or `torch_dtype`: a torch dtype, "bfloat16", ... or "auto"
         for the stored weights' dtype) casts the model, `device_map` ("cuda:0", 0, "auto") moves it to one
@@ -192,10 +192,15 @@ class BitPreTrainedModel(nn.Module):
 
         transformers' other loading arguments work as there: `pretrained_model_name_or_path=`, `config=`,
         `state_dict=` (these tensors instead of the source's), `output_loading_info=True` (returns the model
-        and its missing / unexpected / mismatched keys), `subfolder`, `cache_dir`, `token`, `local_files_only`,
-        `force_download`, `use_safetensors`; `low_cpu_mem_usage`, `trust_remote_code` and `attn_implementation`
-        are accepted and mean nothing here (see `checkpoints.loader.IGNORED_ARGUMENTS`). A head whose size does
-        not fit raises `MismatchedSizesError`, both a ValueError and (as in transformers) a RuntimeError.
+        and sets of its missing / unexpected / mismatched keys), `subfolder`, `cache_dir`, `token`,
+        `local_files_only`, `force_download`, `use_safetensors`, `variant` (model.<variant>.safetensors),
+        `key_mapping` (regular expressions renaming the stored keys; the first match wins) and `device_map` as
+        a device, "auto" or {"": device}. Keywords that mean nothing for a model that fits one device
+        (`low_cpu_mem_usage`, `offload_folder`, `max_memory`, ...) are accepted and ignored
+        (`checkpoints.loader.IGNORED_ARGUMENTS`); `proxies`, `weights_only=False`, `quantization_config`,
+        `use_kernels`, `tp_plan`, `adapter_kwargs`, ... raise a ValueError naming the keyword and what to do instead
+        (`checkpoints.loader.REFUSED_ARGUMENTS`). A head whose size does not fit raises `MismatchedSizesError`,
+        both a ValueError and (as in transformers) a RuntimeError.
 
         Example:
             >>> model = BitForImageClassification.from_pretrained("runs/pets/model", num_labels=37,
