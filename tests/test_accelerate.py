@@ -125,3 +125,17 @@ def test_trainer_in_fp16_with_a_grad_scaler_trains_like_transformers_bit(tmp_pat
         trainer.train()
         losses[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert np.all(np.isfinite(losses["ours"])) and np.allclose(losses["ours"], losses["theirs"], rtol=2e-2, atol=2e-2)
+
+
+def test_image_classification_pipeline_takes_a_model_object():
+    torch.manual_seed(0)
+    model = BitForImageClassification(BitConfig(**TESTER)).eval()
+    processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    pipe = transformers.pipeline("image-classification", model=model, image_processor=processor, device="cpu")
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    with torch.no_grad():
+        probabilities = model(processor(image, return_tensors="pt")["pixel_values"]).logits.softmax(-1)[0]
+    predictions = pipe(image)
+    assert [entry["label"] for entry in predictions] == [
+        model.config.id2label[int(index)] for index in probabilities.argsort(descending=True)]
+    assert abs(predictions[0]["score"] - probabilities.max().item()) < 1e-5
