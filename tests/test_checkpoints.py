@@ -609,7 +609,7 @@ def test_preprocessing_follows_the_source():
     assert original_preprocessing("distill/R50x1_160.npz", 1000).image_size == 160
     config = original_preprocessing("BiT-M-R50x1-ILSVRC2012.npz", 1000).to_preprocessor_config()
     assert config["size"] == {"height": 480, "width": 480} and config["do_center_crop"] is False
-    assert config["image_mean"] == [0.5] * 3 and config["rescale_factor"] == 1 / 255
+    assert config["image_mean"] == (0.5,) * 3 and config["rescale_factor"] == 1 / 255
 
 
 def test_imagenet21k_labels_follow_timm_and_reach_converted_21k_heads(tmp_path):

@@ -151,10 +151,72 @@ def test_from_pretrained_takes_transformers_loading_arguments(tmp_path, caplog):
         BitForImageClassification.from_pretrained(tmp_path / "repo" / "sub", use_safetensors=False)
 
 
+def test_loading_info_holds_sets_as_transformers_5s_does(tmp_path):
+    build(num_labels=3).save_pretrained(tmp_path)
+    _, ours = BitForImageClassification.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True,
+                                                        output_loading_info=True)
+    _, theirs = transformers.BitForImageClassification.from_pretrained(tmp_path, num_labels=5,
+                                                                       ignore_mismatched_sizes=True,
+                                                                       output_loading_info=True)
+    assert {key: type(value) for key, value in ours.items()} == {key: type(value) for key, value in theirs.items()}
+    assert ours["missing_keys"].isdisjoint({"classifier.1.weight"})
+    assert {key for key, _, _ in ours["mismatched_keys"]} == {key for key, *_ in theirs["mismatched_keys"]}
+
+
+def test_variant_names_the_weight_files_on_save_and_load_in_both_libraries(tmp_path):
+    model = build(num_labels=3)
+    model.save_pretrained(tmp_path, variant="v1")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.v1.safetensors"]
+    for library in (BitForImageClassification, transformers.BitForImageClassification):
+        loaded = library.from_pretrained(tmp_path, variant="v1").eval()
+        with torch.no_grad():
+            assert relative_error(loaded(PIXELS).logits, model(PIXELS).logits) < 1e-5
+    with pytest.raises(CheckpointError, match=r"model\.v2\.safetensors"):
+        BitForImageClassification.from_pretrained(tmp_path, variant="v2")
+
+
+def test_every_loading_keyword_of_transformers_is_applied_or_refused_by_name(tmp_path):
+    model = build(num_labels=3)
+    model.save_pretrained(tmp_path)
+    for device_map in ("cpu", torch.device("cpu"), {"": "cpu"}, {"": torch.device("cpu")}):
+        assert BitForImageClassification.from_pretrained(tmp_path, device_map=device_map).device.type == "cpu"
+    accepted = dict(weights_only=True, offload_folder=str(tmp_path / "offload"), max_memory={"cpu": "1GB"},
+                    offload_state_dict=True, adapter_kwargs={}, quantization_config=None, use_kernels=False,
+                    tp_plan=None, proxies=None)
+    loaded = BitForImageClassification.from_pretrained(tmp_path, **accepted)
+    assert torch.equal(loaded(PIXELS).logits, model(PIXELS).logits)
+    refused = dict(proxies={"https": "http://proxy:3128"}, weights_only=False, adapter_kwargs={"revision": "x"},
+                   quantization_config={"load_in_8bit": True}, use_kernels=True, tp_plan="auto")
+    for name, value in refused.items():
+        with pytest.raises(ValueError, match=rf"^from_pretrained\({name}=.*is not supported: ") as error:
+            BitForImageClassification.from_pretrained(tmp_path, **{name: value})
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="HTTPS_PROXY"):
+        BitForImageClassification.from_pretrained(tmp_path, proxies={"https": "http://proxy:3128"})
+    with pytest.raises(ValueError, match="device_map as a dict of modules"):
+        BitForImageClassification.from_pretrained(tmp_path, device_map={"bit": "cpu", "classifier": "cpu"})
+
+
+def test_key_mapping_renames_checkpoint_keys_as_transformers_does(tmp_path):
+    from safetensors.torch import save_file
+
+    model = build(num_labels=3)
+    model.save_pretrained(tmp_path)
+    renamed = {key.replace("bit.", "backbone.", 1): value.contiguous() for key, value in model.state_dict().items()}
+    save_file(renamed, tmp_path / "model.safetensors", {"format": "pt"})
+    with pytest.raises(CheckpointError):
+        BitForImageClassification.from_pretrained(tmp_path)
+    for library in (BitForImageClassification, transformers.BitForImageClassification):
+        loaded = library.from_pretrained(tmp_path, key_mapping={r"^backbone\.": "bit."}).eval()
+        with torch.no_grad():
+            assert relative_error(loaded(PIXELS).logits, model(PIXELS).logits) < 1e-5
+
+
 def test_hub_arguments_reach_huggingface_hub(tmp_path, monkeypatch):
     import huggingface_hub
 
     build(num_labels=3).save_pretrained(tmp_path / "remote")
+    BitImageProcessor(crop_size=48).save_pretrained(tmp_path / "remote")
     calls = []
 
     def download(repo_id, filename, **kwargs):
@@ -169,8 +231,16 @@ def test_hub_arguments_reach_huggingface_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     BitForImageClassification.from_pretrained("someone/bit", cache_dir=tmp_path / "cache", token="secret",
                                               local_files_only=True, force_download=True, revision="v1")
-    assert {str(call["cache_dir"]) for call in calls} == {str(tmp_path / "cache")}
+    # Configs and processors are resolved as models are: the same Hub arguments reach huggingface_hub.
+    hub_arguments = dict(cache_dir=tmp_path / "cache", token="secret", local_files_only=True, force_download=True,
+                         revision="v1")
+    assert BitConfig.from_pretrained("someone/bit", **hub_arguments).num_labels == 3
+    assert BitImageProcessor.from_pretrained("someone/bit", **hub_arguments).crop_size == {"height": 48, "width": 48}
+    assert {str(call["cache_dir"]) for call in calls} == {str(tmp_path / "cache")} and len(calls) >= 4
     assert all(call["token"] == "secret" and call["local_files_only"] and call["force_download"] for call in calls)
+    assert all(call["revision"] == "v1" for call in calls)
+    nested = BitImageProcessor.from_pretrained(tmp_path, subfolder="remote")  # a local subfolder, as for models
+    assert nested.crop_size == {"height": 48, "width": 48}
     config, unused = BitConfig.from_pretrained("someone/bit", return_unused_kwargs=True, num_labels=7, foo=1)
     assert config.num_labels == 7 and unused == {"foo": 1}
 
@@ -194,7 +264,7 @@ def test_save_pretrained_shards_and_takes_a_state_dict(tmp_path):
     assert not (tmp_path / "other-rank").exists()
 
 
-def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch):
+def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):
     import huggingface_hub
 
     uploaded = {}
@@ -206,16 +276,29 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch):
         def create_repo(self, repo_id, private=None, exist_ok=False):
             uploaded["created"] = (repo_id, private, exist_ok)
 
+        def file_exists(self, repo_id, filename, revision=None):
+            return repo_id == "me/has-a-card"
+
         def upload_folder(self, repo_id, folder_path, commit_message, revision=None, create_pr=False):
             uploaded[repo_id] = sorted(os.listdir(folder_path))
+            card = Path(folder_path) / "README.md"
+            uploaded[repo_id + ":card"] = card.read_text() if card.is_file() else None
             return "commit"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert build().push_to_hub("me/model", private=True) == "commit"
     BitConfig(**TESTER).push_to_hub("me/config")
     BitImageProcessor().push_to_hub("me/processor")
-    assert uploaded["me/model"] == ["config.json", "model.safetensors"] and uploaded["created"][1:] == (None, True)
+    assert uploaded["me/model"] == ["README.md", "config.json", "model.safetensors"]
+    assert uploaded["created"][1:] == (None, True)
+    assert uploaded["me/model:card"].startswith("---\nlibrary_name: transformers\npipeline_tag: image-classification")
     assert uploaded["me/config"] == ["config.json"] and uploaded["me/processor"] == ["preprocessor_config.json"]
+    # save_pretrained(push_to_hub=True) uploads what it wrote: shards and variant names included.
+    build().save_pretrained(tmp_path / "has-a-card", push_to_hub=True, repo_id="me/has-a-card", max_shard_size="20kB",
+                            variant="v1")
+    written = sorted(path.name for path in (tmp_path / "has-a-card").iterdir())
+    assert uploaded["me/has-a-card"] == written and uploaded["me/has-a-card:card"] is None  # its card is kept
+    assert "model.safetensors.index.v1.json" in written and "model.v1-00001-of-00003.safetensors" in written
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,3 +461,77 @@ def test_logging_names_the_fresh_head(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="bigtransfer"):
         BitForImageClassification.from_pretrained(tmp_path, num_labels=4)
     assert "classifier.1.weight" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_training_step_with_labels_compiles_as_one_graph():
+    # aot_eager traces exactly what Inductor would (dynamo + AOT autograd), without its slow code generation.
+    model = build(num_labels=3).train()
+    labels = torch.tensor([0, 2])
+    eager_loss = model(PIXELS, labels=labels).loss
+    eager_loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(pixel_values=PIXELS, labels=labels).loss
+    loss.backward()
+    assert abs(loss.item() - eager_loss.item()) < 1e-5
+    assert all(relative_error(p.grad, expected[name]) < 1e-4 for name, p in model.named_parameters())
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\]"):
+        model(PIXELS, labels=torch.tensor([0, 3]))  # eager keeps the clear error
+
+
+def test_from_config_loss_function_and_batch_feature_data_work_as_in_transformers():
+    config = BitConfig(**TESTER)
+    for library in (transformers, None):
+        model_class, config_class = ((library.BitForImageClassification, library.BitConfig) if library
+                                     else (BitForImageClassification, BitConfig))
+        assert model_class._from_config(config_class(**TESTER), dtype=torch.bfloat16).dtype == torch.bfloat16
+        model = model_class._from_config(config_class(**TESTER)).eval()
+        labels = torch.tensor([0, 2])
+        default = model(PIXELS, labels=labels).loss
+        assert torch.allclose(model.loss_function(labels, model(PIXELS).logits, model.config), default)
+        model.loss_function = lambda labels, logits, config, **kwargs: logits.sum() * 0 + 7
+        assert model(PIXELS, labels=labels).loss.item() == 7
+    assert BitForImageClassification.from_config(config).config == config
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    ours = BitImageProcessor()(image, return_tensors="pt").data
+    theirs = transformers.BitImageProcessor()(image, return_tensors="pt").data
+    assert type(ours) is type(theirs) and list(ours) == list(theirs)
+
+
+@pytest.mark.parametrize("settings", [{}, dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5] * 3, resample=2,
+                                               size={"height": 48, "width": 48}, crop_size=32, do_center_crop=False)])
+def test_processor_to_dict_equals_transformers_value_for_value_and_type(settings):
+    ours, theirs = BitImageProcessor(**settings).to_dict(), transformers.BitImageProcessor(**settings).to_dict()
+    # resample is always PIL's Resampling here (an int enum); transformers keeps an int given as an int.
+    assert ours.pop("resample") == theirs.pop("resample")
+    assert {key: (value, type(value)) for key, value in ours.items()} == {
+        key: (value, type(value)) for key, value in theirs.items()}
+
+
+def test_integrations_are_reachable_after_import_without_loading_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, bigtransfer; bigtransfer.integrations.trainer_callback; "
+            "assert 'transformers' not in sys.modules and 'peft' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_weights_saved_without_a_config_name_the_groups_they_lack(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    model = build(num_labels=3)  # num_groups=1, which no weights file records
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, tmp_path / "model.safetensors",
+              {"format": "pt"})  # what the Trainer's save_model writes for it
+    with pytest.raises(ValueError, match=r"do not store the GroupNorm groups: pass num_groups=N"):
+        BitForImageClassification.from_pretrained(tmp_path)
+    reloaded = BitForImageClassification.from_pretrained(tmp_path, num_groups=1)
+    assert relative_error(reloaded(PIXELS).logits, model(PIXELS).logits) < 1e-5
+    wide = build(num_labels=3, hidden_sizes=[128, 128, 128, 128], embedding_size=32)  # 32 groups divide these widths
+    save_file({key: value.contiguous() for key, value in wide.state_dict().items()}, tmp_path / "model.safetensors",
+              {"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="bigtransfer"):
+        BitForImageClassification.from_pretrained(tmp_path)
+    assert "assumed BiT's num_groups=32" in caplog.text

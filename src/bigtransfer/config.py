@@ -349,18 +349,15 @@ class BitConfig:
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, return_unused_kwargs: bool = False, revision: str | None = None,
-                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-                        local_files_only: bool = False, subfolder: str | None = None, **overrides: Any):
-        """Read a config.json file, the one in a directory (or its `subfolder`), or a Hugging Face Hub repository's;
-        `overrides` replace its values. With `return_unused_kwargs=True` (as in transformers), overrides that are
-        not config fields are left out and returned: `(config, unused)`."""
-        local = Path(path) / subfolder if subfolder and Path(path).is_dir() else Path(path)
-        if not local.exists() and hub.is_hub_name(str(path)) and not os.path.isabs(path):
-            options = hub.HubOptions(revision, cache_dir, token, local_files_only, subfolder=subfolder)
-            local = hub.download_file(str(path), CONFIG_NAME, options)
+    def from_pretrained(cls, path: str | os.PathLike, *, return_unused_kwargs: bool = False, **overrides: Any):
+        """Read a config.json file, the one in a directory (or its `subfolder`), or a Hugging Face Hub repository's,
+        resolved as models are (`hub.locate`: `revision`, `cache_dir`, `token`, `local_files_only`,
+        `force_download`, `subfolder`); `overrides` replace its values. With `return_unused_kwargs=True` (as in
+        transformers), overrides that are not config fields are left out and returned: `(config, unused)`."""
+        options = hub.hub_options(overrides)
+        located = hub.locate(path, CONFIG_NAME, options)
         unused = {key: overrides.pop(key) for key in list(overrides) if key not in _FIELDS} if return_unused_kwargs else {}
-        config = cls.from_dict(read_json(_config_path(local)), **overrides)
+        config = cls.from_dict(read_json(located), **overrides)
         return (config, unused) if return_unused_kwargs else config
 
     @classmethod
@@ -503,15 +500,6 @@ def _shown(value: Any) -> str:
     """A value for an error message, shortened (a config may hold a 4,000-digit number or a megabyte string)."""
     text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"a {len(str(abs(value)))}-digit integer"
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _config_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / CONFIG_NAME
-    if not path.is_file():
-        raise OSError(f"no {CONFIG_NAME} found at {path}")
-    return path
 
 
 _FIELDS = frozenset(inspect.signature(BitConfig.__init__).parameters) - {"self", "kwargs"}

@@ -53,6 +53,11 @@ _TIMEOUT_S = 30
 # Shared: where the cache is, and whether we may go online.
 
 
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "pytorch_model.bin"
+
+
 @dataclasses.dataclass(frozen=True)
 class HubOptions:
     """How names are fetched, from transformers' `from_pretrained` arguments: a Hub `revision` (branch, tag or
@@ -66,6 +71,7 @@ class HubOptions:
     force_download: bool = False
     subfolder: str | None = None
     use_safetensors: bool | None = None  # True: safetensors weights only; False: pytorch_model.bin only
+    variant: str | None = None  # weight files named model.<variant>.safetensors, as transformers names them
 
     def cache(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else cache_dir()
@@ -232,6 +238,45 @@ def is_hub_name(name: str) -> bool:
     return bool(_REPO_ID.fullmatch(str(name))) and not str(name).startswith((".", "/"))
 
 
+def local_source(source: str | os.PathLike, options: HubOptions = DEFAULT_OPTIONS) -> Path | None:
+    """The existing local file or directory `source` names (a directory's `options.subfolder`), else None: the
+    first rule of every source resolution (models, configs, processors)."""
+    text = os.fspath(source)
+    if not str(text).strip():
+        raise ValueError("the model name or path is empty")
+    path = Path(text).expanduser()
+    if not path.exists():
+        return None
+    return path / options.subfolder if options.subfolder and path.is_dir() else path
+
+
+def locate(source: str | os.PathLike, filename: str, options: HubOptions = DEFAULT_OPTIONS) -> Path:
+    """Where `filename` (config.json, preprocessor_config.json) of `source` is: the file itself when `source` is a
+    file, `filename` in a directory (its `options.subfolder`), or a Hub repository's, downloaded into the cache.
+
+    The resolution `BitConfig.from_pretrained` and `BitImageProcessor.from_pretrained` share with model loading
+    (`checkpoints.loader.resolve`, which adds weights and Google's names). OSError when there is no such file.
+    """
+    local = local_source(source, options)
+    if local is not None:
+        path = local / filename if local.is_dir() else local
+        if not path.is_file():
+            raise OSError(f"no {filename} in the directory {str(local)!r}")
+        return path
+    text = os.fspath(source)
+    if is_hub_name(text) and not os.path.isabs(text):
+        return download_file(text, filename, options)
+    raise OSError(f"{text!r} is neither a file, a directory holding {filename} nor a Hugging Face Hub name such as "
+                  "google/bit-50")
+
+
+def hub_options(arguments: dict) -> HubOptions:
+    """HubOptions from transformers' loading keywords, removed from `arguments` (the rest are the caller's own)."""
+    names = {"revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder", "use_safetensors",
+             "variant"}
+    return HubOptions(**{name: arguments.pop(name) for name in names if name in arguments})
+
+
 def download(repo_id: str, options: HubOptions = DEFAULT_OPTIONS) -> Path:
     """The cached snapshot directory of a transformers or timm repository: config.json plus its weights.
 
@@ -245,8 +290,8 @@ def download(repo_id: str, options: HubOptions = DEFAULT_OPTIONS) -> Path:
     if config is None:
         raise CheckpointError(f"{repo_id} has no {CONFIG_NAME}, so it is neither a transformers nor a timm model repository.")
     unreachable = False
-    names = {None: ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
-             True: ("model.safetensors", "model.safetensors.index.json"), False: ("pytorch_model.bin",)}
+    safe, index, pickled = weight_names(options.variant)
+    names = {None: (safe, index, pickled), True: (safe, index), False: (pickled,)}
     for filename in names[options.use_safetensors]:
         try:
             weights = _fetch_from_hub(repo_id, filename, options)
@@ -266,7 +311,7 @@ def download(repo_id: str, options: HubOptions = DEFAULT_OPTIONS) -> Path:
     else:
         if unreachable:
             raise _unreachable_error(repo_id, options)
-        shown = {None: "model.safetensors or pytorch_model.bin", True: "model.safetensors", False: "pytorch_model.bin"}
+        shown = {None: f"{safe} or {pickled}", True: safe, False: pickled}
         raise CheckpointError(f"{repo_id} has no {shown[options.use_safetensors]}.")
     try:
         _fetch_from_hub(repo_id, "preprocessor_config.json", options)
@@ -276,9 +321,11 @@ def download(repo_id: str, options: HubOptions = DEFAULT_OPTIONS) -> Path:
 
 
 def push_folder(repo_id: str, write, *, commit_message: str | None = None, private: bool | None = None,
-                token: str | bool | None = None, revision: str | None = None, create_pr: bool = False):
+                token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
+                model_card: str | None = None):
     """Write files with `write(directory)` into a temporary directory and upload them to the Hub repository
-    `repo_id` (created when missing), as transformers' `push_to_hub` does; returns huggingface_hub's CommitInfo."""
+    `repo_id` (created when missing), as transformers' `push_to_hub` does; `model_card` becomes README.md unless
+    the repository has one. Returns huggingface_hub's CommitInfo."""
     import tempfile
 
     hub, _ = _import_hub()
@@ -286,8 +333,31 @@ def push_folder(repo_id: str, write, *, commit_message: str | None = None, priva
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as directory:
         write(Path(directory))
+        if model_card is not None and not api.file_exists(repo_id, "README.md", revision=revision):
+            (Path(directory) / "README.md").write_text(model_card, encoding="utf-8")
         return api.upload_folder(repo_id=repo_id, folder_path=directory, commit_message=commit_message or "Upload with bigtransfer",
                                  revision=revision, create_pr=create_pr)
+
+
+def model_card(repo_id: str, pipeline_tag: str) -> str:
+    """A model card with the metadata transformers writes (library_name, tags) and the task."""
+    return (
+        f"---\nlibrary_name: transformers\npipeline_tag: {pipeline_tag}\ntags:\n- transformers\n- bit\n"
+        f"- bigtransfer\n---\n\n# {repo_id}\n\nA BiT (Big Transfer: ResNet-v2 with GroupNorm and Weight "
+        "Standardization) model in transformers' layout: it loads with `transformers.AutoModel.from_pretrained"
+        f"(\"{repo_id}\")` (width 1) and with `bigtransfer.BitForImageClassification.from_pretrained(\"{repo_id}\")`.\n"
+    )
+
+
+def weight_names(variant: str | None = None) -> tuple[str, str, str]:
+    """(model.safetensors, its shard index, pytorch_model.bin), named for `variant` as transformers names them
+    (model.fp16.safetensors, model.safetensors.index.fp16.json, pytorch_model.fp16.bin)."""
+    if variant is None:
+        return SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+    if not isinstance(variant, str) or not variant or "/" in variant or "\\" in variant:
+        raise ValueError(f"variant must be a non-empty name without path separators, got {variant!r}")
+    return tuple(f"{stem}.{variant}.{suffix}" for stem, suffix in
+                 (name.rsplit(".", 1) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME)))
 
 
 def shard_names(index_path: Path) -> list[str]:

@@ -81,28 +81,58 @@ def same_padding(size: int, kernel_size: int, stride: int, dilation: int) -> int
 class DynamicPad2d(nn.Module):
     """TensorFlow-style 'SAME' padding computed from the input size: half before, the rest after."""
 
-    def __init__(self, kernel_size: int, stride: int, dilation: int = 1, value: float = 0.0):
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int],
+                 dilation: int | tuple[int, int] = 1, value: float = 0.0):
         super().__init__()
-        self.kernel_size, self.stride, self.dilation, self.value = kernel_size, stride, dilation, value
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.value = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad_h = same_padding(x.shape[-2], self.kernel_size, self.stride, self.dilation)
-        pad_w = same_padding(x.shape[-1], self.kernel_size, self.stride, self.dilation)
+        pad_h, pad_w = (same_padding(x.shape[axis - 2], self.kernel_size[axis], self.stride[axis], self.dilation[axis])
+                        for axis in range(2))
         if pad_h or pad_w:
             x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2], value=self.value)
         return x
 
 
-def padding_for(padding: str | None, kernel_size: int, stride: int, dilation: int) -> tuple[int, bool]:
-    """(static padding, whether dynamic 'SAME' padding is needed) for a conv, as transformers decides it."""
-    symmetric = ((stride - 1) + dilation * (kernel_size - 1)) // 2
-    if padding == "SAME":
-        if stride == 1 and (dilation * (kernel_size - 1)) % 2 == 0:
-            return symmetric, False
-        return 0, True
-    if padding == "VALID":
-        return 0, False
-    return symmetric, False
+def padding_for(padding: str | int | tuple[int, int] | None, kernel_size: int | tuple[int, int],
+                stride: int | tuple[int, int], dilation: int | tuple[int, int]) -> tuple[tuple[int, int], bool]:
+    """(static padding per axis, whether dynamic 'SAME' padding is needed) for a conv.
+
+    None is transformers' default (symmetric: the output keeps the size, divided by the stride), "SAME" its
+    TensorFlow padding (static where it can be, else computed from the input), "VALID" none; an int or a pair is
+    nn.Conv2d's explicit padding, and "same" / "valid" are nn.Conv2d's names.
+    """
+    kernel_size, stride, dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+    symmetric = tuple(((s - 1) + d * (k - 1)) // 2 for k, s, d in zip(kernel_size, stride, dilation, strict=True))
+    if padding is None:
+        return symmetric, False
+    if isinstance(padding, str):
+        if padding == "SAME" or padding == "same":
+            if all(s == 1 and (d * (k - 1)) % 2 == 0 for k, s, d in zip(kernel_size, stride, dilation, strict=True)):
+                return symmetric, False
+            if padding == "same":
+                raise ValueError("padding='same' needs stride 1 and an even dilation * (kernel_size - 1), as in "
+                                 "nn.Conv2d; 'SAME' pads TensorFlow's way for strided convolutions")
+            return (0, 0), True
+        if padding in ("VALID", "valid"):
+            return (0, 0), False
+        raise ValueError(f"padding must be None, 'SAME', 'VALID', 'same', 'valid', an int or a pair, got {padding!r}")
+    return _pair(padding), False
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    """nn.Conv2d's reading of a size: one int for both axes, or a pair."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or not all(isinstance(item, int) and not isinstance(item, bool) for item in pair):
+        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def _traced() -> bool:
+    """Inside torch.compile, torch.jit tracing or scripting: plain ops only (compilers fuse them, exporters see
+    reductions rather than a training-mode BatchNorm)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
 @functools.lru_cache(maxsize=256)
@@ -129,18 +159,25 @@ class StdConv2d(nn.Conv2d):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        dilation: int = 1,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] | None = None,
+        dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = False,
-        padding: str | None = None,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
         eps: float = 1e-8,
     ):
+        """nn.Conv2d's arguments, in its order (ints or pairs), with BiT's defaults (no bias; `padding=None`:
+        transformers' symmetric padding) and `eps`, the standardization's (1e-8 as transformers and timm,
+        1e-10 for the original code's checkpoints). `padding` also takes "SAME" (TensorFlow) and "VALID"."""
         static_padding, dynamic = padding_for(padding, kernel_size, stride, dilation)
         super().__init__(
-            in_channels, out_channels, kernel_size, stride=stride, padding=static_padding,
-            dilation=dilation, groups=groups, bias=bias,
+            in_channels, out_channels, kernel_size, stride=stride, padding=static_padding, dilation=dilation,
+            groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
         )
         self.pad = DynamicPad2d(kernel_size, stride, dilation) if dynamic else None
         self.eps = eps
@@ -148,7 +185,7 @@ class StdConv2d(nn.Conv2d):
 
     def standardized_weight(self) -> torch.Tensor:
         weight = self.weight
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        if _traced():
             return standardize_weight(weight, self.eps)  # plain ops: compilers fuse them, exporters see reductions
         builds_graph = torch.is_grad_enabled() and weight.requires_grad
         if self.training or builds_graph or weight.device.type != "cpu":
@@ -167,9 +204,19 @@ class StdConv2d(nn.Conv2d):
         return cache[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._convolve(x, self.standardized_weight())
+
+    def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This layer's convolution with `weight` standardized in place of its own (an adapter's updated weight,
+        with gradients to it); nothing is cached."""
+        if torch.is_grad_enabled() and weight.requires_grad and not _traced():
+            return self._convolve(x, standardize_weight_for_training(weight, self.eps))
+        return self._convolve(x, standardize_weight(weight, self.eps))
+
+    def _convolve(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.pad is not None:
             x = self.pad(x)
-        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv_forward(x, weight, self.bias)
 
     def train(self, mode: bool = True) -> StdConv2d:
         self._cache = None  # free the cached copy; eval() also rebuilds it, a safe point after `.data` writes

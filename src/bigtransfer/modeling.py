@@ -1,93 +1,51 @@
 """BiT models: stem -> bottleneck layers -> stages -> encoder -> BitModel / BitForImageClassification / BitBackbone.
 
-Module and parameter names follow transformers exactly, so its checkpoints load here and ours load there.
-`from_pretrained` / `save_pretrained` delegate to `bigtransfer.checkpoints` (the model code opens no files).
+Module and parameter names follow transformers exactly, so its checkpoints load here and ours load there. What the
+models share (from_pretrained / save_pretrained, checkpointing, input checks) is `pretrained.BitPreTrainedModel`;
+their outputs are in `outputs` (re-exported here).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import hub
-from .checkpoints import loader, writers
+from . import integrations
 from .config import BitConfig, make_divisible
 from .layers import DropPath, GroupNormAct, MaxPool2dSame, StdConv2d, activation
+from .outputs import (  # re-exported: the models' output types
+    BackboneOutput,
+    BaseModelOutputWithPoolingAndNoAttention,
+    ImageClassifierOutputWithNoAttention,
+    ModelOutput,
+)
+from .pretrained import BitPreTrainedModel, Checkpointing
 
-# ---------------------------------------------------------------------------------------------------------------
-# Outputs: named fields, with the tuple and dict access of transformers' ModelOutput.
-
-
-class ModelOutput(dict):
-    """Named fields (each output class is a dataclass) that also read as a dict of the fields that are not None
-    (`out["logits"]`, `out.get("loss")`, `out.keys()`) and by position (`out[0]`), as transformers' ModelOutput does.
-
-    Every subclass is a pytree node, so torch.export, torch.onnx, `torch.jit.trace(strict=False)`, `torch.func.vmap`
-    and DDP see its tensors as a plain container's.
-    """
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        pytree.register_pytree_node(
-            cls, lambda output: (list(output.values()), list(output.keys())),
-            lambda values, keys: cls(**dict(zip(keys, values, strict=True))),
-            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
-        )
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in getattr(self, "__dataclass_fields__", {}):
-            if value is None:
-                dict.pop(self, name, None)
-            else:
-                dict.__setitem__(self, name, value)
-        super().__setattr__(name, value)
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        setattr(self, key, value)
-
-    def __getitem__(self, item):
-        if isinstance(item, str):
-            return dict.__getitem__(self, item)
-        return self.to_tuple()[item]
-
-    def to_tuple(self) -> tuple:
-        return tuple(self.values())
-
-
-@dataclasses.dataclass
-class BaseModelOutputWithPoolingAndNoAttention(ModelOutput):
-    last_hidden_state: torch.Tensor | None = None
-    pooler_output: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclasses.dataclass
-class ImageClassifierOutputWithNoAttention(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclasses.dataclass
-class BackboneOutput(ModelOutput):
-    feature_maps: tuple[torch.Tensor, ...] | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: None = None
-
+__all__ = [
+    "BackboneOutput", "BaseModelOutputWithPoolingAndNoAttention", "BitBackbone", "BitForImageClassification",
+    "BitModel", "BitPreTrainedModel", "Checkpointing", "ImageClassifierOutputWithNoAttention", "ModelOutput",
+]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks.
 
 
-class BitEmbeddings(nn.Module):
+class ConvHolder(nn.Module):
+    """A module with StdConv2d children: a PEFT LoRA wrapper installed over one is switched to apply its update
+    inside the weight standardization (`integrations.standardized_adapter`: exact merges, a plain BiT after)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        replaced = self.__dict__.get("_modules", {}).get(name)
+        if isinstance(replaced, StdConv2d) and integrations.is_peft_layer(value):
+            value = integrations.standardized_adapter(value)
+        super().__setattr__(name, value)
+
+
+class BitEmbeddings(ConvHolder):
     """Stem: 7x7 stride-2 conv -> zero pad 1 (unless SAME) -> [GN+act for bottleneck] -> 3x3 stride-2 max pool.
 
     The explicit zero padding before the pool matters: stem outputs can be negative, so it differs from
@@ -111,7 +69,7 @@ class BitEmbeddings(nn.Module):
         return self.pooler(self.norm(self.pad(self.convolution(pixel_values))))
 
 
-class BitDownsampleConv(nn.Module):
+class BitDownsampleConv(ConvHolder):
     """1x1 strided projection of the shortcut (GroupNorm after it only in the non-pre-activation block)."""
 
     def __init__(self, config: BitConfig, in_channels: int, out_channels: int, stride: int, preact: bool):
@@ -123,7 +81,7 @@ class BitDownsampleConv(nn.Module):
         return self.norm(self.conv(x))
 
 
-class BitPreActivationBottleneckLayer(nn.Module):
+class BitPreActivationBottleneckLayer(ConvHolder):
     """ResNet-v2 bottleneck: relu(gn1(x)) feeds both the projection shortcut and conv1 -> conv2 (3x3) -> conv3."""
 
     def __init__(
@@ -155,7 +113,7 @@ class BitPreActivationBottleneckLayer(nn.Module):
         return _residual_add(self.drop_path(x), shortcut)
 
 
-class BitBottleneckLayer(nn.Module):
+class BitBottleneckLayer(ConvHolder):
     """Non-pre-activation bottleneck (ViT/DPT hybrids): conv+gn+act twice, conv+gn, act(branch + shortcut)."""
 
     def __init__(
@@ -219,14 +177,6 @@ class BitStage(nn.Module):
         return x
 
 
-@dataclasses.dataclass(frozen=True)
-class Checkpointing:
-    """Activation checkpointing settings: every `every`-th layer, with `torch.utils.checkpoint` `options`."""
-
-    every: int = 1
-    options: dict = dataclasses.field(default_factory=dict)
-
-
 class BitEncoder(nn.Module):
     """The stages; strides 1, 2, 2, 2 after the stride-4 stem, turned into dilation past `output_stride`."""
 
@@ -279,204 +229,6 @@ def _residual_add(branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models.
-
-
-class BitPreTrainedModel(nn.Module):
-    """Shared behaviour: weight init, input checks, gradient checkpointing, save / load in transformers' layout."""
-
-    config_class = BitConfig
-    base_model_prefix = "bit"
-    main_input_name = "pixel_values"
-    supports_gradient_checkpointing = True  # transformers' BiT says False
-    name_or_path = ""  # what from_pretrained loaded, as in transformers
-
-    def __init__(self, config: BitConfig):
-        super().__init__()
-        if not isinstance(config, BitConfig):
-            raise TypeError(f"config must be a bigtransfer.BitConfig, got {type(config).__name__}")
-        if config.global_padding == "VALID":
-            # transformers builds this and then fails on the first residual sum: every unpadded 3x3 conv
-            # shrinks the branch by two pixels while the shortcut keeps its size.
-            raise ValueError(
-                "global_padding='VALID' cannot build a residual network: unpadded 3x3 convolutions shrink the "
-                "residual branch so it no longer matches the shortcut; use None (symmetric) or 'SAME' padding"
-            )
-        self.config = config
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.GroupNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            module.reset_parameters()
-
-    def post_init(self) -> None:
-        self.apply(self._init_weights)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def base_model(self) -> BitModel:
-        """The backbone (`self.bit`; a BitModel is its own): the usual handle to freeze it."""
-        return getattr(self, self.base_model_prefix, self)
-
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """Parameters (`only_trainable`: those that require gradients); BiT has no embedding tables, so
-        `exclude_embeddings` (what transformers' Trainer passes) changes nothing."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
-
-    def get_memory_footprint(self, return_buffers: bool = True) -> int:
-        """Bytes held by the parameters (and buffers)."""
-        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
-        return sum(tensor.nelement() * tensor.element_size() for tensor in tensors)
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
-                                        every_n_layers: int = 1, offload: bool = False) -> None:
-        """Recompute activations in the backward pass: less memory, about a third more compute. As in
-        transformers: every `every_n_layers`-th layer, `activation_checkpointing_kwargs` passed to
-        `torch.utils.checkpoint.checkpoint` (`use_reentrant` is False unless given)."""
-        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
-            raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
-        if offload:
-            raise ValueError("offload=True (activations in pinned host memory) is not supported for BiT; its "
-                             "activations are small next to a transformer's at long sequences")
-        self.base_model.encoder.checkpointing = Checkpointing(every_n_layers, dict(activation_checkpointing_kwargs or {}))
-
-    def activation_checkpointing_disable(self) -> None:
-        self.base_model.encoder.checkpointing = None
-
-    @property
-    def is_activation_checkpointing(self) -> bool:
-        return self.base_model.encoder.checkpointing is not None
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
-        """The older name of `activation_checkpointing_enable` (both are kept, as in transformers 5)."""
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.activation_checkpointing_disable()
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.is_activation_checkpointing
-
-    def enable_input_require_grads(self) -> None:
-        """Make the stem's output require gradients, so checkpointed layers of a frozen backbone (adapters,
-        partial fine-tuning) still pass gradients on, as transformers does for input embeddings."""
-        self.disable_input_require_grads()
-        self._input_grad_hook = self.base_model.embedder.register_forward_hook(
-            lambda module, inputs, output: output.requires_grad_(True)
-        )
-
-    def disable_input_require_grads(self) -> None:
-        hook = getattr(self, "_input_grad_hook", None)
-        if hook is not None:
-            hook.remove()
-            self._input_grad_hook = None
-
-    def _checked_pixel_values(self, pixel_values: Any) -> torch.Tensor:
-        """`pixel_values` validated, and in the weights' dtype (under autocast the convolutions pick their own)."""
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if pixel_values.ndim != 4:
-            raise ValueError(
-                f"pixel_values must be 4-D (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
-            )
-        if not pixel_values.is_floating_point():
-            raise TypeError(
-                f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}; use the image processor "
-                "to turn images into normalised floats"
-            )
-        batch, channels, height, width = pixel_values.shape
-        if channels != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values has {channels} channels (shape {tuple(pixel_values.shape)}), but the model expects "
-                f"{self.config.num_channels} (config.num_channels)"
-            )
-        if batch == 0 or height == 0 or width == 0:
-            raise ValueError(f"pixel_values is empty: shape {tuple(pixel_values.shape)}")
-        weight = next(self.parameters(), None)
-        if weight is not None and pixel_values.device != weight.device:
-            raise ValueError(
-                f"pixel_values is on {pixel_values.device} but the model is on {weight.device}; move one of them "
-                "(pixel_values.to(model.device))"
-            )
-        traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
-        if not (traced or torch._C._functorch.is_functorch_wrapped_tensor(pixel_values)):  # vmap / grad: no data checks
-            # A sum is one pass with no temporary; only a non-finite sum (or an overflow) needs the exact check.
-            if not torch.isfinite(pixel_values.sum()) and not torch.isfinite(pixel_values).all():
-                raise ValueError("pixel_values contains NaN or infinite values")
-        return pixel_values if weight is None else pixel_values.to(weight.dtype)  # a bf16 model takes float32
-
-    # -- persistence (file handling lives in bigtransfer.checkpoints) ------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path_or_name: str | os.PathLike | None = None, *args: Any, **kwargs: Any):
-        """Load a model from a transformers-layout directory (config.json + model.safetensors or pytorch_model.bin),
-        a Hub name (`google/bit-50`, `timm/resnetv2_50x1_bit.goog_in21k`), a single weights file in any supported
-        format (timm, Google .npz, original big_transfer) or a Google name (`BiT-M-R50x1`).
-
-        Keyword arguments override config fields (`num_labels=10`, `out_features=[...]`; any other name raises
-        TypeError); with `ignore_mismatched_sizes=True` a head whose shape no longer matches is re-initialised
-        (zeros, as the BiT recipe does) and a warning says so; without it a mismatch raises ValueError naming
-        key and shapes. As in transformers, `dtype` (or `torch_dtype`: a torch dtype, "bfloat16", ... or "auto"
-        for the stored weights' dtype) casts the model, `device_map` ("cuda:0", 0, "auto") moves it to one
-        device, and `revision` picks a Hub branch, tag or commit.
-
-        A weights file or Google name has no config.json: its architecture is read off the tensors, and a
-        `num_labels` other than its head's starts a new zero head (no flag needed).
-
-        transformers' other loading arguments work as there: `pretrained_model_name_or_path=`, `config=`,
-        `state_dict=` (these tensors instead of the source's), `output_loading_info=True` (returns the model
-        and its missing / unexpected / mismatched keys), `subfolder`, `cache_dir`, `token`, `local_files_only`,
-        `force_download`, `use_safetensors`; `low_cpu_mem_usage`, `trust_remote_code` and `attn_implementation`
-        are accepted and mean nothing here (see `checkpoints.loader.IGNORED_ARGUMENTS`). A head whose size does
-        not fit raises `MismatchedSizesError`, both a ValueError and (as in transformers) a RuntimeError.
-
-        Example:
-            >>> model = BitForImageClassification.from_pretrained("runs/pets/model", num_labels=37,
-            ...                                                   ignore_mismatched_sizes=True)
-        """
-        if args:
-            raise TypeError(f"{cls.__name__}.from_pretrained takes the source and keyword arguments only")
-        return loader.load(cls, path_or_name, **kwargs)
-
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, safe_serialization: bool = True, *,
-        max_shard_size: int | str | None = None, state_dict: dict[str, torch.Tensor] | None = None,
-        is_main_process: bool = True, push_to_hub: bool = False, **hub_kwargs: Any,
-    ) -> None:
-        """Write config.json and model.safetensors (or pytorch_model.bin) atomically, loadable by transformers.
-
-        As in transformers: `max_shard_size` ("5GB", bytes) splits the weights into indexed shards, `state_dict`
-        saves those tensors, `is_main_process=False` writes nothing (other ranks), `push_to_hub=True` also uploads
-        the directory (`repo_id=`, default the directory's name, and `push_to_hub`'s other arguments).
-        """
-        if not is_main_process:
-            return
-        writers.save_transformers(self, save_directory, safe_serialization=safe_serialization,
-                                  max_shard_size=max_shard_size, state_dict=state_dict)
-        if push_to_hub:
-            self.push_to_hub(hub_kwargs.pop("repo_id", Path(save_directory).name), **hub_kwargs)
-
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
-                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
-                    max_shard_size: int | str | None = None, safe_serialization: bool = True):
-        """Upload config.json and the weights to the Hugging Face Hub repository `repo_id` (created if missing)."""
-        return hub.push_folder(
-            repo_id, lambda directory: writers.save_transformers(
-                self, directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size),
-            commit_message=commit_message, private=private, token=token, revision=revision, create_pr=create_pr,
-        )
 
 
 class BitModel(BitPreTrainedModel):
@@ -553,7 +305,7 @@ class BitForImageClassification(BitPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.bit(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.pooler_output)
-        loss = self.loss(logits, labels) if labels is not None else None
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         if not return_dict:
             output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + output) if loss is not None else output
@@ -579,7 +331,23 @@ class BitForImageClassification(BitPreTrainedModel):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
         self.classifier[1] = head.to(device=parameter.device, dtype=parameter.dtype)
-        self.config.num_labels = self.num_labels = num_classes
+        if self.config.num_labels != num_classes:  # setting it renames the classes; the same count keeps their names
+            self.config.num_labels = num_classes
+        self.num_labels = num_classes
+
+    @property
+    def loss_function(self):
+        """What the forward computes its loss with, called as transformers calls it: `(labels, logits, config)`.
+        Assign another function of that signature to replace it (as in transformers); `loss` is the default."""
+        return self.__dict__.get("_loss_function") or self._default_loss
+
+    @loss_function.setter
+    def loss_function(self, function) -> None:
+        self.__dict__["_loss_function"] = function
+
+    def _default_loss(self, labels: torch.Tensor, logits: torch.Tensor, config: BitConfig | None = None,
+                      **kwargs: Any) -> torch.Tensor:
+        return self.loss(logits, labels)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training loss for `labels`, following `config.problem_type` (set on first use, as in transformers)."""
@@ -607,16 +375,21 @@ class BitForImageClassification(BitPreTrainedModel):
                 raise ValueError(f"expected {logits.shape[0]} labels for {logits.shape[0]} images, got {labels.numel()}")
             if labels.is_floating_point():
                 raise TypeError(f"single-label classification needs integer labels, got {labels.dtype}")
-            valid = labels[labels != -100]
-            if valid.numel() and (valid.min() < 0 or valid.max() >= num_labels):
-                raise ValueError(
-                    f"labels must be in [0, {num_labels - 1}] (num_labels={num_labels}), got values from "
-                    f"{int(valid.min())} to {int(valid.max())}"
-                )
+            if not torch.compiler.is_compiling():  # a data-dependent branch: compiled graphs leave it to the kernel
+                _check_label_range(labels, num_labels)
             return F.cross_entropy(logits.reshape(-1, num_labels), labels)
         if labels.shape != logits.shape:
             raise ValueError(f"multi-label targets must have the logits' shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def _check_label_range(labels: torch.Tensor, num_labels: int) -> None:
+    valid = labels[labels != -100]  # cross-entropy's ignore_index
+    if valid.numel() and (valid.min() < 0 or valid.max() >= num_labels):
+        raise ValueError(
+            f"labels must be in [0, {num_labels - 1}] (num_labels={num_labels}), got values from "
+            f"{int(valid.min())} to {int(valid.max())}"
+        )
 
 
 class BitBackbone(BitPreTrainedModel):

@@ -196,17 +196,18 @@ class Checkpoint:
         return f"{keymaps.source_key(key, self.naming)} (here {key})"
 
 
-def read_checkpoint(path: str | os.PathLike, name: str | None = None, use_safetensors: bool | None = None) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, name: str | None = None, use_safetensors: bool | None = None,
+                    variant: str | None = None) -> Checkpoint:
     """Read a weights file (any format) or a transformers / timm directory into a `Checkpoint`.
 
     `name` is the name the file is known by (a hub or Google name), used only to pick the preprocessing
     when the file itself does not say (timm tags, -ILSVRC2012, distilled resolutions). A directory of weights
     without config.json (what transformers' Trainer saves for a model that is not its own class) is read like a
-    weights file: its architecture is inferred.
+    weights file: its architecture is inferred. `use_safetensors` and `variant` pick a directory's weight files.
     """
     path = Path(path)
     if path.is_dir():
-        return _read_directory(path, name, use_safetensors)
+        return _read_directory(path, name, use_safetensors, variant)
     if not path.exists():
         raise OSError(f"no such file or directory: {path}")
     kind = file_kind(path)
@@ -236,17 +237,18 @@ def _preprocessing_for(naming: str, hint: str, config: dict[str, Any]) -> Prepro
     return TRANSFORMERS_DEFAULT
 
 
-def _read_directory(directory: Path, name: str | None, use_safetensors: bool | None) -> Checkpoint:
+def _read_directory(directory: Path, name: str | None, use_safetensors: bool | None,
+                    variant: str | None = None) -> Checkpoint:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
-        if has_directory_weights(directory):
-            return _from_tensors(read_directory_weights(directory, use_safetensors), "directory", str(directory),
+        if has_directory_weights(directory, variant):
+            return _from_tensors(read_directory_weights(directory, use_safetensors, variant), "directory", str(directory),
                                  name or directory.name)
         hint = (f"; it looks like a run directory: pass {directory / 'model'}"
                 if (directory / "model" / CONFIG_NAME).is_file() else "; pass the weights file itself")
         raise CheckpointError(f"{directory} is a directory without {CONFIG_NAME}{hint}")
     config = read_json(config_path)
-    tensors = read_directory_weights(directory, use_safetensors)
+    tensors = read_directory_weights(directory, use_safetensors, variant)
     if "architecture" in config and "model_type" not in config:
         return _read_timm_directory(directory, config, tensors, name)
     if isinstance(config.get("backbone_config"), dict) and config.get("model_type") != "bit":

@@ -3,15 +3,17 @@ strict load.
 
 `load(model_class, source, ...)` is what every `from_pretrained`, `bigtransfer.load_checkpoint`,
 `bigtransfer convert` and training call. The model class is a parameter (the checkpoint code never imports the
-model code). The `bit.` prefix, the head (the only part a checkpoint and a model may disagree on) and its zero
-re-initialisation (the BiT recipe) are handled here and nowhere else.
+model code). The `bit.` prefix and the head (the only part a checkpoint and a model may disagree on) are handled
+here and nowhere else; a fresh head is started by the model's own `reset_classifier` (zeros, the BiT recipe).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,6 @@ WEIGHT_SUFFIXES = (".npz", ".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 HEAD_PREFIX = "classifier."  # the only keys allowed to differ between a checkpoint and a model
 _PREFIX = "bit."
 CONFIG_FIELDS = frozenset(inspect.signature(BitConfig.__init__).parameters) - {"self", "kwargs"}
-# transformers' Hub arguments that huggingface_hub takes from the environment instead (set those).
-HUB_ENVIRONMENT = {"proxies": "HTTPS_PROXY"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -45,12 +45,11 @@ def resolve(source: str | os.PathLike, options: hub.HubOptions = hub.DEFAULT_OPT
     Google names (`BiT-M-R50x1`) and Hub names (`google/bit-50`) are downloaded into the cache (`hub`, as
     `options` say); a local directory's `options.subfolder` is looked into.
     """
+    existing = hub.local_source(source, options)
+    if existing is not None:
+        return existing, None
     text = os.fspath(source)
-    if not str(text).strip():
-        raise ValueError("the model name or path is empty")
     path = Path(text).expanduser()
-    if path.exists():
-        return (path / options.subfolder if options.subfolder else path), None
     local = looks_local(text)
     if hub.is_google_name(text):
         try:
@@ -92,7 +91,7 @@ def missing_source_message(text: str, also: str = "", names: tuple[str, ...] = (
 def read(source: str | os.PathLike, options: hub.HubOptions = hub.DEFAULT_OPTIONS) -> Checkpoint:
     """The Checkpoint of any source `resolve` takes."""
     path, name = resolve(source, options)
-    return read_checkpoint(path, name, use_safetensors=options.use_safetensors)
+    return read_checkpoint(path, name, use_safetensors=options.use_safetensors, variant=options.variant)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,9 +102,45 @@ IGNORED_ARGUMENTS = {
     "low_cpu_mem_usage": "weights are always loaded straight into the one model built",
     "trust_remote_code": "no code from a checkpoint is ever run",
     "attn_implementation": "BiT has no attention",
-    "_fast_init": "initialisation is always skipped for loaded weights",
+    "experts_implementation": "BiT has no mixture of experts",
     "use_flash_attention_2": "BiT has no attention",
+    "_fast_init": "initialisation is always skipped for loaded weights",
+    "offload_folder": "a BiT fits one device, so nothing is offloaded",
+    "offload_state_dict": "a BiT fits one device, so nothing is offloaded",
+    "offload_buffers": "a BiT fits one device, so nothing is offloaded",
+    "max_memory": "a BiT is never split over devices (max_memory bounds device_map='auto' splits)",
+    "disable_mmap": "safetensors files are read whole into the model",
+    "generation_config": "BiT is not a generative model",
+    "tqdm_class": "loading shows no progress bar",
+    "_from_auto": "transformers' own bookkeeping",
+    "_from_pipeline": "transformers' own bookkeeping",
+    "_commit_hash": "transformers' own bookkeeping (pass revision to pick a commit)",
 }
+# transformers' from_pretrained arguments taken at their default value only; any other is refused for the reason given.
+REFUSED_ARGUMENTS = {
+    "proxies": (None, "huggingface_hub reads proxies from the environment: set HTTPS_PROXY (and HTTP_PROXY) instead"),
+    "weights_only": (True, "checkpoints are always read without running pickled code (a restricted unpickler)"),
+    "quantization_config": (None, "BiT is not quantized while loading; bigtransfer.quantize makes an int8 ONNX model"),
+    "use_kernels": (False, "there are no Hub kernels for BiT's layers"),
+    "kernel_config": (None, "there are no Hub kernels for BiT's layers"),
+    "tp_plan": (None, "a BiT fits one device, so it is not split by tensor parallelism; train data-parallel (torchrun)"),
+    "tp_size": (None, "a BiT fits one device, so it is not split by tensor parallelism; train data-parallel (torchrun)"),
+    "device_mesh": (None, "a BiT fits one device, so it is not split by tensor parallelism; train data-parallel"),
+    "distributed_config": (None, "a BiT fits one device, so it is not split over several"),
+    "adapter_kwargs": (None, "load adapters with peft.PeftModel.from_pretrained(model, path)"),
+    "adapter_name": (None, "load adapters with peft.PeftModel.from_pretrained(model, path, adapter_name=...)"),
+    "gguf_file": (None, "GGUF files hold language models, not BiT"),
+    "fusion_config": (None, "BiT's layers have no fused variants to choose"),
+    "from_tf": (False, "TensorFlow checkpoints: pass Google's .npz file or name (BiT-M-R50x1) instead"),
+    "from_flax": (False, "Flax checkpoints: pass Google's .npz file or name (BiT-M-R50x1) instead"),
+}
+
+
+def _check_refused(arguments: dict[str, Any]) -> None:
+    for name, value in arguments.items():
+        default, reason = REFUSED_ARGUMENTS[name]
+        if value is not default and value != default and not (name == "adapter_kwargs" and value == {}):
+            raise ValueError(f"from_pretrained({name}={value!r}) is not supported: {reason}")
 
 
 def load(
@@ -116,7 +151,8 @@ def load(
     pretrained_model_name_or_path: str | os.PathLike | None = None, revision: str | None = None,
     cache_dir: str | os.PathLike | None = None, token: str | bool | None = None, use_auth_token: Any = None,
     local_files_only: bool = False, force_download: bool = False, subfolder: str | None = None,
-    use_safetensors: bool | None = None, **overrides: Any,
+    use_safetensors: bool | None = None, variant: str | None = None, key_mapping: dict[str, str] | None = None,
+    **overrides: Any,
 ):
     """Build `model_class` from any source; see `BitPreTrainedModel.from_pretrained` for the arguments.
 
@@ -126,6 +162,7 @@ def load(
     """
     for name in IGNORED_ARGUMENTS:
         overrides.pop(name, None)
+    _check_refused({name: overrides.pop(name) for name in list(overrides) if name in REFUSED_ARGUMENTS})
     _check_overrides(model_class, overrides)
     source = _one_source(source, pretrained_model_name_or_path)
     if torch_dtype is not None:
@@ -135,14 +172,50 @@ def load(
     _refuse_meta_device()
     device = _device(device_map)
     options = hub.HubOptions(revision, cache_dir, token if token is not None else use_auth_token, local_files_only,
-                             force_download, subfolder, use_safetensors)
-    checkpoint = _checkpoint(source, state_dict, config, options)
+                             force_download, subfolder, use_safetensors, variant)
+    checkpoint = _renamed(_checkpoint(source, state_dict, config, options), key_mapping)
     model, info = _build(model_class, checkpoint, config=config, overrides=overrides, labels=labels,
                          new_head=new_head, ignore_mismatched_sizes=ignore_mismatched_sizes,
                          allow_non_finite=allow_non_finite)
     model.name_or_path = "" if source is None else os.fspath(source)
     model = model.to(device=device, dtype=resolve_dtype(dtype, _stored_dtype(checkpoint))).eval()
     return (model, info) if output_loading_info else model
+
+
+def _renamed(checkpoint: Checkpoint, key_mapping: dict[str, str] | None) -> Checkpoint:
+    """The checkpoint with transformers' `key_mapping` applied: each key is renamed by the first pattern (a regular
+    expression) that matches it, as a transformers directory stores it (other formats: their keys once renamed to
+    transformers' naming)."""
+    if not key_mapping:
+        return checkpoint
+    if not isinstance(key_mapping, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in key_mapping.items()):
+        raise TypeError("key_mapping must be a dict of regular expressions to replacements (str -> str)")
+    patterns = []
+    for pattern, replacement in key_mapping.items():
+        try:
+            patterns.append((re.compile(pattern), replacement))
+        except re.error as error:
+            raise ValueError(f"key_mapping: {pattern!r} is not a regular expression: {error}") from None
+    raw = {_stored_key(checkpoint, key): value for key, value in checkpoint.state.items()}
+    renamed = {}
+    for key, value in raw.items():
+        for pattern, replacement in patterns:
+            key, count = pattern.subn(replacement, key)
+            if count:
+                break
+        renamed[key] = value
+    prefixed = any(key.startswith(_PREFIX) for key in renamed)
+    state = {key if key.startswith((_PREFIX, HEAD_PREFIX)) else _PREFIX + key: value for key, value in renamed.items()}
+    return dataclasses.replace(checkpoint, state=state, prefixed=prefixed)
+
+
+def _stored_key(checkpoint: Checkpoint, key: str) -> str:
+    """A key as a transformers-layout source stores it (without the `bit.` prefix a BitModel's lacks); the
+    transformers-named key for other formats."""
+    if checkpoint.naming == keymaps.TRANSFORMERS and not checkpoint.prefixed and not key.startswith(HEAD_PREFIX):
+        return key.removeprefix(_PREFIX)
+    return key
 
 
 def _one_source(source: Any, keyword: Any) -> Any:
@@ -189,7 +262,7 @@ def _build(
     model_class: type, checkpoint: Checkpoint, *, config: BitConfig | None = None,
     overrides: dict[str, Any] | None = None, labels: list[str] | None = None, new_head: bool = False,
     ignore_mismatched_sizes: bool = False, allow_non_finite: bool = False,
-) -> tuple[nn.Module, dict[str, list]]:
+) -> tuple[nn.Module, dict[str, Any]]:
     overrides = dict(overrides or {})
     size = head_size(checkpoint)
     if labels is not None:
@@ -216,8 +289,10 @@ def _config(checkpoint: Checkpoint, overrides: dict[str, Any], new_head: bool) -
         names = checkpoint.labels or (None if _named(checkpoint.config) else known_labels(head_size(checkpoint)))
         if names is not None:
             overrides["id2label"] = dict(enumerate(names))
+    unknown_groups = (checkpoint.inferred and checkpoint.naming == keymaps.TRANSFORMERS
+                      and checkpoint.container == "directory" and "num_groups" not in overrides)
     try:
-        return BitConfig.from_dict(checkpoint.config, **overrides)
+        config = BitConfig.from_dict(checkpoint.config, **overrides)
     except ValueError as error:
         if checkpoint.inferred and "num_groups" in str(error) and "num_groups" not in overrides:
             raise ValueError(
@@ -225,6 +300,13 @@ def _config(checkpoint: Checkpoint, overrides: dict[str, Any], new_head: bool) -
                 "num_groups=N (the value the network was trained with)"
             ) from None
         raise
+    if unknown_groups:
+        # Weights alone (what transformers' Trainer saves for a model that is not its own class) say nothing of the
+        # GroupNorm groups; BiT's 32 is assumed, and a network trained with others would load with a wrong function.
+        logger.warning("%s has no config.json: assumed BiT's num_groups=%d; pass num_groups=N if the network was "
+                       "trained with another (integrations.trainer_callback writes config.json into checkpoints)",
+                       checkpoint.source, config.num_groups)
+    return config
 
 
 def _named(config: dict[str, Any]) -> bool:
@@ -239,7 +321,7 @@ def head_size(checkpoint: Checkpoint) -> int:
 
 
 def load_state(model: nn.Module, checkpoint: Checkpoint, ignore_mismatched_sizes: bool = False,
-               new_head: bool = False, allow_non_finite: bool = False) -> dict[str, list]:
+               new_head: bool = False, allow_non_finite: bool = False) -> dict[str, Any]:
     """Strictly load the checkpoint into `model`: the one place keys are matched, checked and re-initialised.
 
     The `bit.` prefix is removed for models that are the backbone themselves (BitModel). Only the head
@@ -279,14 +361,16 @@ def load_state(model: nn.Module, checkpoint: Checkpoint, ignore_mismatched_sizes
         raise error(f"{checkpoint.source}: " + "; ".join(
             f"{named([key])[0]} has shape {tuple(state[key].shape)} in the checkpoint but "
             f"{tuple(expected[key].shape)} in {where}" for key in fatal) + hint)
-    info = dict(missing_keys=[], unexpected_keys=ignored, error_msgs=[],
-                mismatched_keys=[(key, tuple(state[key].shape), tuple(expected[key].shape)) for key in mismatched])
+    # transformers 5's loading info: sets of keys (and of (key, checkpoint shape, model shape)), a list of messages.
+    info = dict(missing_keys=set(), unexpected_keys=set(ignored), error_msgs=[],
+                mismatched_keys={(key, tuple(state[key].shape), tuple(expected[key].shape)) for key in mismatched})
     for key in mismatched:
         state.pop(key)
     fresh = [key for key in expected if key not in state]
-    info["missing_keys"] = [key for key in fresh if key not in {name for name, _, _ in info["mismatched_keys"]}]
-    for key in fresh:
-        state[key] = torch.zeros_like(expected[key])
+    info["missing_keys"] = {key for key in fresh if key not in set(mismatched)}
+    if fresh:  # only the head can be fresh: the model's own reset_classifier starts it (zeros, the BiT recipe)
+        model.reset_classifier(model.config.num_labels)
+        state.update({key: value for key, value in model.state_dict().items() if key in fresh})
     old_head = checkpoint.state.get(HEAD_PREFIX + "1.weight")
     if new_head and has_head and old_head is not None:
         logger.info("%s: its %d-class head is replaced by a new zero-initialised %d-class head (the BiT recipe)",
@@ -322,12 +406,10 @@ def _check_overrides(model_class: type, overrides: dict[str, Any]) -> None:
     unknown = sorted(set(overrides) - CONFIG_FIELDS)
     if not unknown:
         return
-    hub_names = [f"{name} (set {HUB_ENVIRONMENT[name]})" for name in unknown if name in HUB_ENVIRONMENT]
-    hint = f"; for the Hub's {', '.join(hub_names)}" if hub_names else ""
     raise TypeError(
         f"{model_class.__name__}.from_pretrained got unexpected keyword arguments {unknown}: it takes BitConfig "
         f"fields ({', '.join(sorted(CONFIG_FIELDS))}) and the loading arguments of transformers (config, "
-        f"state_dict, dtype, device_map, revision, cache_dir, token, subfolder, ...){hint}"
+        f"state_dict, dtype, device_map, revision, cache_dir, token, subfolder, variant, ...)"
     )
 
 
@@ -357,10 +439,12 @@ def _device(device_map: Any) -> torch.device | None:
     if device_map == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device_map, dict):
-        raise ValueError(
-            "device_map as a dict (layers spread over devices) is not supported: a BiT model fits one device, "
-            "pass that device instead, e.g. device_map='cuda:0'"
-        )
+        if set(device_map) != {""}:
+            raise ValueError(
+                "device_map as a dict of modules (layers spread over devices) is not supported: a BiT model fits one "
+                "device; pass that device, e.g. device_map='cuda:0' or {'': 'cuda:0'}"
+            )
+        return _device(device_map[""])
     try:
         return torch.device(device_map)
     except (RuntimeError, TypeError):

@@ -24,11 +24,8 @@ from safetensors.torch import load_file
 
 from ..errors import CheckpointError, UnsafeCheckpointError
 from ..files import open_regular
-from ..hub import shard_names
+from ..hub import shard_names, weight_names
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-WEIGHTS_NAME = "pytorch_model.bin"
 # The safetensors metadata key under which the writers record what the tensors cannot tell (GroupNorm groups,
 # epsilons), as a JSON object.
 RECORDED_CONFIG_KEY = "bigtransfer_config"
@@ -201,29 +198,30 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return READERS[file_kind(path)](path)
 
 
-def read_directory_weights(directory: str | os.PathLike, use_safetensors: bool | None = None) -> dict[str, torch.Tensor]:
+def read_directory_weights(directory: str | os.PathLike, use_safetensors: bool | None = None,
+                           variant: str | None = None) -> dict[str, torch.Tensor]:
     """The state dict of a transformers- or timm-layout directory: model.safetensors, else the shards its
     model.safetensors.index.json lists, else pytorch_model.bin (`use_safetensors`: True, safetensors only;
-    False, pytorch_model.bin only)."""
+    False, pytorch_model.bin only; `variant`: those files' variant names, see `weight_names`)."""
     directory = Path(directory)
+    safe, index, pickled = weight_names(variant)
     if use_safetensors is not False:
-        if (directory / SAFE_WEIGHTS_NAME).is_file():
-            return read_safetensors(directory / SAFE_WEIGHTS_NAME)
-        if (directory / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        if (directory / safe).is_file():
+            return read_safetensors(directory / safe)
+        if (directory / index).is_file():
             state: dict[str, torch.Tensor] = {}
-            for shard in shard_names(directory / SAFE_WEIGHTS_INDEX_NAME):
+            for shard in shard_names(directory / index):
                 state.update(read_safetensors(directory / shard))
             return state
-    if use_safetensors is not True and (directory / WEIGHTS_NAME).is_file():
-        return read_torch_pickle(directory / WEIGHTS_NAME)
-    expected = {None: f"{SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {WEIGHTS_NAME}",
-                True: f"{SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (use_safetensors=True)",
-                False: f"{WEIGHTS_NAME} (use_safetensors=False)"}[use_safetensors]
+    if use_safetensors is not True and (directory / pickled).is_file():
+        return read_torch_pickle(directory / pickled)
+    expected = {None: f"{safe}, {index} or {pickled}", True: f"{safe} or {index} (use_safetensors=True)",
+                False: f"{pickled} (use_safetensors=False)"}[use_safetensors]
     raise CheckpointError(f"no weights in {directory}: expected {expected}")
 
 
-def has_directory_weights(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME))
+def has_directory_weights(directory: Path, variant: str | None = None) -> bool:
+    return any((directory / name).is_file() for name in weight_names(variant))
 
 
 def read_recorded_config(path: str | os.PathLike) -> dict:

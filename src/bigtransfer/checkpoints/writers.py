@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..files import atomic_path
+from ..hub import weight_names
 from . import keymaps
-from .readers import RECORDED_CONFIG_KEY, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+from .readers import RECORDED_CONFIG_KEY
 
 RECORDED_FIELDS = ("num_groups", "ws_eps", "gn_eps", "hidden_act", "global_padding", "embedding_dynamic_padding")
 
@@ -29,23 +30,26 @@ RECORDED_FIELDS = ("num_groups", "ws_eps", "gn_eps", "hidden_act", "global_paddi
 def save_transformers(
     model: torch.nn.Module, directory: str | os.PathLike, safe_serialization: bool = True,
     max_shard_size: int | str | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+    variant: str | None = None,
 ) -> Path:
     """config.json + model.safetensors (or pytorch_model.bin), each written atomically: the layout
     `from_pretrained` reads here and in transformers. The config records the class (`architectures`) and the
     weights' dtype, as transformers does. `max_shard_size` (bytes, or "5GB", "500MB", "2GiB") splits the weights
     into model-0000i-of-0000N.safetensors files and an index; `state_dict` saves those tensors instead of the
-    model's. Weight files of another layout left from an earlier save are removed."""
+    model's; `variant` names the files model.<variant>.safetensors (and so on) as transformers does. Weight files
+    of another layout left from an earlier save of the same variant are removed."""
+    safe, _, pickled = weight_names(variant)  # checks the variant before anything is written
     directory = save_config(model, directory)
     state = {key: value.detach().cpu().contiguous() for key, value in (state_dict or model.state_dict()).items()}
     if not safe_serialization:
         if max_shard_size is not None:
             raise ValueError("max_shard_size shards safetensors files only: keep safe_serialization=True")
-        with atomic_path(directory / WEIGHTS_NAME) as temporary:
+        with atomic_path(directory / pickled) as temporary:
             torch.save(state, temporary)
-        written = {WEIGHTS_NAME}
+        written = {pickled}
     else:
-        written = _save_shards(state, directory, None if max_shard_size is None else parse_size(max_shard_size))
-    _remove_other_weights(directory, written)
+        written = _save_shards(state, directory, None if max_shard_size is None else parse_size(max_shard_size), variant)
+    _remove_other_weights(directory, written, variant)
     return directory
 
 
@@ -65,8 +69,11 @@ def save_config(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def _save_shards(state: dict[str, torch.Tensor], directory: Path, shard_bytes: int | None) -> set[str]:
-    """model.safetensors, or shards of at most `shard_bytes` (a larger tensor gets a shard of its own) and the index."""
+def _save_shards(state: dict[str, torch.Tensor], directory: Path, shard_bytes: int | None,
+                 variant: str | None = None) -> set[str]:
+    """model.safetensors, or shards of at most `shard_bytes` (a larger tensor gets a shard of its own) and the index
+    (transformers' names, with `variant`)."""
+    single, index_name, _ = weight_names(variant)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, value in state.items():
@@ -77,24 +84,26 @@ def _save_shards(state: dict[str, torch.Tensor], directory: Path, shard_bytes: i
         shards[-1][key] = value
         size += nbytes
     if len(shards) == 1:
-        with atomic_path(directory / SAFE_WEIGHTS_NAME) as temporary:
-            save_safetensors(state, temporary, {"format": "pt"}, directory / SAFE_WEIGHTS_NAME)
-        return {SAFE_WEIGHTS_NAME}
-    names = [f"model-{index:05d}-of-{len(shards):05d}.safetensors" for index in range(1, len(shards) + 1)]
+        with atomic_path(directory / single) as temporary:
+            save_safetensors(state, temporary, {"format": "pt"}, directory / single)
+        return {single}
+    stem = single.removesuffix(".safetensors")
+    names = [f"{stem}-{index:05d}-of-{len(shards):05d}.safetensors" for index in range(1, len(shards) + 1)]
     for name, shard in zip(names, shards, strict=True):
         with atomic_path(directory / name) as temporary:
             save_safetensors(shard, temporary, {"format": "pt"}, directory / name)
     index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
              "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard}}
-    with atomic_path(directory / SAFE_WEIGHTS_INDEX_NAME) as temporary:
+    with atomic_path(directory / index_name) as temporary:
         temporary.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return {*names, SAFE_WEIGHTS_INDEX_NAME}
+    return {*names, index_name}
 
 
-def _remove_other_weights(directory: Path, written: set[str]) -> None:
+def _remove_other_weights(directory: Path, written: set[str], variant: str | None = None) -> None:
+    names = weight_names(variant)
+    shard = re.compile(re.escape(names[0].removesuffix(".safetensors")) + r"-\d{5}-of-\d{5}\.safetensors")
     for path in directory.iterdir():
-        stale = path.name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME) or (
-            path.name.startswith("model-") and path.name.endswith(".safetensors"))
+        stale = path.name in names or shard.fullmatch(path.name) is not None
         if stale and path.name not in written:
             path.unlink()
 

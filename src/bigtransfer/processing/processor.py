@@ -105,6 +105,11 @@ class BatchFeature(dict):
         except KeyError:
             raise AttributeError(f"BatchFeature has no field {name!r}; fields: {list(self)}") from None
 
+    @property
+    def data(self) -> dict[str, Any]:
+        """The fields as a plain dict (transformers' `BatchFeature.data`)."""
+        return dict(self)
+
     def to(self, *args: Any, **kwargs: Any) -> BatchFeature:
         """Move/cast every torch tensor (e.g. `.to("cuda")`, `.to(torch.bfloat16)`); returns self."""
         for key, value in self.items():
@@ -376,19 +381,20 @@ class BitImageProcessor:
     # ------------------------------------------------------------------ configuration
 
     def to_dict(self) -> dict[str, Any]:
-        """The transformers `preprocessor_config.json` contents (plus kept unknown keys)."""
+        """The transformers `preprocessor_config.json` contents (plus kept unknown keys), with transformers' types
+        (PIL's Resampling, tuples of means and deviations)."""
         config = dict(self.extra_config)
         config.update(
             do_resize=self.do_resize,
             size=dict(self.size),
-            resample=int(self.resample),
+            resample=Resampling(self.resample),
             do_center_crop=self.do_center_crop,
             crop_size=dict(self.crop_size),
             do_rescale=self.do_rescale,
             rescale_factor=self.rescale_factor,
             do_normalize=self.do_normalize,
-            image_mean=list(self.image_mean),
-            image_std=list(self.image_std),
+            image_mean=tuple(self.image_mean),
+            image_std=tuple(self.image_std),
             do_convert_rgb=self.do_convert_rgb,
             image_processor_type="BitImageProcessor",
         )
@@ -421,7 +427,9 @@ class BitImageProcessor:
         cls, path: str | os.PathLike, revision: str | None = None, **overrides: Any
     ) -> BitImageProcessor:
         """Load `preprocessor_config.json` from a directory, a config JSON file given directly, or a Hugging Face
-        Hub repository (`google/bit-50`, downloaded into the cache; `revision` picks a branch, tag or commit).
+        Hub repository (`google/bit-50`, downloaded into the cache), resolved as models and configs are
+        (`hub.locate`): `revision`, `cache_dir`, `token`, `local_files_only`, `force_download` and `subfolder` as in
+        transformers.
 
         Reads transformers-written files (including a `processor_config.json` whose
         "image_processor" entry holds the settings). `overrides` replace loaded keys. Checkpoints that carry no
@@ -432,25 +440,15 @@ class BitImageProcessor:
             OSError: the path does not exist or the directory holds no config.
             ValueError: the file is not valid JSON or not a JSON object.
         """
-        path = Path(os.fspath(path))
-        if not path.exists() and hub.is_hub_name(str(path)) and not path.is_absolute():
-            path = hub.download_file(str(path), IMAGE_PROCESSOR_CONFIG_NAME, hub.HubOptions(revision=revision))
-        if path.is_dir():
-            nested = path / PROCESSOR_CONFIG_NAME
-            if nested.is_file():
-                processor_config = read_json(nested)
-                if isinstance(processor_config.get("image_processor"), Mapping):
-                    return cls.from_dict(processor_config["image_processor"], **overrides)
-            file = path / IMAGE_PROCESSOR_CONFIG_NAME
-            if not file.is_file():
-                raise OSError(f"no {IMAGE_PROCESSOR_CONFIG_NAME} in the directory {str(path)!r}")
-        elif path.is_file():
-            file = path
-        else:
-            raise OSError(
-                f"{str(path)!r} is neither a directory holding {IMAGE_PROCESSOR_CONFIG_NAME}, a config file nor a "
-                "Hugging Face Hub name such as google/bit-50"
-            )
+        options = hub.hub_options({**overrides, "revision": revision})  # and cache_dir, token, subfolder, ...
+        overrides = {key: value for key, value in overrides.items() if key not in dataclasses.asdict(options)}
+        local = hub.local_source(path, options)
+        nested = local / PROCESSOR_CONFIG_NAME if local is not None and local.is_dir() else None
+        if nested is not None and nested.is_file():
+            processor_config = read_json(nested)
+            if isinstance(processor_config.get("image_processor"), Mapping):
+                return cls.from_dict(processor_config["image_processor"], **overrides)
+        file = hub.locate(path, IMAGE_PROCESSOR_CONFIG_NAME, options)
         return cls.from_dict(read_json(file), **overrides)
 
     @classmethod
