@@ -80,8 +80,9 @@ def layer_of(module: str, layers: list[list[str]]) -> int | None:
 
 def upward_imports(graph: dict[str, set[str]], layers: list[list[str]]) -> list[str]:
     """Imports of a module drawn on a line above the importer's."""
+    placed = {module: layer_of(module, layers) for module in set(graph) | set().union(*graph.values())}
     return [f"{module} imports {target}" for module, targets in sorted(graph.items()) for target in sorted(targets)
-            if layer_of(target, layers) < layer_of(module, layers)]
+            if None not in (placed[module], placed[target]) and placed[target] < placed[module]]
 
 
 def test_every_module_is_drawn_in_the_readme_layout():
