@@ -389,9 +389,11 @@ def plot_run(directory: str | os.PathLike, report: EvaluationReport | None = Non
     """Draw every plot of a run directory from its metrics.jsonl and report.json; returns the files written."""
     directory = Path(directory)
     records = read_metrics(directory / METRICS_NAME) if (directory / METRICS_NAME).is_file() else []
-    written = plot_curves(records, directory)
     if report is None and (directory / REPORT_NAME).is_file():
         report = read_report(directory / REPORT_NAME)
+    if report is not None and "agreement_top1" in report.metrics:  # the final evaluation ends the curves
+        records = [*records, dict(step=report.step, eval_top1=report.top1, **report.metrics)]
+    written = plot_curves(records, directory)
     if report is not None:
         written.append(plot_accuracy(report, records, directory / "accuracy.png"))
         written.append(plot_confusion_matrix(report, directory / "confusion_matrix.png"))

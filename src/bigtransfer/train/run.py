@@ -32,8 +32,8 @@ from ..inference.evaluate import evaluate_dataset, processed_dataset
 from ..processing import BitImageProcessor
 from ..report import EvaluationReport
 from .callbacks import Callback
-from .loop import Evaluator, RunResult, Trainer
 from .distillation import DistillMeasure, distill_recipe
+from .loop import Evaluator, RunResult, Trainer
 from .recipe import Recipe, finetune_recipe, pretrain_recipe
 from .settings import DistillConfig, FinetuneConfig, PretrainConfig, RunSettings
 from .tracking import ProgressCallback, TrackerCallback
