@@ -239,8 +239,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(folder, teac
     command = ["distill", "--teacher", str(teachers[0]), "--student", "tiny", "--data", str(folder), "--batch-size",
                "8", "--max-steps", "4", "--crop", "16", "--teacher-crop", "20", "--preset", "pets-fast", "--seed", "3",
                "--no-progress", "--no-plots", "--device", "cpu"]
-    assert main([*command, "--output", str(tmp_path / "one")]) == 0
-    torchrun_cli([[*command, "--output", str(tmp_path / "two")]], tmp_path)
+    # MixUp pairs images within a micro-batch: one process in two micro-batches pairs them as two processes do.
+    assert main([*command, "--output", str(tmp_path / "one"), "--batch-split", "2"]) == 0
+    torchrun_cli([[*command, "--output", str(tmp_path / "two"), "--batch-split", "1"]], tmp_path)
     one, two = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)
