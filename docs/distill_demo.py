@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ WIDE = dict(embedding_size=64, hidden_sizes=(128, 256, 512, 1024))  # tiny-wide,
 LABEL_LRS = (0.01, 0.03, 0.1)
 
 
-def arguments() -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/distill-demo"))
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "DISTILL.md")
@@ -53,7 +52,10 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--distill-lr", type=float, default=0.01, help="Adam's peak lr (the paper's Pets fast)")
     parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args()
+    return parser
+
+
+DEFAULTS = vars(parser().parse_args([]))
 
 
 def data(args) -> dict[str, ArraySource]:
@@ -80,12 +82,8 @@ def data(args) -> dict[str, ArraySource]:
 def run(settings, train) -> dict:
     """The run's report (reused when it finished before) and its wall time."""
     output = Path(settings.output)
-    if (output / "report.json").is_file():
-        report, seconds = read_report(output / "report.json"), None
-    else:
-        started = time.perf_counter()
-        report = train(settings).report
-        seconds = time.perf_counter() - started
+    report = read_report(output / "report.json") if (output / "report.json").is_file() else train(settings).report
+    seconds = [r["seconds"] for r in read_metrics(output / "metrics.jsonl") if "seconds" in r][-1]  # training time
     return dict(top1=report.top1, metrics=report.metrics, seconds=seconds, run=str(output))
 
 
@@ -126,9 +124,17 @@ def experiment(args) -> dict:
                     result = run(settings, distill)
                 cells.setdefault(f"{arm}/{steps}", []).append(result)
                 print(f"{arm:>11} {steps:>5} steps seed {seed}: top-1 {100 * result['top1']:.1f} %", flush=True)
+    seconds = teacher["seconds"] + sum(cell["seconds"] for cells in cells.values() for cell in cells)
     return dict(teacher=teacher, label_lr=label_lr, label_lr_scores=scores, cells=cells, settings=vars(args) | dict(
-        runs=str(args.runs), output=str(args.output)), machine=platform.processor() or platform.machine(),
-        torch=torch.__version__)
+        runs=str(args.runs), output=str(args.output)), machine=cpu_name(), torch=torch.__version__,
+        seconds=round(seconds, 1))
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else ():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def curves(record: dict, path: Path) -> Path:
@@ -164,7 +170,7 @@ def write_up(record: dict, args) -> str:
     lengths = sorted({int(key.split("/")[1]) for key in record["cells"]})
     top1 = {key: [cell["top1"] for cell in cells] for key, cells in record["cells"].items()}
     lines = [f"| steps | {' | '.join(ARMS)} | consistent − labels [95 % CI] | consistent − fixed | "
-             "consistent − independent | agreement (consistent) | KL (consistent) |", "|---:" * 9 + "|"]
+             "consistent − independent | agreement (consistent) | KL (consistent) |", "|---:" * 10 + "|"]
     margins = {}
     for steps in lengths:
         means = [f"{100 * np.mean(top1[f'{arm}/{steps}']):.1f}" for arm in ARMS]
@@ -183,25 +189,75 @@ def write_up(record: dict, args) -> str:
               for cell in cells]
     teacher_s = np.mean([m["teacher_seconds_per_step"] for m in timing])
     student_s = np.mean([m["student_seconds_per_step"] for m in timing])
-    return "\n".join(lines), teacher_s, student_s
+    return "\n".join(lines), float(teacher_s), float(student_s)
+
+
+def verdicts(record: dict) -> list[str]:
+    """One sentence per comparison and length, from the intervals."""
+    sentences = []
+    for key, margin in record["margins"].items():
+        other, steps = key.split("/")
+        if margin["low"] is None:
+            continue
+        word = ("beats" if margin["low"] > 0 else "trails" if margin["high"] < 0 else "is not distinguishable from")
+        sentences.append(f"- {steps} steps: consistent distillation {word} {other} ({margin['mean']:+.1f} points, "
+                         f"95 % interval [{margin['low']:+.1f}, {margin['high']:+.1f}], {margin['seeds']} seeds).")
+    return sentences
+
+
+def write_markdown(record: dict, table: str, args, command: str) -> Path:
+    """The page: settings, the table, the verdicts from the intervals, the curves, the time split, the command."""
+    timing = record["timing"]
+    share = timing["teacher_seconds_per_step"] / (timing["teacher_seconds_per_step"]
+                                                  + timing["student_seconds_per_step"])
+    text = f"""# Distillation in miniature (Fashion-MNIST, 32 px)
+
+Written by `{command}` ({record['seconds'] / 60:.0f} min of training in all, on {record['machine']}, torch {record['torch']},
+{args.threads} thread(s); runs in `{args.runs}`, numbers in `docs/distill/results.json`).
+
+Teacher: `tiny-wide` fine-tuned from random weights with `bigtransfer finetune` ({args.teacher_steps} steps, batch
+{args.batch_size}) on {args.teacher_per_class} training images per class: **{100 * record['teacher']['top1']:.1f} %**
+top-1 on {args.test_per_class * 10} test images. Student: `tiny` from random weights on {args.train_per_class} of
+those images per class, batch {args.batch_size}, 32 px, seeds 0-{args.seeds - 1}, the same steps in every arm:
+labels = `bigtransfer finetune` (SGD, HyperRule schedule scaled to the steps, lr {record['label_lr']} chosen from
+{', '.join(map(str, LABEL_LRS))} on held-out training images); consistent / fixed / independent = `bigtransfer
+distill --preset imagenet --lr {args.distill_lr}` (KL at temperature 1, no label loss, Adam, clipping 1.0, warmup
+and cosine, MixUp Beta(1, 1) on every batch) with `--teacher-views` consistent (function matching), fixed or
+independent. Top-1 (%) on the test images, mean over seeds; margins are paired by seed, in points, with the 95 %
+Student-t interval; agreement and KL are the consistent student's against the teacher on the test images.
+
+{table}
+
+{chr(10).join(verdicts(record))}
+
+![agreement and KL during training](distill/curves.png)
+
+Time per distillation step (batch {args.batch_size}, CPU): teacher forward {timing['teacher_seconds_per_step']:.3f} s,
+student step {timing['student_seconds_per_step']:.3f} s (data loading included): the teacher takes
+{100 * share:.0f} % of the step.
+"""
+    args.output.write_text(text)
+    return args.output
 
 
 def main() -> None:
-    args = arguments()
+    args = parser().parse_args()
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
     record = experiment(args)
-    record["seconds"] = round(time.perf_counter() - started, 1)
     figures = args.output.parent / "distill"
     figures.mkdir(parents=True, exist_ok=True)
     curves(record, figures / "curves.png")
     table, teacher_s, student_s = write_up(record, args)
     record["timing"] = dict(teacher_seconds_per_step=teacher_s, student_seconds_per_step=student_s)
     (figures / "results.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    command = "python docs/distill_demo.py" + "".join(
+        f" --{name.replace('_', '-')} {value}" for name, value in vars(args).items()
+        if value != DEFAULTS[name] and name != "output")
+    write_markdown(record, table, args, command)
     print(table)
     print(json.dumps(record["margins"], indent=1))
     print(f"teacher {100 * record['teacher']['top1']:.1f} %, label lr {record['label_lr']}, "
-          f"split {teacher_s:.3f} s teacher / {student_s:.3f} s student per step, {record['seconds']:.0f} s in all")
+          f"split {teacher_s:.3f} s teacher / {student_s:.3f} s student per step, {record['seconds']:.0f} s of training")
 
 
 if __name__ == "__main__":
