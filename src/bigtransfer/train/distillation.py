@@ -66,13 +66,16 @@ class DistillViews:
     std: tuple[float, ...]
     teacher_views: str = "consistent"
 
+    def __post_init__(self):
+        object.__setattr__(self, "crop", InceptionCropTransform(self.size, self.mean, self.std))
+        object.__setattr__(self, "whole", EvalTransform(self.size, self.mean, self.std))
+
     def __call__(self, image, generator: torch.Generator) -> torch.Tensor:
-        crop = InceptionCropTransform(self.size, self.mean, self.std)
-        views = [crop(image, generator)]
+        views = [self.crop(image, generator)]
         if self.teacher_views == "independent":
-            views.append(crop(image, generator))
+            views.append(self.crop(image, generator))
         elif self.teacher_views == "fixed":
-            views.append(EvalTransform(self.size, self.mean, self.std)(image))
+            views.append(self.whole(image))
         return torch.stack(views)
 
 
