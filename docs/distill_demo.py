@@ -37,6 +37,7 @@ from bigtransfer.train import DistillConfig, FinetuneConfig, distill, finetune
 ARMS = ("labels", "consistent", "fixed", "independent")
 WIDE = dict(embedding_size=64, hidden_sizes=(128, 256, 512, 1024))  # tiny-wide, as bigtransfer demo's
 LABEL_LRS = (0.01, 0.03, 0.1)
+NOTES = "<!-- notes: written by hand, kept when the page is rewritten -->"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -236,7 +237,8 @@ Time per distillation step (batch {args.batch_size}, CPU): teacher forward {timi
 student step {timing['student_seconds_per_step']:.3f} s (data loading included): the teacher takes
 {100 * share:.0f} % of the step.
 """
-    args.output.write_text(text)
+    notes = args.output.read_text().split(NOTES, 1)[1] if args.output.is_file() and NOTES in args.output.read_text() else ""
+    args.output.write_text(text + (f"\n{NOTES}{notes}" if notes else ""))  # the hand-written reading is kept
     return args.output
 
 
