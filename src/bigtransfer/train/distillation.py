@@ -192,8 +192,9 @@ class DistillRecipe(Recipe):
         if fixed and mix is not None:  # predictions on the un-augmented images, mixed as those images were
             targets = mix.apply(targets)
         self.teacher_seconds += _synchronized_clock(images.device) - started
+        student_view = resized(mixed[:, 0], self.crop)  # in float32, as the data: autocast is for the network
         with autocast:
-            logits = network(resized(mixed[:, 0], self.crop)).logits
+            logits = network(student_view).logits
         loss = kl_divergence_sum(logits, targets, self.temperature)
         if self.label_weight:
             loss = loss + self.label_weight * self.loss_sum(logits, labels, mix)

@@ -289,7 +289,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"the training loss became {mean_loss} at step {step + 1} (lr {lr:.3g}); stopped without taking "
-                f"that step; {self._kept_checkpoint()}. Try a lower --base-lr or --precision fp32"
+                f"that step; {self._kept_checkpoint()}. Try a lower learning rate (--base-lr; --lr for distill) or --precision fp32"
             )
         if scaler.is_enabled():
             scaler.unscale_(optimizer)
@@ -372,7 +372,7 @@ class Trainer:
         if not all(torch.isfinite(parameter).all() for parameter in self.model.parameters()):
             raise NonFiniteLossError(
                 f"the weights became NaN or infinite by step {step}; stopped without saving them; "
-                + self._kept_checkpoint() + ". Try a lower --base-lr or --precision fp32"
+                + self._kept_checkpoint() + ". Try a lower learning rate (--base-lr; --lr for distill) or --precision fp32"
             )
         if self.context.is_main:
             state = dict(step=step, total_steps=self.recipe.total_steps, kind=self.recipe.kind,
