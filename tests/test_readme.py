@@ -4,7 +4,7 @@ Every code block under "## Usage" runs in order in one working directory that ho
 (photos/, test-photos/, train.csv, cat.jpg, dog.jpg, imagenet/train, data/cifar-10-batches-py, vtab.json, made
 from scikit-image's photographs) and a Hugging Face cache holding the checkpoints they name (Google's BiT-M-R50x1,
 google/bit-50), so nothing is downloaded. Only the sizes change: training commands get `SMALL_RUN` appended
-(argparse lets the last value win), `vtab1k` gets `SMALL_VTAB`, `export --int8` small image counts, and `--nproc_per_node 8` runs 2 processes. `NOT_RUN` lists what cannot run
+(argparse lets the last value win), `distill` `SMALL_DISTILL`, `vtab1k` `SMALL_VTAB`, `export --int8` small image counts, and `--nproc_per_node 8` runs 2 processes. `NOT_RUN` lists what cannot run
 on one machine, with the reason.
 """
 
@@ -34,7 +34,10 @@ SMALL_RUN = ["--max-steps", "1", "--batch-size", "4", "--batch-split", "1", "--r
              "--no-progress", "--no-plots"]
 SMALL_VTAB = ["--train-examples", "4", "--val-examples", "2", "--lrs", "0.01", "--steps", "1", "--batch-size", "2",
               "--batch-split", "1", "--resize", "36", "--crop", "32", "--no-progress", "--no-plots"]
-NOT_RUN = {"--nnodes 2": "needs two machines (the single-machine torchrun line runs)"}
+SMALL_DISTILL = ["--max-steps", "1", "--batch-size", "4", "--batch-split", "1", "--crop", "32", "--teacher-crop", "32",
+                 "--no-progress", "--no-plots"]
+NOT_RUN = {"--nnodes 2": "needs two machines (the single-machine torchrun line runs)",
+           "BiT-M-R152x2-ILSVRC2012": "the paper's ImageNet distillation: ImageNet and a 930 MB teacher"}
 COMMIT = "0" * 40
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 
@@ -132,6 +135,8 @@ def _run_shell(command: list[str], workspace: Path) -> None:
         argv = command[1:]
         if argv[0] in ("finetune", "pretrain"):
             argv += SMALL_RUN
+        elif argv[0] == "distill":
+            argv += SMALL_DISTILL
         elif argv[0] == "vtab1k":
             argv += SMALL_VTAB
         elif "--int8" in argv:

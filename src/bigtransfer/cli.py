@@ -22,9 +22,9 @@ from .fields import positive_int
 from .report import printable
 
 # Command modules, in the order `bigtransfer --help` lists them.
-COMMANDS = ["convert", "demo", "pretrain", "finetune", "evaluate", "fewshot", "vtab1k", "predict", "features",
+COMMANDS = ["convert", "demo", "pretrain", "finetune", "distill", "evaluate", "fewshot", "vtab1k", "predict", "features",
             "export", "shard", "bench"]
-TRAINING_COMMANDS = ("pretrain", "finetune")
+TRAINING_COMMANDS = ("pretrain", "finetune", "distill")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ from .files import atomic_directory, atomic_path, read_bytes, read_json, write_t
 
 REPORT_NAME = "report.json"
 METRICS_NAME = "metrics.jsonl"
-PLOT_NAMES = ("loss.png", "lr.png", "accuracy.png", "confusion_matrix.png", "fewshot.png")
+PLOT_NAMES = ("loss.png", "lr.png", "accuracy.png", "confusion_matrix.png", "fewshot.png", "distill.png")
 EVALUATION_FILES = (REPORT_NAME, "accuracy.png", "confusion_matrix.png")  # what `bigtransfer evaluate --output` writes
 MAX_METRICS_BYTES = 1 << 30
 
@@ -42,7 +42,8 @@ class EvaluationReport:
     cross-entropy), `num_images`, `classes`, `per_class_accuracy` (name -> accuracy, NaN for a class without
     images), `confusion_matrix` (rows: true class, columns: predicted class, counts), `skipped_images`
     (paths of unreadable images left out), `step` (the training step that produced the model, if known),
-    `data` (which images: the data spec, the split in words, the count). `top5` is None with 5 classes or fewer,
+    `data` (which images: the data spec, the split in words, the count), `metrics` (further measurements on the
+    same images: a distillation run's teacher top-1, agreement and KL). `top5` is None with 5 classes or fewer,
     where every image is in its top 5.
     """
 
@@ -56,6 +57,7 @@ class EvaluationReport:
     skipped_images: list[str] = dataclasses.field(default_factory=list)
     step: int | None = None
     data: dict[str, Any] = dataclasses.field(default_factory=dict)  # {data, split, images}: what was evaluated
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_predictions(
@@ -284,7 +286,34 @@ def plot_curves(records: list[dict[str, Any]], directory: str | os.PathLike) -> 
     fewshot = [r for r in records if any(key.startswith("fewshot_") and key.endswith("shot") for key in r)]
     if fewshot:
         written.append(_plot_fewshot_curves(fewshot, directory / "fewshot.png"))
+    distilled = [r for r in records if "agreement_top1" in r]
+    if distilled:
+        written.append(_plot_distillation_curves(distilled, directory / "distill.png"))
     return written
+
+
+def _plot_distillation_curves(records: list[dict[str, Any]], path: Path) -> Path:
+    """distill.png: the student's top-1, its top-1 agreement with the teachers and the teachers' top-1 (left), and
+    KL(teacher || student) on the evaluation images (right), against the training step."""
+    figure = _figure(10.0, 4.0)
+    axes = figure.add_subplot(1, 2, 1)
+    steps = [r["step"] for r in records]
+    axes.plot(steps, [100 * r["eval_top1"] for r in records], "o-", label="student top-1")
+    axes.plot(steps, [100 * r["agreement_top1"] for r in records], "s-", label="top-1 agreement with the teacher")
+    axes.axhline(100 * records[-1]["teacher_top1"], color="grey", linestyle="--", label="teacher top-1")
+    _step_axis(axes)
+    axes.set_ylabel("%")
+    axes.set_title("student, teacher and their agreement")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    axes = figure.add_subplot(1, 2, 2)
+    axes.plot(steps, [r["kl"] for r in records], "o-")
+    _step_axis(axes)
+    axes.set_ylabel("mean KL(teacher || student)")
+    axes.set_title("distance to the teacher (evaluation images)")
+    _log_scale_if_wide(axes, [r["kl"] for r in records])
+    axes.grid(alpha=0.3)
+    return _save(figure, path)
 
 
 def _plot_fewshot_curves(records: list[dict[str, Any]], path: Path) -> Path:
@@ -360,9 +389,11 @@ def plot_run(directory: str | os.PathLike, report: EvaluationReport | None = Non
     """Draw every plot of a run directory from its metrics.jsonl and report.json; returns the files written."""
     directory = Path(directory)
     records = read_metrics(directory / METRICS_NAME) if (directory / METRICS_NAME).is_file() else []
-    written = plot_curves(records, directory)
     if report is None and (directory / REPORT_NAME).is_file():
         report = read_report(directory / REPORT_NAME)
+    if report is not None and "agreement_top1" in report.metrics:  # the final evaluation ends the curves
+        records = [*records, dict(step=report.step, eval_top1=report.top1, **report.metrics)]
+    written = plot_curves(records, directory)
     if report is not None:
         written.append(plot_accuracy(report, records, directory / "accuracy.png"))
         written.append(plot_confusion_matrix(report, directory / "confusion_matrix.png"))

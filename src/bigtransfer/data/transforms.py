@@ -105,6 +105,54 @@ class TrainTransform:
 
 
 @dataclass(frozen=True)
+class InceptionCropTransform:
+    """Inception crop (a random window of 5-100 % of the image's area and aspect ratio 3/4-4/3, resized to
+    ``size x size``), random horizontal flip, normalise: the training view of big_vision's distillation
+    (`inception_crop`), the window drawn as torchvision's RandomResizedCrop draws it (10 tries, then the whole
+    image). Call as ``transform(image, generator)``; returns a float32 tensor of shape ``(3, size, size)``.
+    """
+
+    size: int
+    mean: tuple[float, ...] = BIT_MEAN
+    std: tuple[float, ...] = BIT_STD
+    area: tuple[float, float] = (0.05, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.size <= 0:
+            raise ValueError(f"size must be positive, got {self.size}")
+        if not 0 < self.area[0] <= self.area[1] <= 1 or not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"need 0 < area <= 1 and 0 < ratio, ordered; got area {self.area}, ratio {self.ratio}")
+        _check(self)
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | int | None = None) -> torch.Tensor:
+        generator = _as_generator(generator, "InceptionCropTransform")
+        pixels = image_to_tensor(image, "last", do_convert_rgb=True, do_rescale=True)
+        top, left, height, width = self.window(*pixels.shape[-2:], generator)
+        window = resize(pixels[:, top : top + height, left : left + width], self.size, self.size,
+                        as_resample(self.interpolation))
+        if self.hflip and bool(torch.rand(1, generator=generator) < 0.5):
+            window = window.flip(-1)
+        return normalized(window, self.mean, self.std)
+
+    def window(self, height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of a random window of an image of that size."""
+        log_ratio = torch.log(torch.tensor(self.ratio, dtype=torch.float64))
+        for _ in range(10):
+            area = height * width * float(torch.empty(1, dtype=torch.float64).uniform_(*self.area, generator=generator))
+            aspect = float(torch.exp(torch.empty(1, dtype=torch.float64).uniform_(*log_ratio.tolist(),
+                                                                                   generator=generator)))
+            crop_width, crop_height = round((area * aspect) ** 0.5), round((area / aspect) ** 0.5)
+            if 0 < crop_width <= width and 0 < crop_height <= height:
+                top = int(torch.randint(0, height - crop_height + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - crop_width + 1, (1,), generator=generator))
+                return top, left, crop_height, crop_width
+        return 0, 0, height, width
+
+
+@dataclass(frozen=True)
 class EvalTransform:
     """Squash-resize to ``(crop, crop)`` and normalise, exactly as `BitImageProcessor.squash(crop, mean, std)`;
     deterministic (a generator argument is ignored). Returns a float32 tensor of shape ``(3, crop, crop)``.

@@ -9,7 +9,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -125,10 +125,12 @@ def processed_dataset(source: ImageSource, processor: BitImageProcessor, on_bad_
 def evaluate_dataset(
     model: nn.Module, dataset: TransformedDataset, batch_size: int, context: Context, *, precision: str = "auto",
     label_map: np.ndarray | None = None, class_names: Sequence[str] | None = None, progress: bool = False,
-    workers: int = 0,
+    workers: int = 0, on_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> EvaluationReport:
     """The EvaluationReport of a classifier over a whole (preprocessed) data set, gathered from all ranks;
-    `label_map` turns data labels into the model's. The trainer's evaluation and `evaluate` both run this."""
+    `label_map` turns data labels into the model's; `on_logits` sees each batch's float32 logits (this rank's
+    share, in order: distillation compares them with its teachers'). The trainer's evaluation and `evaluate` both
+    run this."""
     was_training = model.training
     model.eval()
     topk, labels, losses, skipped = [], [], [], []
@@ -147,6 +149,8 @@ def evaluate_dataset(
             with autocast:
                 logits = model(images.to(context.device)).logits
             logits = logits.float()
+            if on_logits is not None:
+                on_logits(logits)
             topk.append(logits.topk(k, dim=-1).indices.cpu().numpy())
             losses.append(F.cross_entropy(logits, batch_labels.to(context.device), reduction="none").cpu().numpy())
             labels.append(batch_labels.numpy())

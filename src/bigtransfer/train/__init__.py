@@ -1,12 +1,12 @@
-"""Training: the BiT-HyperRule fine-tuning and upstream pre-training recipes on one loop.
+"""Training: the BiT-HyperRule fine-tuning, upstream pre-training and distillation recipes on one loop.
 
-- `settings`: the typed configs (`FinetuneConfig`, `PretrainConfig`) and their checks;
+- `settings`: the typed configs (`FinetuneConfig`, `PretrainConfig`, `DistillConfig`) and their checks;
 - `plan`: which examples each step sees and how MixUp pairs them;
-- `recipe`: a recipe's model, resolution, learning-rate rule and loss;
+- `recipe`: a recipe's model, resolution, learning-rate rule and loss; `distillation`: function matching's recipe;
 - `loop`: the `Trainer` (setup, resume, step, record, save, finish) with `Evaluator`s and `Callback`s;
 - `run_dir`: the run directory's files, checkpoint, lock and stop signals;
 - `tracking`: TensorBoard / W&B / MLflow and the progress bar, as callbacks;
-- `run`: `finetune()` and `pretrain()`.
+- `run`: `finetune()`, `pretrain()` and `distill()`.
 
 The names below load their module on first use, so importing a config does not load the loop.
 """
@@ -16,12 +16,12 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "FinetuneConfig": "settings", "PretrainConfig": "settings", "RunSettings": "settings",
+    "FinetuneConfig": "settings", "PretrainConfig": "settings", "DistillConfig": "settings", "RunSettings": "settings",
     "BatchPlan": "plan", "Recipe": "recipe",
     "Trainer": "loop", "Evaluator": "loop", "Callback": "callbacks", "RunResult": "loop", "NonFiniteLossError": "loop",
     "CHECKPOINT_NAME": "run_dir", "LOCK_NAME": "run_dir", "RunLockedError": "run_dir", "load_run_state": "run_dir",
     "is_run_directory": "run_dir",
-    "finetune": "run", "pretrain": "run",
+    "finetune": "run", "pretrain": "run", "distill": "run",
 }
 
 __all__ = sorted(_EXPORTS)

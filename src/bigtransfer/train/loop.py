@@ -227,10 +227,11 @@ class Trainer:
     def _open_streams(self) -> None:
         """The training batches from the resumed step on, and the metrics log (rank 0)."""
         recipe, settings, context = self.recipe, self.settings, self.context
-        train_set = TransformedDataset(  # JPEGs decoded at the reduced size the squash to `precrop` allows
+        decode_size = recipe.decode_size()  # JPEGs decoded at the reduced size the recipe's transform allows
+        train_set = TransformedDataset(
             self.source, recipe.train_transform(), recipe.indices, seed=settings.seed,
             on_bad_image="skip" if settings.on_bad_image == "skip" else "raise",
-            min_size=(recipe.precrop, recipe.precrop),
+            min_size=None if decode_size is None else (decode_size, decode_size),
         )
         loader = torch.utils.data.DataLoader(
             train_set, batch_sampler=StepSampler(self.plan, self.start_step, recipe.total_steps),
@@ -265,7 +266,8 @@ class Trainer:
                 started = time.perf_counter()
                 mean_loss, images, stop = self._step(step, lr)
                 done = step + 1
-                self._after_step(done, mean_loss, lr, images / max(time.perf_counter() - started, 1e-9))
+                seconds = max(time.perf_counter() - started, 1e-9)
+                self._after_step(done, mean_loss, lr, images / seconds, self.recipe.step_record(seconds))
                 if stop:
                     return self._stopped(done, int(self.signals.received or stop))
                 if self.settings.save_every and done % self.settings.save_every == 0 and done < total:
@@ -299,7 +301,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"the training loss became {mean_loss} at step {step + 1} (lr {lr:.3g}); stopped without taking "
-                f"that step; {self._kept_checkpoint()}. Try a lower --base-lr or --precision fp32"
+                f"that step; {self._kept_checkpoint()}. Try a lower learning rate (--base-lr; --lr for distill) or --precision fp32"
             )
         if scaler.is_enabled():
             scaler.unscale_(optimizer)
@@ -308,6 +310,9 @@ class Trainer:
                 for parameter in group["params"]:
                     if parameter.grad is not None:
                         parameter.grad.mul_(batch_size / good_total)
+        if self.recipe.clip_grad_norm is not None:  # on the global batch's gradient: every rank clips alike
+            nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                     self.recipe.clip_grad_norm)
         scaler.step(optimizer) if scaler.is_enabled() else optimizer.step()
         if scaler.is_enabled():
             scaler.update()
@@ -336,23 +341,22 @@ class Trainer:
                 if lam is not None:
                     partners = mixup_partners(self.settings.seed, step, plan.micro_batch_offset(index), len(labels))
                     mix = Mix(lam, partners.to(device))
-                with self.autocast:
-                    if mix is not None:
-                        images = mix.lam * images + (1 - mix.lam) * images[mix.partners]
-                    logits = self.network(images).logits
-                loss = self.recipe.loss_sum(logits, labels, mix)
+                loss = self.recipe.micro_batch_loss(self.network, images, labels, mix, self.autocast)
                 scaled = loss * scale
                 (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()
                 loss_sum += float(loss.detach())
                 good += len(labels)
         return loss_sum, good, skipped
 
-    def _after_step(self, done: int, mean_loss: float, lr: float, images_per_second: float) -> None:
-        """The step's line in metrics.jsonl, the callbacks, and the evaluators that are due."""
+    def _after_step(self, done: int, mean_loss: float, lr: float, images_per_second: float,
+                    recipe_values: dict[str, Any]) -> None:
+        """The step's line in metrics.jsonl (with the recipe's own values), the callbacks, and the evaluators that
+        are due."""
         total = self.recipe.total_steps
         if done % self.settings.log_every == 0 or done == total:
             self.record(dict(step=done, loss=mean_loss, lr=lr, images_per_second=images_per_second,
-                             epoch=round(self.plan.epoch(done), 4), seconds=round(self.seconds(), 3)))
+                             epoch=round(self.plan.epoch(done), 4), seconds=round(self.seconds(), 3),
+                             **recipe_values))
         for callback in self.callbacks:
             callback.on_step_end(self, done, mean_loss, lr, images_per_second)
         for evaluator in self.evaluators:
@@ -380,7 +384,7 @@ class Trainer:
         if not all(torch.isfinite(parameter).all() for parameter in self.model.parameters()):
             raise NonFiniteLossError(
                 f"the weights became NaN or infinite by step {step}; stopped without saving them; "
-                + self._kept_checkpoint() + ". Try a lower --base-lr or --precision fp32"
+                + self._kept_checkpoint() + ". Try a lower learning rate (--base-lr; --lr for distill) or --precision fp32"
             )
         if self.context.is_main:
             state = dict(step=step, total_steps=self.recipe.total_steps, kind=self.recipe.kind,

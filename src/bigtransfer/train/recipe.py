@@ -35,13 +35,19 @@ class Mix:
     lam: float
     partners: torch.Tensor
 
+    def apply(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` (images, or anything per image: a teacher's probabilities) mixed as the images are."""
+        return self.lam * values + (1 - self.lam) * values[self.partners]
+
 
 @dataclasses.dataclass
 class Recipe:
     """One recipe's choices, as the loop uses them.
 
-    `learning_rate(step)` is the step's rate, or None once the schedule ends; `loss_sum(logits, labels, mix)` the
-    summed loss of a micro-batch; `description` goes into run.json.
+    `learning_rate(step)` is the step's rate, or None once the schedule ends; `micro_batch_loss` the summed loss
+    of a micro-batch (by default: mix the images, run the network, `loss_sum(logits, labels, mix)`);
+    `clip_grad_norm` the largest global gradient norm (None: no clipping); `description` goes into run.json.
+    A recipe with other needs (a teacher, another optimizer) is a subclass overriding these methods.
     """
 
     kind: str
@@ -57,15 +63,34 @@ class Recipe:
     mixup_alpha: float
     loss: str  # "softmax" or "sigmoid" cross-entropy
     description: dict[str, Any]
+    clip_grad_norm: float | None = None
 
     def train_transform(self) -> TrainTransform:
         """The training augmentation: squash to `precrop`, random `crop` window, random flip, normalise."""
         return TrainTransform(self.precrop, self.crop, self.mean, self.std)
 
+    def decode_size(self) -> int | None:
+        """The least size a training image must be decoded at (JPEGs decode reduced down to it); None: full size."""
+        return self.precrop
+
     def optimizer(self) -> torch.optim.Optimizer:
         """SGD with momentum 0.9 over the trainable parameters (the rate is set by the loop at every step)."""
         parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
         return torch.optim.SGD(parameters, lr=0.0, momentum=hyperrule.MOMENTUM, weight_decay=self.weight_decay)
+
+    def micro_batch_loss(self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor, mix: Mix | None,
+                         autocast) -> torch.Tensor:
+        """The summed loss of one micro-batch: `images` as loaded (mixed here, once), `network` the trained model
+        (wrapped for DistributedDataParallel under torchrun), `autocast` the run's precision context."""
+        with autocast:
+            if mix is not None:
+                images = mix.apply(images)
+            logits = network(images).logits
+        return self.loss_sum(logits, labels, mix)
+
+    def step_record(self, seconds: float) -> dict[str, Any]:
+        """Values the recipe adds to each step's metrics.jsonl record, given the step's wall time (none here)."""
+        return {}
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, mix: Mix | None) -> torch.Tensor:
         """The micro-batch's per-image losses summed; under MixUp, the same mix of the two labels' losses."""
@@ -157,12 +182,15 @@ def is_random_init(name: str, google_names_are_weights: bool) -> bool:
     return is_variant(name)
 
 
-def training_model(name: str, classes: Sequence[str], seed: int, fine_tune: bool):
+def training_model(name: str, classes: Sequence[str], seed: int, fine_tune: bool,
+                   google_names_are_weights: bool | None = None):
     """(model with a head for `classes`, mean, std): a variant at random (seeded), or loaded weights of any format.
 
     Fine-tuning always starts from a zero-initialised head (BiT), even when the old head had the same shape.
+    Google's checkpoint names mean their weights when fine-tuning (or when `google_names_are_weights`).
     """
-    if is_random_init(name, google_names_are_weights=fine_tune):
+    weights_by_name = fine_tune if google_names_are_weights is None else google_names_are_weights
+    if is_random_init(name, google_names_are_weights=weights_by_name):
         config = BitConfig.from_variant(name, num_labels=len(classes))
         with torch.random.fork_rng(devices=[]):  # weights drawn from `seed`, the caller's RNG untouched
             torch.manual_seed(seed)

@@ -1,5 +1,5 @@
-"""The recipes as one call each: `finetune(FinetuneConfig)` and `pretrain(PretrainConfig)` open the data, build
-the recipe and its evaluators, and run the loop::
+"""The recipes as one call each: `finetune(FinetuneConfig)`, `pretrain(PretrainConfig)` and
+`distill(DistillConfig)` open the data, build the recipe and its evaluators, and run the loop::
 
     from bigtransfer.train import FinetuneConfig, finetune
     result = finetune(FinetuneConfig(model="runs/upstream/model", data="fashion-mnist", output="runs/ft",
@@ -32,9 +32,10 @@ from ..inference.evaluate import evaluate_dataset, processed_dataset
 from ..processing import BitImageProcessor
 from ..report import EvaluationReport
 from .callbacks import Callback
+from .distillation import DistillMeasure, distill_recipe
 from .loop import Evaluator, RunResult, Trainer
 from .recipe import Recipe, finetune_recipe, pretrain_recipe
-from .settings import FinetuneConfig, PretrainConfig, RunSettings
+from .settings import DistillConfig, FinetuneConfig, PretrainConfig, RunSettings
 from .tracking import ProgressCallback, TrackerCallback
 
 logger = logging.getLogger("bigtransfer")
@@ -63,22 +64,39 @@ def pretrain(config: PretrainConfig, callbacks: tuple[Callback, ...] = ()) -> Ru
         return _train(config, recipe, source, eval_source, evaluated, context, evaluators, callbacks)
 
 
+def distill(config: DistillConfig, callbacks: tuple[Callback, ...] = ()) -> RunResult:
+    """Distil `config.teacher` into `config.student` by function matching and write a run directory; see
+    `DistillConfig`. Every evaluation also records the teachers' top-1, top-1 agreement and KL (report.json's
+    `metrics`, metrics.jsonl, distill.png); each step's record splits its time into teacher and student."""
+    config.check()
+    with distributed(config.device) as context:
+        source, eval_source, evaluated = _open_data(config)
+        recipe = distill_recipe(config, source, context)
+        measure = DistillMeasure(recipe, eval_source, config, context)
+        return _train(config, recipe, source, eval_source, evaluated, context, [], callbacks, measure)
+
+
 def _train(settings: RunSettings, recipe: Recipe, source: ImageSource, eval_source: ImageSource,
            evaluated: dict[str, Any], context: Context, evaluators: list[Evaluator],
-           callbacks: tuple[Callback, ...]) -> RunResult:
-    """The loop over `recipe`, with the run's evaluation of `eval_source` (also every `eval_every` steps)."""
+           callbacks: tuple[Callback, ...], measure: DistillMeasure | None = None) -> RunResult:
+    """The loop over `recipe`, with the run's evaluation of `eval_source` (also every `eval_every` steps), and
+    `measure`'s measurements of the same logits in the report's `metrics`."""
     processor = BitImageProcessor.squash(recipe.crop, recipe.mean, recipe.std)
     dataset = processed_dataset(eval_source, processor, settings.on_bad_image, reduced_decode=True)
 
     def evaluate(model: torch.nn.Module) -> EvaluationReport:
+        if measure is not None:
+            measure.start(evaluation_batch(trainer))
         report = evaluate_dataset(model, dataset, evaluation_batch(trainer), context, precision=settings.precision,
-                                  progress=settings.progress)
+                                  progress=settings.progress, on_logits=measure and measure.on_logits)
         report.data = dict(evaluated)
+        if measure is not None:
+            report.metrics = measure.finish()
         return report
 
     def evaluate_every(trainer: Trainer, step: int) -> dict[str, Any]:
         report = evaluate(trainer.model)
-        return dict(eval_top1=report.top1, eval_top5=report.top5, eval_loss=report.loss)
+        return dict(eval_top1=report.top1, eval_top5=report.top5, eval_loss=report.loss, **report.metrics)
 
     if settings.eval_every:
         evaluators = [Evaluator("eval", settings.eval_every, evaluate_every), *evaluators]

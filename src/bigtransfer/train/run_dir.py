@@ -43,7 +43,7 @@ LOCK_NAME = ".lock"
 MODEL_DIRNAME = "model"
 RUN_NAME = "run.json"
 RUN_FILES = (CHECKPOINT_NAME, RUN_NAME, METRICS_NAME, REPORT_NAME, MODEL_DIRNAME, *PLOT_NAMES)
-RUN_KINDS = ("finetune", "pretrain")
+RUN_KINDS = ("finetune", "pretrain", "distill")
 
 
 class RunLockedError(RuntimeError):

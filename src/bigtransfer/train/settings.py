@@ -206,3 +206,129 @@ class PretrainConfig(RunSettings):
                 raise ValueError("fewshot_every needs fewshot_data (--fewshot-data): the data the few-shot "
                                  "evaluator draws its support and test sets from")
             check_arguments(self.fewshot_shots, self.fewshot_seeds, DEFAULT_L2)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillPreset:
+    """One of the paper's distillation settings (big_vision configs/proj/distill): Adam, these rates, gradient
+    clipping at 1.0, linear warmup then cosine decay to zero. `warmup_steps` of `reference_steps` (`epochs` over the
+    paper's `examples` at `batch_size`) give the warmup's share of training, kept when the schedule is scaled."""
+
+    lr: float
+    weight_decay: float  # big_vision's: decoupled, scaled by the schedule but not by lr, on kernels only
+    temperature: float
+    epochs: float
+    batch_size: int
+    crop: int
+    warmup_steps: int
+    examples: int  # training images of the paper's data set
+
+    @property
+    def warmup_fraction(self) -> float:
+        return self.warmup_steps / (self.epochs * self.examples / self.batch_size)
+
+
+# bit_i1k.py (ImageNet train[:98%]) and bigsweep_flowers_pet.py (Pets train[:90%], Flowers train).
+DISTILL_PRESETS = {
+    "imagenet": DistillPreset(0.03, 3e-4, 1.0, 1200, 4096, 224, 5000, 1_255_544),
+    "pets-fast": DistillPreset(0.01, 1e-3, 5.0, 1000, 512, 128, 1500, 3312),
+    "pets-medium": DistillPreset(0.003, 3e-4, 10.0, 3000, 512, 128, 1500, 3312),
+    "pets-long": DistillPreset(0.003, 1e-5, 2.0, 30_000, 512, 128, 1500, 3312),
+    "flowers-fast": DistillPreset(0.003, 3e-4, 10.0, 10_000, 512, 128, 1500, 1020),
+    "flowers-medium": DistillPreset(0.001, 1e-4, 1.0, 100_000, 512, 128, 1500, 1020),
+    "flowers-long": DistillPreset(0.0003, 1e-5, 1.0, 1_000_000, 512, 128, 1500, 1020),
+}
+TEACHER_VIEWS = ("consistent", "fixed", "independent")
+
+
+def _preset_help() -> str:
+    rows = [f"{name} (lr {p.lr:g}, wd {p.weight_decay:g}, T {p.temperature:g}, {p.epochs:g} epochs, batch "
+            f"{p.batch_size}, crop {p.crop}, warmup {100 * p.warmup_fraction:.1f} %%)" for name, p in DISTILL_PRESETS.items()]
+    return ("the paper's setting the defaults below come from (big_vision configs/proj/distill): " + "; ".join(rows)
+            + "; default %(default)s")
+
+
+@dataclasses.dataclass
+class DistillConfig(RunSettings):
+    """Distil one or several frozen teachers into a student by function matching (Beyer et al. 2022, "Knowledge
+    distillation: a good teacher is patient and consistent"; see DESIGN.md).
+
+    Every training image gets one inception crop and flip, and MixUp (Beta(`mixup_alpha`, `mixup_alpha`), every
+    step) mixes it once; the student and every teacher see that very view (each at its own resolution, resized
+    from the same crop). The loss is `temperature`² KL(teacher || student) at `temperature`, against the mean of
+    the teachers' softmaxes, plus `label_weight` x the label cross-entropy. Adam with decoupled weight decay,
+    gradient clipping at 1.0, linear warmup and cosine decay, `epochs` passes over the data (or `max_steps`);
+    `None` values come from `preset`. `teacher_views` "fixed" and "independent" are the paper's weaker baselines.
+    `student` is a variant name (random weights) or a checkpoint; its head is sized to the teachers' classes.
+    """
+
+    teacher: Sequence[str] = option((), "the teacher: a model directory, hub id, Google name or .npz / timm file; "
+                                    "several, comma-separated, are an ensemble (the mean of their softmaxes, as in "
+                                    "the paper)", parse=name_list, metavar="SOURCE[,SOURCE]", required=True)
+    student: str = option("", TRAIN_MODEL_HELP + "; its head is sized to the teacher's classes (the paper: R50x1 "
+                          "from scratch)", metavar="SOURCE|VARIANT", required=True)
+    preset: str = option("imagenet", _preset_help(), choices=sorted(DISTILL_PRESETS))
+    batch_size: int | None = option(None, "global batch size (default: the preset's; the paper: 4096 on ImageNet, "
+                                    "512 on Pets and Flowers)", parse=positive_int)
+    crop: int | None = option(None, "the student's inception crop and evaluation size (default: the preset's; the "
+                              "paper: 224 on ImageNet, 160 for its faster student, 128 on Pets and Flowers)",
+                              parse=positive_int, metavar="PX")
+    teacher_crop: int | None = option(None, "the teachers' resolution, resized from the student's crop (default: "
+                                      "--crop; the paper's best ImageNet teacher ran at 384 for a 224 student)",
+                                      parse=positive_int, metavar="PX")
+    epochs: float | None = option(None, "passes over the data (default: the preset's; the paper: 1,200 on ImageNet, "
+                                  "and on Pets up to 30,000: patience pays); --max-steps wins", parse=float)
+    lr: float | None = option(None, "peak Adam learning rate (default: the preset's; ImageNet 0.03)", parse=float)
+    weight_decay: float | None = option(None, "decoupled weight decay of the kernels, scaled by the schedule, as "
+                                        "big_vision's wd (default: the preset's; ImageNet 3e-4)", parse=float)
+    warmup_steps: int | None = option(None, "linear warmup steps (default: the preset's share of training; ImageNet "
+                                      "5,000 of 368k steps)", parse=non_negative_int)
+    temperature: float | None = option(None, "softmax temperature T of the KL loss, scaled by T² (default: the "
+                                       "preset's; the paper's ImageNet run and function matching use 1; timm's "
+                                       "generic distillation uses 4)", parse=float)
+    label_weight: float = option(0.0, "weight of a label cross-entropy added to the KL (default 0: the paper "
+                                 "uses no label loss; timm's generic distillation does)", parse=float)
+    mixup_alpha: float = option(1.0, "MixUp Beta(alpha, alpha) on every step (default 1: the paper's uniform "
+                                "mixing ratio; 0 disables)", parse=float)
+    teacher_views: str = option("consistent", "consistent: teacher and student see the same crop, flip and mix "
+                                "(function matching); the paper's weaker baselines: fixed (the teacher sees the "
+                                "un-augmented image, its predictions mixed as the images are) and independent "
+                                "(teacher and student get separate crops and flips; same MixUp)",
+                                choices=TEACHER_VIEWS)
+
+    RESUME_FIELDS = (*(name for name in RunSettings.RESUME_FIELDS if name not in ("model", "resize")), "teacher",
+                     "student", "preset", "teacher_crop", "epochs", "lr", "weight_decay", "warmup_steps",
+                     "temperature", "label_weight", "mixup_alpha", "teacher_views")
+
+    def __post_init__(self):
+        if isinstance(self.teacher, str):  # one source given as a string
+            self.teacher = (self.teacher,)
+        if self.batch_size is None and self.preset in DISTILL_PRESETS:
+            self.batch_size = DISTILL_PRESETS[self.preset].batch_size
+
+    def resolved_preset(self) -> DistillPreset:
+        """The preset with this config's own values put in."""
+        preset = DISTILL_PRESETS[self.preset]
+        given = dict(lr=self.lr, weight_decay=self.weight_decay, temperature=self.temperature, epochs=self.epochs,
+                     crop=self.crop)
+        return dataclasses.replace(preset, **{key: value for key, value in given.items() if value is not None})
+
+    def check(self) -> None:
+        if self.preset not in DISTILL_PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(DISTILL_PRESETS)}, got {self.preset!r}")
+        super().check()
+        if not self.teacher or not all(isinstance(name, str) and name for name in self.teacher):
+            raise ValueError(f"teacher must name one or more models, got {self.teacher!r}")
+        if not (isinstance(self.student, str) and self.student):
+            raise ValueError("student must name a model or a variant (e.g. tiny, R50x1)")
+        if self.resize is not None:
+            raise ValueError("resize does not apply to distillation: its inception crop takes any part of the image "
+                             "and resizes it to crop")
+        if self.teacher_views not in TEACHER_VIEWS:
+            raise ValueError(f"teacher_views must be one of {', '.join(TEACHER_VIEWS)}, got {self.teacher_views!r}")
+        for name in ("lr", "temperature"):
+            _check_number(name, getattr(self, name), 0.0, inclusive=False)
+        for name in ("weight_decay", "label_weight", "mixup_alpha"):
+            _check_number(name, getattr(self, name), 0.0, inclusive=True)
+        if not self.max_steps:
+            _check_number("epochs", self.epochs, 0.0, inclusive=False)
