@@ -32,13 +32,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 
 from .. import hub
 from ..files import read_json, write_text_atomic
 from ..images import flatten_images, image_to_tensor, open_image, rgb_array  # the last two re-exported
+from .arguments import (
+    SIZE_KEY_SETS,
+    CallOptions,
+    as_bool,
+    as_floats,
+    as_layout,
+    as_return_tensors,
+    as_size_dict,
+    one_image,
+    size_mapping,
+)
 from .ops import (
     Resampling,
     affine,
@@ -72,9 +82,6 @@ IMAGE_PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 # transformers >= 5 may nest the image processor config in processor_config.json["image_processor"].
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 
-_SIZE_KEY_SETS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
-_CHANNELS_FIRST = {"channels_first", "first", "chw", "nchw"}
-_CHANNELS_LAST = {"channels_last", "last", "hwc", "nhwc"}
 _CONFIG_KEYS = (
     "do_resize",
     "size",
@@ -116,75 +123,6 @@ class BatchFeature(dict):
             if isinstance(value, torch.Tensor):
                 self[key] = value.to(*args, **kwargs)
         return self
-
-
-# --------------------------------------------------------------------------- argument parsing
-
-
-def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, int) and value in (0, 1)):
-        return bool(value)
-    raise TypeError(f"{name} must be a bool, got {value!r}")
-
-
-def _as_size_dict(size: Any, name: str, default_to_square: bool, allowed: tuple[set[str], ...]) -> dict:
-    """transformers' `get_size_dict` rules: int -> square or shortest edge, (h, w) -> height/width."""
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        size = (
-            {"height": int(size), "width": int(size)} if default_to_square else {"shortest_edge": int(size)}
-        )
-    elif isinstance(size, (list, tuple)):
-        if len(size) != 2:
-            raise ValueError(f"{name} as a sequence must be (height, width), got {size!r}")
-        size = {"height": size[0], "width": size[1]}
-    elif not isinstance(size, Mapping):
-        try:  # e.g. transformers' SizeDict, which iterates as (key, value) pairs
-            size = dict(size)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"{name} must be an int, a (height, width) pair or a dict, got {size!r}"
-            ) from None
-    size = {key: value for key, value in size.items() if value is not None}
-    if set(size) not in allowed:
-        forms = " or ".join(str(sorted(keys)) for keys in allowed)
-        raise ValueError(f"{name} must have the keys {forms}, got {sorted(size)} in {size!r}")
-    for key, value in size.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name}[{key!r}] must be a positive int, got {value!r}")
-    return {key: int(value) for key, value in size.items()}
-
-
-def _as_floats(value: Any, name: str) -> list[float]:
-    values = [value] if isinstance(value, (int, float, np.number)) else value
-    try:
-        floats = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a float or a sequence of floats, got {value!r}") from None
-    if not floats or not all(np.isfinite(floats)):
-        raise ValueError(f"{name} must be finite and non-empty, got {value!r}")
-    return floats
-
-
-def _as_layout(value: Any) -> str | None:
-    """'first' / 'last' from "channels_first", "channels_last", ChannelDimension, "CHW", "HWC"."""
-    if value is None:
-        return None
-    name = getattr(value, "value", value)
-    if isinstance(name, str):
-        if name.lower() in _CHANNELS_FIRST:
-            return "first"
-        if name.lower() in _CHANNELS_LAST:
-            return "last"
-    raise ValueError(
-        f"input_data_format/data_format must be 'channels_first' or 'channels_last', got {value!r}"
-    )
-
-
-def _as_return_tensors(value: Any) -> str | None:
-    name = getattr(value, "value", value)  # transformers' TensorType
-    if name is None or name in ("pt", "np"):
-        return name
-    raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {value!r}")
 
 
 # --------------------------------------------------------------------------- geometry
@@ -233,31 +171,31 @@ class BitImageProcessor:
         **extra_config: Any,
     ) -> None:
         # None means "the default", as in transformers (configs may hold explicit nulls).
-        self.do_resize = _as_bool(True if do_resize is None else do_resize, "do_resize")
-        self.size = _as_size_dict(
-            {"shortest_edge": 224} if size is None else size, "size", bool(default_to_square), _SIZE_KEY_SETS
+        self.do_resize = as_bool(True if do_resize is None else do_resize, "do_resize")
+        self.size = as_size_dict(
+            {"shortest_edge": 224} if size is None else size, "size", bool(default_to_square), SIZE_KEY_SETS
         )
         self.resample = as_resample(Resampling.BICUBIC if resample is None else resample)
-        self.do_center_crop = _as_bool(True if do_center_crop is None else do_center_crop, "do_center_crop")
-        self.crop_size = _as_size_dict(
+        self.do_center_crop = as_bool(True if do_center_crop is None else do_center_crop, "do_center_crop")
+        self.crop_size = as_size_dict(
             {"height": 224, "width": 224} if crop_size is None else crop_size,
             "crop_size",
             True,
-            _SIZE_KEY_SETS[:1],
+            SIZE_KEY_SETS[:1],
         )
-        self.do_rescale = _as_bool(True if do_rescale is None else do_rescale, "do_rescale")
-        self.rescale_factor = _as_floats(
+        self.do_rescale = as_bool(True if do_rescale is None else do_rescale, "do_rescale")
+        self.rescale_factor = as_floats(
             1 / 255 if rescale_factor is None else rescale_factor, "rescale_factor"
         )[0]
-        self.do_normalize = _as_bool(True if do_normalize is None else do_normalize, "do_normalize")
-        self.image_mean = _as_floats(OPENAI_CLIP_MEAN if image_mean is None else image_mean, "image_mean")
-        self.image_std = _as_floats(OPENAI_CLIP_STD if image_std is None else image_std, "image_std")
+        self.do_normalize = as_bool(True if do_normalize is None else do_normalize, "do_normalize")
+        self.image_mean = as_floats(OPENAI_CLIP_MEAN if image_mean is None else image_mean, "image_mean")
+        self.image_std = as_floats(OPENAI_CLIP_STD if image_std is None else image_std, "image_std")
         if 0.0 in self.image_std:
             raise ValueError(f"image_std must not contain 0, got {self.image_std}")
-        self.do_convert_rgb = _as_bool(True if do_convert_rgb is None else do_convert_rgb, "do_convert_rgb")
+        self.do_convert_rgb = as_bool(True if do_convert_rgb is None else do_convert_rgb, "do_convert_rgb")
         self.extra_config = {k: v for k, v in extra_config.items() if k not in _DROPPED_KEYS}
         if default_to_square is not None:  # transformers writes it back when it was given explicitly
-            self.extra_config["default_to_square"] = _as_bool(default_to_square, "default_to_square")
+            self.extra_config["default_to_square"] = as_bool(default_to_square, "default_to_square")
 
     # ------------------------------------------------------------------ processing
 
@@ -340,7 +278,7 @@ class BitImageProcessor:
         processed = [_resize_and_crop_one(image, options) for image in flatten_images(images)]
         return BatchFeature(pixel_values=_normalized(processed, options))
 
-    def _call_options(self, **given: Any) -> _CallOptions:
+    def _call_options(self, **given: Any) -> CallOptions:
         """This call's settings: what it was given, else the processor's (validated as the constructor does)."""
         call_defaults = self.extra_config  # transformers lets the config set the call options too
         default_to_square = given["default_to_square"]
@@ -348,32 +286,32 @@ class BitImageProcessor:
             default_to_square = call_defaults.get("default_to_square", False)
 
         def flag(name: str) -> bool:
-            return getattr(self, name) if given[name] is None else _as_bool(given[name], name)
+            return getattr(self, name) if given[name] is None else as_bool(given[name], name)
 
-        std = _as_floats(self.image_std if given["image_std"] is None else given["image_std"], "image_std")
+        std = as_floats(self.image_std if given["image_std"] is None else given["image_std"], "image_std")
         if flag("do_normalize") and 0.0 in std:
             raise ValueError(f"image_std must not contain 0, got {std}")
-        return _CallOptions(
+        return CallOptions(
             do_resize=flag("do_resize"),
-            size=_as_size_dict(self.size if given["size"] is None else given["size"], "size", bool(default_to_square),
-                               _SIZE_KEY_SETS),
+            size=as_size_dict(self.size if given["size"] is None else given["size"], "size", bool(default_to_square),
+                               SIZE_KEY_SETS),
             resample=as_resample(self.resample if given["resample"] is None else given["resample"]),
             do_center_crop=flag("do_center_crop"),
-            crop=_as_size_dict(self.crop_size if given["crop_size"] is None else given["crop_size"], "crop_size", True,
-                               _SIZE_KEY_SETS[:1]),
+            crop=as_size_dict(self.crop_size if given["crop_size"] is None else given["crop_size"], "crop_size", True,
+                               SIZE_KEY_SETS[:1]),
             do_rescale=flag("do_rescale"),
-            rescale_factor=_as_floats(
+            rescale_factor=as_floats(
                 self.rescale_factor if given["rescale_factor"] is None else given["rescale_factor"], "rescale_factor"
             )[0],
             do_normalize=flag("do_normalize"),
-            mean=_as_floats(self.image_mean if given["image_mean"] is None else given["image_mean"], "image_mean"),
+            mean=as_floats(self.image_mean if given["image_mean"] is None else given["image_mean"], "image_mean"),
             std=std,
             do_convert_rgb=flag("do_convert_rgb"),
-            return_tensors=_as_return_tensors(
+            return_tensors=as_return_tensors(
                 call_defaults.get("return_tensors") if given["return_tensors"] is None else given["return_tensors"]
             ),
-            out_layout=_as_layout(given["data_format"] or call_defaults.get("data_format") or "channels_first"),
-            in_layout=_as_layout(call_defaults.get("input_data_format") if given["input_data_format"] is None
+            out_layout=as_layout(given["data_format"] or call_defaults.get("data_format") or "channels_first"),
+            in_layout=as_layout(call_defaults.get("input_data_format") if given["input_data_format"] is None
                                  else given["input_data_format"]),
             device=call_defaults.get("device") if given["device"] is None else given["device"],
         )
@@ -466,27 +404,27 @@ class BitImageProcessor:
     def resize(self, image: Any, size: Any, resample: Any = None, **kwargs: Any) -> Any:
         """Resize as `preprocess` does: `size` is a dict (or transformers' SizeDict) of height/width or
         shortest_edge (and longest_edge)."""
-        size = _as_size_dict(_size_mapping(size), "size", False, _SIZE_KEY_SETS)
-        pixels, back = _one_image(image)
+        size = as_size_dict(size_mapping(size), "size", False, SIZE_KEY_SETS)
+        pixels, back = one_image(image)
         height, width = resized_hw(pixels.shape[-2], pixels.shape[-1], size)
         return back(resize(pixels, height, width, as_resample(self.resample if resample is None else resample)))
 
     def center_crop(self, image: Any, size: Any, **kwargs: Any) -> Any:
         """Center crop to size["height"] x size["width"], zero padding where the image is smaller."""
-        size = _as_size_dict(_size_mapping(size), "size", True, _SIZE_KEY_SETS[:1])
-        pixels, back = _one_image(image)
+        size = as_size_dict(size_mapping(size), "size", True, SIZE_KEY_SETS[:1])
+        pixels, back = one_image(image)
         return back(center_crop(pixels, size["height"], size["width"]))
 
     def rescale(self, image: Any, scale: float, **kwargs: Any) -> Any:
         """`image * scale`, in float32."""
-        pixels, back = _one_image(image)
+        pixels, back = one_image(image)
         return back(pixels.float() * float(scale))
 
     def normalize(self, image: Any, mean: Any, std: Any, **kwargs: Any) -> Any:
         """`(image - mean) / std` per channel, in float32."""
-        pixels, back = _one_image(image)
-        mean = torch.tensor(_as_floats(mean, "mean"), dtype=torch.float32).view(-1, 1, 1)
-        std = torch.tensor(_as_floats(std, "std"), dtype=torch.float32).view(-1, 1, 1)
+        pixels, back = one_image(image)
+        mean = torch.tensor(as_floats(mean, "mean"), dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(as_floats(std, "std"), dtype=torch.float32).view(-1, 1, 1)
         return back((pixels.float() - mean) / std)
 
     def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
@@ -503,28 +441,7 @@ class BitImageProcessor:
         return f"{type(self).__name__} {self.to_json_string()}"
 
 
-@dataclasses.dataclass(frozen=True)
-class _CallOptions:
-    """The settings of one `preprocess` call, resolved and validated."""
-
-    do_resize: bool
-    size: dict
-    resample: Resampling
-    do_center_crop: bool
-    crop: dict
-    do_rescale: bool
-    rescale_factor: float
-    do_normalize: bool
-    mean: list[float]
-    std: list[float]
-    do_convert_rgb: bool
-    return_tensors: str | None
-    out_layout: str
-    in_layout: str | None
-    device: Any
-
-
-def _resize_and_crop_one(image: Any, options: _CallOptions) -> torch.Tensor:
+def _resize_and_crop_one(image: Any, options: CallOptions) -> torch.Tensor:
     """One input image as a (C, H, W) tensor on the 0..255 scale, resized and center-cropped as asked."""
     pixels = image_to_tensor(image, options.in_layout, options.do_convert_rgb, options.do_rescale)
     crop = options.crop
@@ -538,7 +455,7 @@ def _resize_and_crop_one(image: Any, options: _CallOptions) -> torch.Tensor:
     return pixels
 
 
-def _normalized(processed: list[torch.Tensor], options: _CallOptions) -> Any:
+def _normalized(processed: list[torch.Tensor], options: CallOptions) -> Any:
     """The rescaled, normalized images: one batch in the asked-for type, or a list when sizes differ."""
     channels = 3 if options.do_convert_rgb else processed[0].shape[0]
     if any(p.shape[0] not in (1, channels) or (not options.do_convert_rgb and p.shape[0] != channels) for p in processed):
@@ -561,27 +478,6 @@ def _normalized(processed: list[torch.Tensor], options: _CallOptions) -> Any:
         pixel_values = torch.from_numpy(batch)
         return pixel_values if options.device is None else pixel_values.to(options.device)
     return batch if options.return_tensors == "np" else list(batch)
-
-
-def _size_mapping(size: Any) -> Any:
-    """A dict from transformers' SizeDict (attributes height, width, shortest_edge, longest_edge)."""
-    if isinstance(size, Mapping) or isinstance(size, (int, list, tuple)):
-        return size
-    names = ("height", "width", "shortest_edge", "longest_edge")
-    return {name: getattr(size, name) for name in names if getattr(size, name, None) is not None}
-
-
-def _one_image(image: Any):
-    """(the image as a (C, H, W) tensor, a function giving results back as the input's type)."""
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 3:
-            raise ValueError(f"expected one (C, H, W) image, got shape {tuple(image.shape)}")
-        return image, lambda result: result.to(image.device)
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3:
-            raise ValueError(f"expected one (C, H, W) image, got shape {image.shape}")
-        return torch.from_numpy(np.ascontiguousarray(image)), lambda result: result.numpy()
-    raise TypeError(f"expected a (C, H, W) torch tensor or numpy array, got {type(image).__name__}")
 
 
 class ProcessorTransform:
