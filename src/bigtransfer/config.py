@@ -45,9 +45,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     for arch, shape in ARCHITECTURES.items()
 }
 # A few hundred thousand parameters: for tests, CPU demos and the Fashion-MNIST experiment.
-VARIANTS["tiny"] = dict(
-    depths=(1, 1, 1, 1), embedding_size=32, hidden_sizes=(64, 128, 256, 512), num_groups=8, num_labels=10
-)
+VARIANTS["tiny"] = dict(depths=(1, 1, 1, 1), embedding_size=32, hidden_sizes=(64, 128, 256, 512), num_groups=8, num_labels=10)
 
 
 class BitConfig:
@@ -104,32 +102,9 @@ class BitConfig:
                 f"hidden_sizes and depths must have one entry per stage, got {len(self.hidden_sizes)} "
                 f"hidden_sizes and {len(self.depths)} depths"
             )
-        if layer_type not in LAYER_TYPES:
-            raise ValueError(f"layer_type={layer_type} is not one of {','.join(LAYER_TYPES)}")
-        self.layer_type = layer_type
-        if not isinstance(hidden_act, str) or hidden_act.lower() not in ACTIVATIONS:
-            raise ValueError(f"hidden_act={hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
-        self.hidden_act = hidden_act
-        if global_padding is not None:
-            if not isinstance(global_padding, str) or global_padding.upper() not in PADDINGS:
-                raise ValueError(f"Padding strategy {global_padding} not supported")
-            global_padding = global_padding.upper()
-        self.global_padding = global_padding
-        self.num_groups = _positive_int("num_groups", num_groups)
-        if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)) or not 0 <= drop_path_rate < 1:
-            raise ValueError(f"drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}")
-        self.drop_path_rate = float(drop_path_rate)
+        self._set_layers(layer_type, hidden_act, global_padding, num_groups)
+        self._set_numerics(drop_path_rate, output_stride, width_factor, ws_eps, gn_eps)
         self.embedding_dynamic_padding = bool(embedding_dynamic_padding)
-        output_stride = _positive_int("output_stride", output_stride)
-        if output_stride < 4 or output_stride & (output_stride - 1):
-            raise ValueError(f"output_stride must be a power of two >= 4 (8, 16, 32), got {output_stride}")
-        self.output_stride = output_stride
-        self.width_factor = _positive_int("width_factor", width_factor)
-        for name, eps in (("ws_eps", ws_eps), ("gn_eps", gn_eps)):
-            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-                raise ValueError(f"{name} must be a small positive number, got {eps!r}")
-        self.ws_eps = float(ws_eps)
-        self.gn_eps = float(gn_eps)
         self._check_group_divisibility()
         self.stage_names = ["stem"] + [f"stage{index}" for index in range(1, len(self.depths) + 1)]
         kwargs.pop("stage_names", None)  # always derived from depths, as in transformers
@@ -144,6 +119,32 @@ class BitConfig:
         kwargs.pop("model_type", None)
         kwargs.pop("transformers_version", None)
         self.extra = kwargs  # unknown keys (conv_layer, architectures, dtype, ...) round-trip untouched
+
+    def _set_layers(self, layer_type: str, hidden_act: str, global_padding: str | None, num_groups: int) -> None:
+        if layer_type not in LAYER_TYPES:
+            raise ValueError(f"layer_type={layer_type} is not one of {','.join(LAYER_TYPES)}")
+        if not isinstance(hidden_act, str) or hidden_act.lower() not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
+        if global_padding is not None:
+            if not isinstance(global_padding, str) or global_padding.upper() not in PADDINGS:
+                raise ValueError(f"Padding strategy {global_padding} not supported")
+            global_padding = global_padding.upper()
+        self.layer_type, self.hidden_act, self.global_padding = layer_type, hidden_act, global_padding
+        self.num_groups = _positive_int("num_groups", num_groups)
+
+    def _set_numerics(self, drop_path_rate: float, output_stride: int, width_factor: int, ws_eps: float,
+                      gn_eps: float) -> None:
+        if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)) or not 0 <= drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}")
+        output_stride = _positive_int("output_stride", output_stride)
+        if output_stride < 4 or output_stride & (output_stride - 1):
+            raise ValueError(f"output_stride must be a power of two >= 4 (8, 16, 32), got {output_stride}")
+        for name, eps in (("ws_eps", ws_eps), ("gn_eps", gn_eps)):
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+                raise ValueError(f"{name} must be a small positive number, got {eps!r}")
+        self.drop_path_rate, self.output_stride = float(drop_path_rate), output_stride
+        self.width_factor = _positive_int("width_factor", width_factor)
+        self.ws_eps, self.gn_eps = float(ws_eps), float(gn_eps)
 
     # -- derived shapes ------------------------------------------------------------------------------------------
     @property
@@ -176,10 +177,10 @@ class BitConfig:
             if sorted(id2label) != list(range(len(id2label))):
                 raise ValueError(f"id2label keys must be 0..{len(id2label) - 1}, got {_shown(sorted(id2label))}")
             if num_labels is not None and num_labels != len(id2label):
-                num_labels_given = _non_negative_int("num_labels", num_labels)
+                num_labels_given = _positive_int("num_labels", num_labels, low=0)
                 id2label = {index: f"LABEL_{index}" for index in range(num_labels_given)}
         else:
-            count = 2 if num_labels is None else _non_negative_int("num_labels", num_labels)
+            count = 2 if num_labels is None else _positive_int("num_labels", num_labels, low=0)
             id2label = {index: f"LABEL_{index}" for index in range(count)}
         self.id2label = dict(sorted(id2label.items()))
         if label2id is not None and not isinstance(label2id, dict):
@@ -469,15 +470,9 @@ def _sequence(name: str, value: Any) -> list:
     return value
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {_shown(value)}")
-    return _within_limit(name, value)
-
-
-def _non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {_shown(value)}")
+def _positive_int(name: str, value: Any, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be a {'positive' if low else 'non-negative'} integer, got {_shown(value)}")
     return _within_limit(name, value)
 
 

@@ -351,16 +351,8 @@ def load_state(model: nn.Module, checkpoint: Checkpoint, ignore_mismatched_sizes
     if missing or unexpected:
         problems = [f"missing keys {named(missing)}" if missing else "", f"unexpected keys {named(unexpected)}" if unexpected else ""]
         raise CheckpointError(f"{subject} does not fit {target}: " + "; ".join(part for part in problems if part))
-    mismatched = [key for key in state if state[key].shape != expected[key].shape]
-    fatal = [key for key in mismatched if not (ignore_mismatched_sizes and key.startswith(HEAD_PREFIX))]
-    if fatal:
-        where = "the model" if not checkpoint.inferred else target
-        hint = " (pass ignore_mismatched_sizes=True to start a new head)" if all(
-            key.startswith(HEAD_PREFIX) for key in fatal) else ""
-        error = MismatchedSizesError if hint else CheckpointError
-        raise error(f"{checkpoint.source}: " + "; ".join(
-            f"{named([key])[0]} has shape {tuple(state[key].shape)} in the checkpoint but "
-            f"{tuple(expected[key].shape)} in {where}" for key in fatal) + hint)
+    mismatched = _mismatched(state, expected, checkpoint, "the model" if not checkpoint.inferred else target, named,
+                             ignore_mismatched_sizes)
     # transformers 5's loading info: sets of keys (and of (key, checkpoint shape, model shape)), a list of messages.
     info = dict(missing_keys=set(), unexpected_keys=set(ignored), error_msgs=[],
                 mismatched_keys={(key, tuple(state[key].shape), tuple(expected[key].shape)) for key in mismatched})
@@ -384,6 +376,21 @@ def load_state(model: nn.Module, checkpoint: Checkpoint, ignore_mismatched_sizes
             state[key] = value.to(expected[key].dtype)
     model.load_state_dict(state, strict=True)
     return info
+
+
+def _mismatched(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], checkpoint: Checkpoint, where: str,
+                named, ignore_mismatched_sizes: bool) -> list[str]:
+    """The keys whose shapes differ; CheckpointError unless only the head differs and may start anew."""
+    mismatched = [key for key in state if state[key].shape != expected[key].shape]
+    fatal = [key for key in mismatched if not (ignore_mismatched_sizes and key.startswith(HEAD_PREFIX))]
+    if fatal:
+        hint = " (pass ignore_mismatched_sizes=True to start a new head)" if all(
+            key.startswith(HEAD_PREFIX) for key in fatal) else ""
+        error = MismatchedSizesError if hint else CheckpointError
+        raise error(f"{checkpoint.source}: " + "; ".join(
+            f"{named([key])[0]} has shape {tuple(state[key].shape)} in the checkpoint but "
+            f"{tuple(expected[key].shape)} in {where}" for key in fatal) + hint)
+    return mismatched
 
 
 def _check_finite(checkpoint: Checkpoint, state: dict[str, torch.Tensor], named, allowed: bool) -> None:

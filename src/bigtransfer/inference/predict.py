@@ -130,15 +130,8 @@ class Predictions:
 
 
 def predict_images(
-    model: nn.Module,
-    paths: Sequence[str | os.PathLike],
-    processor: Any,
-    *,
-    batch_size: int = 16,
-    num_workers: int | None = None,
-    top_k: int = 5,
-    reduced_decode: bool = True,
-    on_bad_image: str = "raise",
+    model: nn.Module, paths: Sequence[str | os.PathLike], processor: Any, *, batch_size: int = 16,
+    num_workers: int | None = None, top_k: int = 5, reduced_decode: bool = True, on_bad_image: str = "raise",
     progress: bool = False,
 ) -> Predictions:
     """Classify image files in batches: worker processes decode (JPEGs at reduced size) and preprocess while the

@@ -149,6 +149,26 @@ class BitImageProcessor:
         >>> batch = processor(PIL.Image.open("cat.jpg"), return_tensors="pt")
         >>> batch["pixel_values"].shape
         torch.Size([1, 3, 224, 224])
+
+    Input conventions (transformers' where it has one):
+        - uint8 and integer inputs with values in 0..255 are 8-bit pixels.
+        - Floats are taken on the same 0..255 scale and rescaled by `rescale_factor`, as
+          transformers does; a warning is issued when they all lie in [0, 1] (pass
+          `do_rescale=False` for such data). NaN/Inf raise ValueError.
+        - 16-bit images (uint16 arrays, PIL I;16, PIL mode I with values above 255) are
+          mapped to the 8-bit scale by dividing by 257 (65535 -> 255), kept in float.
+          transformers clips them to white (or raises); this is the deliberate difference.
+        - Transparency (alpha channel, LA, RGBA, P with a transparency key) is composited onto
+          white, as transformers does; 4-channel float arrays hold alpha in [0, 1] when all
+          values are <= 1, else in 0..255.
+        - Zero padding of a too-small image during center crop puts (crop - size) // 2 pixels
+          before it, as transformers' (torchvision-based) BitImageProcessor does (its
+          BitImageProcessorPil puts the odd pixel before the image instead).
+        - Also unlike transformers: 2-D (H, W) arrays are accepted as grayscale; integer
+          arrays of wider types are cast to uint8 before resizing (so bicubic ringing is
+          clipped, as for uint8, where transformers' torchvision path keeps it); PIL mode F
+          images are read as float arrays rather than quantized to 8 bits; BOX and HAMMING
+          resampling work (through PIL, as in transformers' PIL backend).
     """
 
     model_input_names = ["pixel_values"]
@@ -241,25 +261,7 @@ class BitImageProcessor:
             transformers, the five call options above may also be given to the constructor
             (or be in the config file) to become this processor's defaults.
 
-        Input conventions (transformers' where it has one):
-            - uint8 and integer inputs with values in 0..255 are 8-bit pixels.
-            - Floats are taken on the same 0..255 scale and rescaled by `rescale_factor`, as
-              transformers does; a warning is issued when they all lie in [0, 1] (pass
-              `do_rescale=False` for such data). NaN/Inf raise ValueError.
-            - 16-bit images (uint16 arrays, PIL I;16, PIL mode I with values above 255) are
-              mapped to the 8-bit scale by dividing by 257 (65535 -> 255), kept in float.
-              transformers clips them to white (or raises); this is the deliberate difference.
-            - Transparency (alpha channel, LA, RGBA, P with a transparency key) is composited onto
-              white, as transformers does; 4-channel float arrays hold alpha in [0, 1] when all
-              values are <= 1, else in 0..255.
-            - Zero padding of a too-small image during center crop puts (crop - size) // 2 pixels
-              before it, as transformers' (torchvision-based) BitImageProcessor does (its
-              BitImageProcessorPil puts the odd pixel before the image instead).
-            - Also unlike transformers: 2-D (H, W) arrays are accepted as grayscale; integer
-              arrays of wider types are cast to uint8 before resizing (so bicubic ringing is
-              clipped, as for uint8, where transformers' torchvision path keeps it); PIL mode F
-              images are read as float arrays rather than quantized to 8 bits; BOX and HAMMING
-              resampling work (through PIL, as in transformers' PIL backend).
+        Input conventions: see the class docstring.
 
         Returns:
             BatchFeature with "pixel_values".
