@@ -195,9 +195,8 @@ def training_model(name: str, classes: Sequence[str], seed: int, fine_tune: bool
         with torch.random.fork_rng(devices=[]):  # weights drawn from `seed`, the caller's RNG untouched
             torch.manual_seed(seed)
             model = BitForImageClassification(config)
-        if fine_tune:  # the recipe's zero head, as a loaded model gets it
-            nn.init.zeros_(model.classifier[1].weight)
-            nn.init.zeros_(model.classifier[1].bias)
+            if fine_tune:  # the recipe's zero head, as a loaded model gets it
+                model.reset_classifier(len(classes))
         mean, std = BIT_MEAN, BIT_STD
         model.config.id2label = {index: str(name) for index, name in enumerate(classes)}
         model.config.label2id = {str(name): index for index, name in enumerate(classes)}
