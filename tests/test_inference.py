@@ -109,3 +109,12 @@ def test_the_optimized_path_gives_the_same_predictions(capsys, photos, model_dir
     for got, want in zip(fast, eager, strict=True):
         assert [p["label"] for p in got] == [p["label"] for p in want]
         assert np.allclose([p["score"] for p in got], [p["score"] for p in want], atol=1e-4)
+
+
+def test_predict_takes_a_folder_as_its_images(capsys, photos, model_dir, tmp_path):
+    root, paths = photos
+    by_folder = _predict(capsys, model_dir, [root])
+    assert by_folder == _predict(capsys, model_dir, sorted(paths, key=lambda path: (path.parent.name, path.name)))
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "--model", str(model_dir), str(tmp_path / "empty")]) == 2
+    assert "is a folder with no image files" in capsys.readouterr().err

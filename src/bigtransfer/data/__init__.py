@@ -21,6 +21,7 @@ from .sources import (
     FileSource,
     ImageFolderSource,
     ImageSource,
+    image_files,
 )
 from .spec import (
     ACCEPTED_SPECS,
@@ -40,6 +41,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
+    "image_files",
     "ArraySource",
     "BadImageError",
     "Batch",

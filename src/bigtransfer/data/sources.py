@@ -204,7 +204,7 @@ def _check_split(split: str) -> str:
 # ------------------------------------------------------------------ image folder
 
 
-def _list_class_folder(folder: Path) -> list[str]:
+def image_files(folder: Path) -> list[str]:
     """The image files under `folder`, sorted, recursively; symbolic links are followed, except to a folder that
     contains the one being listed (a loop, or a link out to the whole data set) or to one listed already, and
     FIFOs, devices and sockets are never listed."""
@@ -238,7 +238,7 @@ def _scan_image_folder(root: Path) -> dict[str, list[str]]:
         raise ValueError(f"image folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
     found = {}
     for folder in class_folders:
-        files = _list_class_folder(folder)
+        files = image_files(folder)
         if not files:
             raise ValueError(
                 f"class folder {folder} contains no images (extensions {', '.join(IMAGE_EXTENSIONS)})"
