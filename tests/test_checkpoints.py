@@ -232,6 +232,7 @@ def test_timm_r50x1_safetensors_reproduces_timm_logits(timm_r50x1, timm_r50x1_fi
     assert model.config.id2label[281] == "tabby, tabby cat"  # a 1000-class head gets ImageNet names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pth", ".bin"])
 def test_timm_pickles_width2_inferred(tmp_path, suffix):
     source = timm_bit([1, 1, 2, 1], width_factor=2, num_classes=7, seed=1)
@@ -321,6 +322,7 @@ def test_npz_from_timm_r50x1_is_read_by_timm_and_matches_the_original_code(tmp_p
     assert max_difference(model, timm_r50x1) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_npz_written_from_the_original_model_width2(tmp_path):
     import timm.models.resnetv2 as timm_resnetv2
 
@@ -424,6 +426,7 @@ def test_round_trips_are_lossless(tmp_path):
     assert_same_state(to_timm(keymaps.to_transformers(timm_state)), timm_state)
 
 
+@pytest.mark.slow
 def test_fine_tuned_model_goes_back_to_timm_and_npz(tmp_path):
     from safetensors.torch import load_file
     from timm.models.resnetv2 import _load_weights
@@ -510,6 +513,7 @@ def test_file_kind_comes_from_the_bytes(tmp_path, timm_r50x1_file):
 # `bigtransfer convert`.
 
 
+@pytest.mark.slow
 def test_convert_timm_writes_a_directory_transformers_loads(tmp_path, capsys, timm_r50x1, timm_r50x1_file):
     import transformers
 
@@ -532,6 +536,7 @@ def test_convert_timm_writes_a_directory_transformers_loads(tmp_path, capsys, ti
     assert processor.crop_size["height"] == 448
 
 
+@pytest.mark.slow
 def test_convert_npz_and_big_transfer_and_transformers_directories(tmp_path, capsys):
     import transformers
 

@@ -24,6 +24,7 @@ from conftest import CLASSES
 TRAIN = ["--batch-size", "8", "--resize", "20", "--crop", "16", "--no-progress", "--no-plots"]
 
 
+@pytest.mark.slow
 def test_finetune_evaluate_predict_features(folder, tmp_path, capsys):
     up = tmp_path / "up"
     assert main(["pretrain", "--model", "tiny", "--data", str(folder), "--output", str(up), "--max-steps", "4",
@@ -89,6 +90,7 @@ def _finetune_process(folder, output, *extra):
     return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigterm_half_way_then_resume_matches_an_uninterrupted_run(folder, tmp_path):
     straight = _finetune_process(folder, tmp_path / "straight")
     interrupted = _finetune_process(folder, tmp_path / "interrupted")
@@ -171,6 +173,7 @@ def test_defaults_that_would_take_hours_on_a_cpu_say_so_before_training(folder, 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="apt-get install dataset-fashion-mnist")
 
 
+@pytest.mark.slow
 def test_demo_writes_results_with_tables_plots_and_commands(tmp_path, capsys):
     results = tmp_path / "docs" / "RESULTS.md"
     runs = tmp_path / "runs"

@@ -91,6 +91,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_during_an_atomic_write_leaves_the_old_file(tmp_path):
     target, marker = tmp_path / "model.safetensors", tmp_path / "writing"
     target.write_bytes(b"the previous, complete file")
@@ -117,6 +118,7 @@ def test_sigkill_during_an_atomic_write_leaves_the_old_file(tmp_path):
 # ---------------------------------------------------------------------------------------------------- training runs
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_writes_then_resume_finishes_the_run(folder, tmp_path):
     """Kill the run twice while it writes a checkpoint (every step saves one); each time the previous
     checkpoint must load and `--resume` must continue from it, and the run must end with every step logged once."""
@@ -143,6 +145,7 @@ def test_sigkill_during_checkpoint_writes_then_resume_finishes_the_run(folder, t
     assert not _temporaries(output, CHECKPOINT_NAME)  # the killed writes' leftovers are removed on resume
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_with_data_loader_workers(folder, tmp_path):
     """SIGTERM with two DataLoader worker processes: a checkpoint at the current step, exit 128 + 15, no
     orphaned workers, no lock left."""
@@ -165,6 +168,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_data_loader_workers(folder, t
     assert not [pid for pid in children if _running(pid)], "DataLoader workers outlived the run"
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_output_directory_are_refused(folder, tmp_path):
     output = tmp_path / "run"
     first = _finetune(folder, output, "--max-steps", "500")

@@ -23,6 +23,7 @@ def folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("ddp") / "images", per_class=12)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(folder, tmp_path):
     features = ["features", "--model", str(tmp_path / "one" / "model"), "--data", str(folder), "--device", "cpu"]
     assert main([*FINETUNE, "--data", str(folder), "--output", str(tmp_path / "one")]) == 0

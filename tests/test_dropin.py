@@ -57,6 +57,7 @@ def _arguments(output: Path, **overrides):
     return transformers.TrainingArguments(**{**values, **overrides})
 
 
+@pytest.mark.slow
 def test_the_trainer_trains_evaluates_resumes_and_saves(tmp_path):
     from bigtransfer.integrations import trainer_callback
 
@@ -89,6 +90,7 @@ def test_the_trainer_trains_evaluates_resumes_and_saves(tmp_path):
 # Export, tracing and vmap on the default (dataclass) outputs.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_class", [BitModel, BitForImageClassification, BitBackbone], ids=lambda c: c.__name__)
 def test_torch_export_and_tracing_work_on_default_outputs(model_class):
     model = build(model_class)
@@ -105,6 +107,7 @@ def test_torch_export_and_tracing_work_on_default_outputs(model_class):
             assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(exported[name], expected[name], strict=True))
 
 
+@pytest.mark.slow
 def test_onnx_export_on_default_outputs(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     model = build(BitForImageClassification)
@@ -401,6 +404,7 @@ def _same_weights_in_timm():
     return ours.eval(), theirs, full
 
 
+@pytest.mark.slow
 def test_features_only_equals_timm_features_only_on_the_same_weights():
     from bigtransfer.backbones import BitFeatures
 
@@ -437,6 +441,7 @@ def test_a_dpt_hybrid_directory_gives_its_bit_backbone(tmp_path):
             assert relative_error(got, want) < 1e-5
 
 
+@pytest.mark.slow
 def test_the_detection_example_trains_faster_rcnn_on_bit_features(tmp_path):
     pytest.importorskip("torchvision")
     import runpy

@@ -26,6 +26,7 @@ def classifier_export(tmp_path_factory):
     return model, path, export(model, path, image_size=64)
 
 
+@pytest.mark.slow
 def test_onnx_has_no_batchnorm_and_matches_onnxruntime_with_dynamic_batch_and_size(classifier_export):
     model, path, report = classifier_export
     assert "BatchNormalization" not in report.operators
@@ -45,6 +46,7 @@ def test_onnx_has_no_batchnorm_and_matches_onnxruntime_with_dynamic_batch_and_si
         assert relative_error(torch.from_numpy(logits), expected) < 1e-4
 
 
+@pytest.mark.slow
 def test_unfolded_onnx_has_no_batchnorm_either(tmp_path):
     model = build()
     report = export(model, tmp_path / "unfolded.onnx", fold=False, image_size=64)
@@ -75,6 +77,7 @@ def test_onnx_base_model_and_backbone_outputs(tmp_path, model_class):
     assert report.max_relative_difference < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("format", ["torchscript", "exported-program"])
 def test_torchscript_and_torch_export_match(tmp_path, format):
     model = build()
@@ -100,6 +103,7 @@ def test_export_rejects_bad_arguments(tmp_path):
         export(torch.nn.Conv2d(3, 3, 1), tmp_path / "x.onnx")
 
 
+@pytest.mark.slow
 def test_export_cli(tmp_path, capsys):
     from bigtransfer.cli import main
 
@@ -119,6 +123,7 @@ def test_export_cli(tmp_path, capsys):
     assert relative_error(torch.from_numpy(session.run(None, {"pixel_values": pixels})[0]), expected) < 1e-4
 
 
+@pytest.mark.slow
 def test_a_bf16_model_exports_a_float32_graph(tmp_path):
     torch.manual_seed(0)
     model = BitForImageClassification(BitConfig(**TESTER)).to(torch.bfloat16).train()

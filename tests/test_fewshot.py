@@ -44,6 +44,7 @@ def pixels(source) -> tuple[np.ndarray, np.ndarray]:
     return source.images.reshape(len(source), -1).astype(np.float32) / 255.0, np.asarray(source.labels)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", ["digits", "fashion-mnist"])
 def test_matches_the_reference_formula_on_real_features(data):
     """Digits' 64 pixels (k·C > D from 10 shots: the XᵀX branch) and Fashion-MNIST's 784 (always XXᵀ)."""
@@ -111,6 +112,7 @@ def photos(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_fewshot_is_the_formula_on_the_models_features(photos):
     report = fewshot(photos / "model", str(photos / "pool"), eval_data=str(photos / "test"), shots=(1, 2, 4), seeds=2)
     train_x, train_y = extract_features(photos / "model", str(photos / "pool"))
@@ -146,6 +148,7 @@ def test_command_writes_the_report_and_plot(photos, tmp_path, capsys):
 # During pre-training.
 
 
+@pytest.mark.slow
 def test_pretrain_logs_fewshot_without_changing_training_and_exactly_under_resume(tmp_path, monkeypatch):
     pretrain(upstream(tmp_path / "plain", fewshot_every=0))
     pretrain(upstream(tmp_path / "straight", plots=True))

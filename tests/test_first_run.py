@@ -110,6 +110,7 @@ def test_the_batch_split_is_the_fewest_micro_batches_that_fit():
         machine.fit_batch_split(512, need, 100)
 
 
+@pytest.mark.slow
 def test_the_step_memory_probe_grows_with_the_crop_and_draws_no_random_numbers():
     model = BitForImageClassification(BitConfig(**TINY)).train()
     state = torch.random.get_rng_state()

@@ -321,6 +321,7 @@ def test_google_names():
         load_checkpoint("no-such-file.npz")
 
 
+@pytest.mark.slow
 def test_cli_converts_a_google_name(google_file, monkeypatch, capsys, tmp_path):
     served, source = google_file
     monkeypatch.setattr(hub, "_open_url", FakeTransport(served))

@@ -102,6 +102,7 @@ def test_evaluate_and_features_decode_reduced_too(capsys, photos, model_dir, dec
     assert (np.linalg.norm(reduced - full, axis=1) < 0.1 * np.linalg.norm(full, axis=1)).all()
 
 
+@pytest.mark.slow
 def test_the_optimized_path_gives_the_same_predictions(capsys, photos, model_dir):
     _, paths = photos
     eager = _predict(capsys, model_dir, paths)

@@ -161,6 +161,7 @@ def _logits(model) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_convert_killed_anywhere_leaves_the_old_directory_or_the_new_one(tmp_path):
     old, new = _model(3, seed=1), _model(5, seed=2)
     old.save_pretrained(tmp_path / "old")
@@ -187,6 +188,7 @@ def test_convert_killed_anywhere_leaves_the_old_directory_or_the_new_one(tmp_pat
     assert seen == {3, 5}  # both the old and the new version were seen after kills
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("format, suffix", [("torchscript", ".pt"), ("onnx", ".onnx")])
 def test_export_killed_anywhere_leaves_the_old_file_or_the_checked_new_one(tmp_path, format, suffix):
     old, new = _model(3, seed=1), _model(5, seed=2)
@@ -227,6 +229,7 @@ def _run_export(path: Path, format: str) -> np.ndarray:
         return torch.jit.load(str(path))(PIXELS)[0].numpy()
 
 
+@pytest.mark.slow
 def test_a_run_killed_in_its_final_save_leaves_the_old_model_or_the_new_one(tmp_path):
     images = tmp_path / "images"
     for index, name in enumerate(["red", "green"]):

@@ -96,6 +96,7 @@ class Counter:
         monkeypatch.setattr(torch.nn.Module, "load_state_dict", load_state_dict)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_class", CLASSES, ids=lambda cls: cls.__name__)
 def test_every_source_loads_on_every_class_with_one_build_and_one_strict_load(tmp_path, monkeypatch, model_class):
     model = tiny_model()

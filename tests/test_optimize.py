@@ -453,6 +453,7 @@ def test_predict_images_matches_per_image_predictions(tmp_path):
 # The key map the bench's timm peer gets its weights with (the bench's own tests: test_bench.py).
 
 
+@pytest.mark.slow
 def test_timm_key_mapping_loads_into_timm():
     timm = pytest.importorskip("timm")
     from bigtransfer.checkpoints import to_timm  # the map the peer comparison gives timm its weights with

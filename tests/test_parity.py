@@ -128,6 +128,7 @@ def test_base_model_directory_from_transformers_has_no_prefix(tmp_path):
         assert torch.count_nonzero(classifier(pixels).logits) == 0
 
 
+@pytest.mark.slow
 def test_r50x1_matches_transformers_at_full_size():
     """The real google/bit-50 architecture, random weights, one 224x224 image."""
     config = BitConfig.from_variant("BiT-S-R50x1")
@@ -171,6 +172,7 @@ def timm_pair(depths=(1, 1, 2, 1), width_factor=1, output_stride=32, num_labels=
     return theirs, ours
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width_factor", [2, 3])
 def test_wide_bit_matches_timm(width_factor):
     theirs, ours = timm_pair(width_factor=width_factor)
@@ -180,6 +182,7 @@ def test_wide_bit_matches_timm(width_factor):
         assert _measured(ours.bit(pixels).last_hidden_state, theirs.forward_features(pixels)) < TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_stride", [16, 8])
 def test_dilated_bit_matches_timm(output_stride):
     theirs, ours = timm_pair(depths=(1, 2, 2, 2), output_stride=output_stride)
@@ -208,6 +211,7 @@ def test_r50x3_matches_timm_resnetv2_50x3_bit():
         assert _measured(ours(pixels).logits, theirs(pixels)) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_from_pretrained_takes_a_single_timm_weights_file(tmp_path):
     from safetensors.torch import save_file
 

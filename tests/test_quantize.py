@@ -29,6 +29,7 @@ def trained(tmp_path_factory):
     return root, model, pixels
 
 
+@pytest.mark.slow
 def test_int8_agrees_with_float32_on_held_out_images(trained, tmp_path):
     _, model, pixels = trained
     report = quantize(model, tmp_path / "model.onnx", pixels[:32], pixels[32:])
@@ -44,6 +45,7 @@ def test_int8_agrees_with_float32_on_held_out_images(trained, tmp_path):
     assert report.checked_images == len(pixels) - 32 and report.calibration_images == 32
 
 
+@pytest.mark.slow
 def test_a_failed_quantization_leaves_the_previous_file(trained, tmp_path, monkeypatch):
     _, model, pixels = trained
     target = tmp_path / "model.onnx"
@@ -61,6 +63,7 @@ def test_a_failed_quantization_leaves_the_previous_file(trained, tmp_path, monke
         quantize(model, target, np.zeros((3, 64, 64), np.float32))
 
 
+@pytest.mark.slow
 def test_the_command_quantizes_and_says_what_it_checked(trained, tmp_path, capsys):
     root = trained[0]
     base = ["export", "--model", str(root / "run" / "model"), "--output", str(tmp_path / "m.onnx")]

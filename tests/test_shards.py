@@ -97,6 +97,7 @@ def test_the_global_index_stands_for_the_header_scan_until_a_shard_changes(sourc
     assert changed.path(16).endswith("shard-000002.tar#000000000")
 
 
+@pytest.mark.slow
 def test_training_from_shards_equals_training_from_the_folder(sources, tmp_path):
     for kind in ("folder", "wds", "hf"):
         assert main(["finetune", *TRAIN, "--data", sources[kind], "--output", str(tmp_path / kind)]) == 0
@@ -123,6 +124,7 @@ def fashion(tmp_path_factory):
     return dict(wds=f"wds:{root}/shards/shard-000000.tar", hf=f"hf:{root / 'parquet'}")
 
 
+@pytest.mark.slow
 def test_two_ranks_with_one_shard_and_workers_do_not_hang(fashion, tmp_path):
     for name, data in fashion.items():
         assert main(["pretrain", *TRAIN, "--data", data, "--output", str(tmp_path / f"{name}-one")]) == 0
@@ -142,6 +144,7 @@ def _cli(*arguments: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["wds", "hf"])
 def test_sigkill_then_resume_is_bit_exact(sources, tmp_path, kind):
     run = ["finetune", *TRAIN, "--max-steps", "12", "--data", sources[kind], "--save-every", "2"]

@@ -25,6 +25,7 @@ def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_the_runs_metrics(folder, tmp_path):
     result = finetune(config(folder, tmp_path / "run", eval_every=3, report_to=("tensorboard",)))
     logged, records = scalars(tmp_path / "run"), read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -38,6 +39,7 @@ def test_tensorboard_holds_the_runs_metrics(folder, tmp_path):
     assert "settings" in "".join(events.Tags()["tensors"])
 
 
+@pytest.mark.slow
 def test_tensorboard_after_a_resume_matches_the_uninterrupted_run(tmp_path, monkeypatch):
     pretrain(upstream(tmp_path / "straight", report_to=("tensorboard",)))
     pretrain(upstream(tmp_path / "resumed", report_to=("tensorboard",)), callbacks=(SigtermAfter(3),))
@@ -47,6 +49,7 @@ def test_tensorboard_after_a_resume_matches_the_uninterrupted_run(tmp_path, monk
         assert resumed[tag] == straight[tag], tag  # no step twice, the same values
 
 
+@pytest.mark.slow
 def test_wandb_and_mlflow_get_every_record(folder, tmp_path, monkeypatch):
     calls = []
     run = types.SimpleNamespace(log=lambda values, step: calls.append(("wandb", step, values)),

@@ -77,6 +77,7 @@ def test_batch_plan_rejects_a_batch_that_does_not_split():
 # Fine-tuning: outputs and the HyperRule.
 
 
+@pytest.mark.slow
 def test_finetune_writes_a_complete_run_directory(folder, tmp_path):
     result = finetune(config(folder, tmp_path / "run", plots=True))
     run = tmp_path / "run"
@@ -101,6 +102,7 @@ def test_finetune_writes_a_complete_run_directory(folder, tmp_path):
     assert not (run / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_finetune_replaces_the_head_with_zeros_even_when_its_shape_fits(folder, tmp_path):
     finetune(config(folder, tmp_path / "first"))
     head = BitForImageClassification.from_pretrained(tmp_path / "first" / "model").classifier[1]
@@ -111,6 +113,7 @@ def test_finetune_replaces_the_head_with_zeros_even_when_its_shape_fits(folder, 
     assert all(torch.equal(value, model.bit.state_dict()[key]) for key, value in backbone.items())
 
 
+@pytest.mark.slow
 def test_batch_split_gives_the_same_weights(folder, tmp_path):
     finetune(config(folder, tmp_path / "whole", batch_split=1))
     finetune(config(folder, tmp_path / "split", batch_split=4))
@@ -160,6 +163,7 @@ def test_freeze_backbone_trains_only_the_head(folder, tmp_path):
     assert after["classifier.1.weight"].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_different_seeds_give_different_runs_and_equal_seeds_equal_runs(folder, tmp_path):
     finetune(config(folder, tmp_path / "a", seed=1))
     finetune(config(folder, tmp_path / "b", seed=1))
@@ -173,6 +177,7 @@ def test_different_seeds_give_different_runs_and_equal_seeds_equal_runs(folder, 
 # Resilience.
 
 
+@pytest.mark.slow
 def test_signal_mid_run_checkpoints_and_resume_is_bit_exact(folder, tmp_path, monkeypatch):
     finetune(config(folder, tmp_path / "straight", max_steps=8))
     stopped = finetune(config(folder, tmp_path / "resumed", max_steps=8), callbacks=(SigtermAfter(3),))
@@ -185,6 +190,7 @@ def test_signal_mid_run_checkpoints_and_resume_is_bit_exact(folder, tmp_path, mo
     assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings_and_a_rerun_refuses_to_overwrite(folder, tmp_path):
     finetune(config(folder, tmp_path / "run", save_every=2))
     with pytest.raises(ValueError, match="already holds a run"):
@@ -212,6 +218,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_pa
     assert not (tmp_path / "run" / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_live_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(folder, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -227,6 +234,7 @@ def test_a_live_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(folder, 
     assert not (run / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_run_removes_the_temporaries_a_killed_write_left_once_it_holds_the_lock(folder, tmp_path):
     run = tmp_path / "run"
     finetune(config(folder, run))
@@ -271,6 +279,7 @@ def test_out_of_memory_suggests_batch_split(folder, tmp_path, monkeypatch):
         finetune(config(folder, tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_unreadable_images_fail_or_are_skipped_and_listed(tmp_path):
     data = make_image_folder(tmp_path / "images", per_class=5)
     broken = data / "square" / "broken.png"
@@ -286,6 +295,7 @@ def test_unreadable_images_fail_or_are_skipped_and_listed(tmp_path):
 # Pre-training, evaluation, features, prediction.
 
 
+@pytest.mark.slow
 def test_pretrain_follows_the_upstream_recipe(folder, tmp_path):
     result = pretrain(PretrainConfig(model="tiny", data=str(folder), output=tmp_path / "up", batch_size=8,
                                      max_steps=10, warmup_steps=2, resize=20, crop=16, loss="sigmoid",
@@ -321,6 +331,7 @@ def test_a_runs_report_and_evaluate_of_its_saved_model_see_the_same_pixels(tmp_p
     assert again.loss == run.report.loss  # the same pixels through the same model: the same numbers
 
 
+@pytest.mark.slow
 def test_evaluate_features_and_predict_use_the_saved_model(folder, tmp_path):
     result = finetune(config(folder, tmp_path / "run", max_steps=10))
     model_dir = tmp_path / "run" / "model"

@@ -156,6 +156,7 @@ def test_forward_signature(library):
         assert list(inspect.signature(model_class(library.BitConfig(**TESTER)).forward).parameters)[:1] == ["pixel_values"]
 
 
+@pytest.mark.slow
 def test_channels_and_modified_configs(library):
     pixels, _ = _inputs()
     config = library.BitConfig(**TESTER)
@@ -168,6 +169,7 @@ def test_channels_and_modified_configs(library):
         assert model.channels == [model.num_features[-1]] and len(model(pixels).feature_maps) == 1
 
 
+@pytest.mark.slow
 def test_backbone_common_attributes_and_outputs(library):
     pixels, _ = _inputs()
     backbone = library.BitBackbone(library.BitConfig(**TESTER)).eval()
@@ -183,6 +185,7 @@ def test_backbone_common_attributes_and_outputs(library):
 # ModelTesterMixin, the parts that concern a vision model.
 
 
+@pytest.mark.slow
 def test_save_load_determinism_and_safetensors(library, tmp_path):
     pixels, _ = _inputs()
     for index, model_class in enumerate(_classes(library)):
@@ -200,6 +203,7 @@ def test_save_load_determinism_and_safetensors(library, tmp_path):
         assert torch.allclose(again[0] if isinstance(again, tuple) else again, first, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_training(library):
     pixels, labels = _inputs()
     model = library.BitForImageClassification(library.BitConfig(**TESTER)).train()
@@ -207,6 +211,7 @@ def test_training(library):
     assert all(parameter.grad is not None for parameter in model.parameters())
 
 
+@pytest.mark.slow
 def test_training_gradient_checkpointing():
     """transformers' BiT does not support checkpointing (its test skips); here it must give transformers' gradients."""
     pixels, labels = _inputs()
@@ -267,6 +272,7 @@ def test_load_with_mismatched_shapes(library, tmp_path):
     assert library.BitModel.from_pretrained(tmp_path, num_labels=42, ignore_mismatched_sizes=True) is not None
 
 
+@pytest.mark.slow
 def test_model_is_small_and_exports(library):
     pixels, _ = _inputs()
     for model_class in _classes(library):

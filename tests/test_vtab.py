@@ -48,6 +48,7 @@ def workspace(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_two_tasks_end_to_end(workspace, tmp_path, capsys):
     output = tmp_path / "vtab"
     argv = ["vtab1k", "--model", str(workspace / "model"), "--tasks", str(workspace / "tasks.json"),
@@ -81,6 +82,7 @@ def test_two_tasks_end_to_end(workspace, tmp_path, capsys):
     assert (output / "photos" / "final" / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_given_train800_and_val200_are_used_as_they_are(workspace, tmp_path):
     (tmp_path / "tasks.json").write_text(json.dumps({"tasks": [{
         "name": "csv", "train800": str(workspace / "train800.csv"), "val200": str(workspace / "val200.csv"),
