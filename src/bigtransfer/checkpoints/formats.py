@@ -29,6 +29,7 @@ from ..processing import (
     OPENAI_CLIP_STD,
     BitImageProcessor,
 )
+from ..processing.ops import RESAMPLE_NAMES
 from . import keymaps
 from .readers import READERS, file_kind, has_directory_weights, read_directory_weights, read_recorded_config
 
@@ -48,7 +49,6 @@ FORMAT_NAMES = {
 }
 CONTAINER_NAMES = {"safetensors": "safetensors", "torch": "torch pickle", "npz": "npz", "directory": "directory"}
 
-INTERPOLATIONS = ("nearest", "lanczos", "bilinear", "bicubic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +133,7 @@ def timm_pretrained_cfg_preprocessing(cfg: dict[str, Any]) -> Preprocessing:
     """Preprocessing from the `pretrained_cfg` of a timm hub config.json."""
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
     interpolation = cfg.get("interpolation", "bilinear")
-    if interpolation not in INTERPOLATIONS:
+    if interpolation not in RESAMPLE_NAMES:  # timm's "random" and the like: its default for these models
         interpolation = "bicubic"
     return Preprocessing(
         size, interpolation, crop_pct=float(cfg.get("crop_pct", 0.875)),

@@ -28,8 +28,6 @@ from ..processing import (  # inputs in [-1, 1], as the BiT checkpoints expect
 )
 from ..processing.ops import RESAMPLE_NAMES, affine, as_resample, normalize_batch, resize
 
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-
 
 def normalized(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(C, H, W) uint8 pixels (C = 1 is broadcast to RGB) -> (3, H, W) float32 ``(x / 255 - mean) / std``, with
@@ -62,8 +60,8 @@ def _check(transform) -> None:
         raise ValueError(f"mean and std need 3 values (RGB), got {mean} and {std}")
     if any(s <= 0 for s in std):
         raise ValueError(f"std must be positive, got {std}")
-    if transform.interpolation not in INTERPOLATIONS or transform.interpolation not in RESAMPLE_NAMES:
-        raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {transform.interpolation!r}")
+    if transform.interpolation not in RESAMPLE_NAMES:
+        raise ValueError(f"interpolation must be one of {sorted(RESAMPLE_NAMES)}, got {transform.interpolation!r}")
 
 
 @dataclass(frozen=True)
