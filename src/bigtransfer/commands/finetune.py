@@ -20,10 +20,12 @@ def register(subparsers) -> None:
     )
 
 
-def register_recipe(subparsers, name: str, settings: type[RunSettings], help: str, description: str) -> None:
-    """A training command: its flags are the settings' fields; it runs `bigtransfer.train.<name>(settings)`."""
+def register_recipe(subparsers, name: str, settings: type[RunSettings], help: str, description: str,
+                    skip: tuple[str, ...] = ()) -> None:
+    """A training command: its flags are the settings' fields (but `skip`); it runs
+    `bigtransfer.train.<name>(settings)`."""
     parser = subparsers.add_parser(name, help=help, description=description)
-    add_fields(parser, settings)
+    add_fields(parser, settings, skip=skip)
 
     def run(args: argparse.Namespace) -> int:
         return finish(getattr(library("train.run"), name)(from_args(settings, args)))
