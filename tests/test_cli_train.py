@@ -164,9 +164,9 @@ def test_defaults_that_would_take_hours_on_a_cpu_say_so_before_training(folder, 
             raise KeyboardInterrupt
 
     with caplog.at_level("INFO", logger="bigtransfer"), pytest.raises(KeyboardInterrupt):
-        finetune(FinetuneConfig(model="tiny", data=str(folder), output=tmp_path / "run", device="cpu",
-                                progress=False), callbacks=(StopAtOnce(),))
-    assert re.search(r"500 steps of 512 images at 128 px would take roughly \d+ hours on this CPU", caplog.text)
+        finetune(FinetuneConfig(model="tiny", data=str(folder), output=tmp_path / "run", device="cpu", resize=512,
+                                crop=480, progress=False), callbacks=(StopAtOnce(),))  # the rule's for large images
+    assert re.search(r"500 steps of 512 images at 480 px would take roughly \d+ hours on this CPU", caplog.text)
     assert "--resize 72 --crop 64 --batch-size 64 --max-steps 30" in caplog.text
 
 

@@ -235,6 +235,7 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_stops_the_run_naming_it_or_is_skipped_and_listed(folder_with_a_corrupt_image, tmp_path,
                                                                          capsys):
     data, corrupt = folder_with_a_corrupt_image

@@ -168,6 +168,7 @@ def test_a_teacher_at_its_own_resolution_sees_the_students_view_at_that_resoluti
     torch.testing.assert_close(student, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_adam_warmup_and_cosine_schedule_with_decay_on_kernels_only(folder, teachers, tmp_path):
     distill(config(folder, tmp_path / "run", teachers[0], max_steps=5, lr=0.002, weight_decay=1e-3, warmup_steps=2))
     rates = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
@@ -184,6 +185,7 @@ def test_adam_warmup_and_cosine_schedule_with_decay_on_kernels_only(folder, teac
 # The run: ensemble, resume, torchrun, the saved student.
 
 
+@pytest.mark.slow
 def test_signal_then_resume_is_bit_exact_with_an_ensemble(folder, teachers, tmp_path):
     sources = [str(t) for t in teachers]
     straight = distill(config(folder, tmp_path / "straight", sources, eval_every=2))
@@ -199,6 +201,7 @@ def test_signal_then_resume_is_bit_exact_with_an_ensemble(folder, teachers, tmp_
         distill(config(folder, tmp_path / "resumed", sources, eval_every=2, resume=True, temperature=2))
 
 
+@pytest.mark.slow
 def test_the_student_is_an_ordinary_model_directory_transformers_loads(folder, teachers, tmp_path):
     transformers = pytest.importorskip("transformers")
     result = distill(config(folder, tmp_path / "run", teachers[0], max_steps=2))
@@ -218,6 +221,7 @@ def test_a_teacher_with_other_classes_is_refused_naming_both(folder, tmp_path):
         distill(config(folder, tmp_path / "run", tmp_path / "four"))
 
 
+@pytest.mark.slow
 def test_the_command_documents_the_paper_and_runs(folder, teachers, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["distill", "--help"])

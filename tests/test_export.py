@@ -54,6 +54,7 @@ def test_unfolded_onnx_has_no_batchnorm_either(tmp_path):
     assert report.max_relative_difference < 1e-4
 
 
+@pytest.mark.slow
 def test_export_leaves_the_model_untouched(classifier_export):
     model, _, _ = classifier_export
     from bigtransfer.layers import StdConv2d

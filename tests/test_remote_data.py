@@ -94,6 +94,7 @@ def same_samples(remote, local) -> None:
         assert remote.path(index).rsplit("/", 1)[1] == local.path(index).rsplit("/", 1)[1]
 
 
+@pytest.mark.slow
 def test_s3_shards_read_as_the_local_ones_through_resets_and_stalls(local, through):
     proxy = through(reset=0.05, stall=0.1)
     reference = open_source(f"wds:{local}/shards/{SHARDS}", "all")

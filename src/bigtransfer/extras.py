@@ -45,7 +45,7 @@ def require(module: str, purpose: str) -> ModuleType:
         top = module.split(".")[0]
         package = PACKAGES.get(top, top)
         hint = install_hint(module) or f"pip install {package}"
-        raise ImportError(f"{purpose} needs {package}: {hint}") from error
+        raise ImportError(f"{purpose} needs the {package} package: {hint}") from error
 
 
 def missing_module_message(error: ImportError) -> str | None:
