@@ -261,7 +261,7 @@ def locate(source: str | os.PathLike, filename: str, options: HubOptions = DEFAU
     if local is not None:
         path = local / filename if local.is_dir() else local
         if not path.is_file():
-            raise OSError(f"no {filename} in the directory {str(local)!r}")
+            raise OSError(f"no {filename} found at {local} (expected a directory holding {filename})")
         return path
     text = os.fspath(source)
     if is_hub_name(text) and not os.path.isabs(text):
