@@ -15,17 +15,25 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
+import logging
 import os
 import re
+import secrets
 import shutil
+import signal
+import socket
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import NotRegularFileError, OutputInUseError
+
+logger = logging.getLogger("bigtransfer")
 
 _UMASK = os.umask(0o022)  # reading the umask means setting it: restore it at once (at import, one thread)
 os.umask(_UMASK)
@@ -118,36 +126,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it takes `path`'s place as a whole, on error it is
-    removed. An existing `path` is exchanged for it in one step (Linux `renameat2(RENAME_EXCHANGE)`), then
-    deleted; where the file system cannot exchange, the old directory is moved aside first, so a crash there
-    leaves it as `.NAME.*.old` beside the missing `path`. With `keep_existing`, entries of the old directory
-    that the new one does not have are carried over (hard links, so nothing is copied) before the exchange."""
+    """Yield a new directory to fill; on success it takes `path`'s place as a whole (an atomic exchange where the
+    file system has one), on error it is removed. With `keep_existing`, entries of the old directory that the new
+    one does not have are carried over (hard links, so nothing is copied). A one-entry `staged_outputs`: what a
+    killed writer leaves is swept by the next write of `path`."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise NotADirectoryError(f"cannot write {path}: it is a {'symbolic link' if path.is_symlink() else 'file'}, "
                                  "not a directory")
-    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX, dir=path.parent))
-    try:
-        yield temporary
-        if keep_existing and path.is_dir():
-            _link_missing(path, temporary)
-        for file in sorted(temporary.rglob("*")):
-            if file.is_file():
-                with open(file, "rb+") as written:
-                    os.fsync(written.fileno())
-        os.chmod(temporary, 0o777 & ~_UMASK)  # mkdtemp makes it 0700
-        if not path.exists():
-            os.rename(temporary, path)
-        elif not _exchange(temporary, path):
-            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.rename(path, aside / path.name)
-            os.rename(temporary, path)
-            shutil.rmtree(aside)
-        _fsync_directory(path.parent)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
+    with staged_outputs(path, keep_existing=keep_existing) as staging:
+        directory = staging.path(path)
+        directory.mkdir()
+        yield directory
 
 
 def _link_missing(source: Path, target: Path) -> None:
@@ -195,6 +185,202 @@ def _fsync_directory(directory: Path) -> None:
             os.close(descriptor)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Staged outputs: everything a command writes, as one transaction.
+
+_STAGING_SUFFIX = ".staging"
+_COMMIT_NAME = ".commit.json"  # written once every staged file is complete: from then on the new version wins
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_STAGING_NAME = re.compile(r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}")
+_HANDLED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Staging:
+    """Where a command writes its outputs before they are put in place (see `staged_outputs`)."""
+
+    def __init__(self, directory: Path, primary: Path):
+        self.directory = directory
+        self.primary = primary
+        self.targets: dict[str, Path] = {}
+        self.obsolete: list[Path] = []
+        self.committed = False  # the commit record is written: only rolling forward is left
+
+    def path(self, target: str | os.PathLike) -> Path:
+        """The staged path for `target` (a file or a directory beside the primary output): write it there."""
+        target = Path(target)
+        if target.parent != self.primary.parent or target.name in (_COMMIT_NAME, "scratch"):
+            raise ValueError(f"{target} cannot be staged with {self.primary}: outputs of one command share a folder")
+        self.targets[target.name] = target
+        return self.directory / target.name
+
+    @property
+    def scratch(self) -> Path:
+        """A folder for intermediate files, removed with the staging directory (a kill included: swept later)."""
+        folder = self.directory / "scratch"
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def remove_on_commit(self, path: str | os.PathLike) -> None:
+        """A file beside the output that the new version makes obsolete: deleted once the new version is in."""
+        self.obsolete.append(Path(path))
+
+
+@contextlib.contextmanager
+def staged_outputs(primary: str | os.PathLike, keep_existing: bool = False) -> Iterator[Staging]:
+    """Stage every file a command writes beside `primary`, and put them in place together.
+
+    The staged files live in a hidden `.NAME.HOST-PID-TOKEN.staging` folder beside `primary`. When the block
+    succeeds a commit record is written, then each staged entry replaces its target (files by one rename, folders
+    by an atomic exchange; `keep_existing` carries the old folder's other entries over), the primary last. On an
+    error, SIGINT, or SIGTERM / SIGHUP where nothing else handles them, the staging folder is removed; one left by
+    a killed process is swept by the next `staged_outputs` of the same name: rolled forward when its commit record
+    was written (the new version, whole), removed otherwise (the old version, untouched). Nothing existing is read.
+    """
+    primary = Path(primary)
+    primary.parent.mkdir(parents=True, exist_ok=True)
+    sweep_staged(primary)
+    directory = primary.parent / f".{primary.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{_STAGING_SUFFIX}"
+    _named(os.mkdir, directory)
+    staging = Staging(directory, primary)
+    try:
+        with _signals_raise():
+            yield staging
+        for name, target in staging.targets.items():
+            if (directory / name).is_dir() and keep_existing and target.is_dir() and not target.is_symlink():
+                _link_missing(target, directory / name)
+        with _signals_blocked():
+            _commit(staging)
+    except BaseException:
+        if not staging.committed:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise  # a commit that failed half-way is left for the next sweep, which completes it
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _commit(staging: Staging) -> None:
+    """Make the staged files durable, record the commit, and put every entry in place."""
+    directory = staging.directory
+    names = sorted(staging.targets, key=lambda name: name == staging.primary.name)  # the primary last
+    for name in names:
+        _fsync_tree(directory / name)
+    record = {"entries": [[name, os.lstat(directory / name).st_ino] for name in names],
+              "obsolete": [path.name for path in staging.obsolete if path.parent == staging.primary.parent]}
+    with open(directory / _COMMIT_NAME, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(record))
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_directory(directory)
+    staging.committed = True
+    _roll_forward(directory, staging.primary.parent, record)
+
+
+def _roll_forward(directory: Path, parent: Path, record: dict[str, Any]) -> None:
+    """Put each entry whose staged copy is still the new one (same inode) in place, then delete obsolete files."""
+    for name, inode in record["entries"]:
+        staged, target = directory / name, parent / name
+        try:
+            if os.lstat(staged).st_ino != inode:
+                continue  # exchanged already: this is the old version
+        except FileNotFoundError:
+            continue  # renamed into place already
+        if staged.is_dir() and target.is_dir() and not target.is_symlink():
+            if not _exchange(staged, target):
+                _named(os.rename, target, directory / f"{name}.old")
+                _named(os.rename, staged, target)
+        else:
+            _named(os.replace, staged, target)
+    for name in record["obsolete"]:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            (parent / name).unlink()
+    _fsync_directory(parent)
+
+
+def sweep_staged(primary: str | os.PathLike) -> list[Path]:
+    """Finish or remove what killed writers of `primary` left: their staging folders, rolled forward when they got
+    as far as their commit record, else deleted. Folders of live processes and of other hosts are left alone."""
+    primary = Path(primary)
+    prefix = f".{primary.name}."
+    swept = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(primary.parent) as entries:
+        leftovers = [Path(entry.path) for entry in entries if entry.name.startswith(prefix)
+                     and entry.name.endswith(_STAGING_SUFFIX) and entry.is_dir(follow_symlinks=False)]
+    for directory in leftovers:
+        match = _STAGING_NAME.fullmatch(directory.name[len(prefix):-len(_STAGING_SUFFIX)])
+        if match is None or match["host"] != _HOST or is_alive(int(match["pid"])):
+            continue
+        try:
+            record = read_json(directory / _COMMIT_NAME)
+        except (OSError, ValueError):
+            record = None  # no commit record (or a torn one): the write never finished, the old version stays
+        if record is not None:
+            logger.warning("completing %s, whose writer was killed after it had written everything", primary)
+            _roll_forward(directory, primary.parent, record)
+        shutil.rmtree(directory, ignore_errors=True)
+        swept.append(directory)
+    return swept
+
+
+def is_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP, where nothing else handles them, raise KeyboardInterrupt instead of killing the process
+    outright, so the staged files are removed on the way out (SIGINT does so by itself)."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in _HANDLED_SIGNALS[1:]:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, _interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name} received: stopped; nothing was written")
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """The commit's renames are not interrupted by a signal (it is delivered once they are done)."""
+    blocked = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    if blocked:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+    try:
+        yield
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _fsync_tree(path: Path) -> None:
+    files = [path] if path.is_file() else [file for file in sorted(path.rglob("*")) if file.is_file()]
+    for file in files:
+        with open(file, "rb+") as written:
+            os.fsync(written.fileno())
+
+
+def _named(operation: Callable[..., Any], *paths: Path) -> Any:
+    """Run a file-system operation; an OSError names the path (disk full, permission, exists)."""
+    try:
+        return operation(*paths)
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, f"cannot write {paths[-1]}: {os.strerror(error.errno)}", os.fspath(paths[-1])) from None
+
+
 def is_atomic_temporary(filename: str, name: str) -> bool:
     """Whether `filename` is a temporary `atomic_path` or `atomic_directory` made for `name` (outlives only a
     killed writer)."""
@@ -235,6 +421,39 @@ def claim_output(
         )
     if create:
         path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def claim_files(paths: Iterable[str | os.PathLike], ours: Callable[[], bool], overwrite: bool = False,
+                flag: str = "--output") -> list[Path]:
+    """Check that a command may write the files `paths` (the one `flag` names first, then the files it writes
+    beside it). Refused: a directory among them; a file beside the named one that already exists, unless the set
+    is `ours` (a previous output of the same command) or `overwrite`."""
+    named, *beside = paths = [Path(path) for path in paths]
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            raise IsADirectoryError(errno.EISDIR, f"{flag} {named}: {path} is a directory; give a file name", str(path))
+    existing = [str(path) for path in beside if path.exists() or path.is_symlink()]
+    if existing and not overwrite and not ours():
+        raise OutputInUseError(
+            f"{flag} {named} would replace {', '.join(existing)}, not written with it by this command; choose "
+            "another name, or pass --overwrite to replace them"
+        )
+    return paths
+
+
+def folder_inside(root: str | os.PathLike, name: str, what: str) -> Path:
+    """`root/name`, a folder a command creates and writes into (tracker logs), checked to stay inside `root`: a
+    symbolic link (it would carry the writes wherever it points) or a file there is refused, naming it and `what`
+    it is for. The folder is created."""
+    path = Path(root) / name
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}); {what} are written only inside "
+                         f"{root}: remove the link, or choose another output")
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{path} is a file; {what} go into a folder of that name: move the "
+                                 "file away, or choose another output", str(path))
+    _named(lambda folder: folder.mkdir(parents=True, exist_ok=True), path)
     return path
 
 
