@@ -250,9 +250,11 @@ def staged_outputs(primary: str | os.PathLike, keep_existing: bool = False) -> I
                 _link_missing(target, directory / name)
         with _signals_blocked():
             _commit(staging)
-    except BaseException:
+    except BaseException as error:
         if not staging.committed:
             shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(error, OSError) and error.filename is None and error.errno:  # np.save, tar writers: no path
+            raise OSError(error.errno, f"cannot write {primary}: {os.strerror(error.errno)}", str(primary)) from error
         raise  # a commit that failed half-way is left for the next sweep, which completes it
     shutil.rmtree(directory, ignore_errors=True)
 
