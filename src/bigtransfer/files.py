@@ -253,8 +253,9 @@ def staged_outputs(primary: str | os.PathLike, keep_existing: bool = False) -> I
     except BaseException as error:
         if not staging.committed:
             shutil.rmtree(directory, ignore_errors=True)
-        if isinstance(error, OSError) and error.filename is None and error.errno:  # np.save, tar writers: no path
-            raise OSError(error.errno, f"cannot write {primary}: {os.strerror(error.errno)}", str(primary)) from error
+        if isinstance(error, OSError) and error.filename is None:  # np.save, tar writers: no path
+            reason = os.strerror(error.errno) if error.errno else f"{error} (is the disk full?)"
+            raise path_error(error.errno or errno.EIO, f"cannot write {primary}: {reason}", primary) from error
         raise  # a commit that failed half-way is left for the next sweep, which completes it
     shutil.rmtree(directory, ignore_errors=True)
 
@@ -380,7 +381,14 @@ def _named(operation: Callable[..., Any], *paths: Path) -> Any:
     except OSError as error:
         if error.filename is not None or error.errno is None:
             raise
-        raise OSError(error.errno, f"cannot write {paths[-1]}: {os.strerror(error.errno)}", os.fspath(paths[-1])) from None
+        raise path_error(error.errno, f"cannot write {paths[-1]}: {os.strerror(error.errno)}", paths[-1]) from None
+
+
+def path_error(code: int, message: str, path: str | os.PathLike) -> OSError:
+    """An OSError whose text is `message` alone (one line naming the path once); the CLI prints it as it is."""
+    error = OSError(message)
+    error.errno = code  # str() stays the message while filename and strerror are unset
+    return error
 
 
 def is_atomic_temporary(filename: str, name: str) -> bool:
@@ -434,7 +442,7 @@ def claim_files(paths: Iterable[str | os.PathLike], ours: Callable[[], bool], ov
     named, *beside = paths = [Path(path) for path in paths]
     for path in paths:
         if path.is_dir() and not path.is_symlink():
-            raise IsADirectoryError(errno.EISDIR, f"{flag} {named}: {path} is a directory; give a file name", str(path))
+            raise IsADirectoryError(f"{flag} {named}: {path} is a directory; give a file name")
     existing = [str(path) for path in beside if path.exists() or path.is_symlink()]
     if existing and not overwrite and not ours():
         raise OutputInUseError(
@@ -453,8 +461,8 @@ def folder_inside(root: str | os.PathLike, name: str, what: str) -> Path:
         raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}); {what} are written only inside "
                          f"{root}: remove the link, or choose another output")
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"{path} is a file; {what} go into a folder of that name: move the "
-                                 "file away, or choose another output", str(path))
+        raise NotADirectoryError(f"{path} is a file; {what} go into a folder of that name: move the file away, or "
+                                 "choose another output")
     _named(lambda folder: folder.mkdir(parents=True, exist_ok=True), path)
     return path
 

@@ -152,20 +152,22 @@ def load_image(path: str | os.PathLike | MemoryImage) -> PIL.Image.Image:
         raise BadImageError(str(path), f"{type(error).__name__}: {error}") from error
 
 
-def float_pixels_to_8bit(pixels: np.ndarray, name: str = "a floating-point image") -> np.ndarray:
+def float_pixels_to_8bit(pixels: np.ndarray, name: str = "") -> np.ndarray:
     """uint8 pixels of a floating-point image (a float TIFF, PIL mode "F"), read by its range: [0, 1] is scaled by
     255, 0..255 kept, 0..65535 (16-bit data stored as floats) divided by 257 as 16-bit integers are; the decoder
-    and the processor both read such files this way. ValueError naming `name` for NaN, Inf or another range."""
+    and the processor both read such files this way. ValueError (naming the file `name`, if given) for NaN, Inf
+    or another range."""
     pixels = np.asarray(pixels, dtype=np.float32)
+    prefix = f"{name}: " if name else ""
     if not np.isfinite(pixels).all():
-        raise ValueError(f"{name}: image contains NaN or Inf values")
+        raise ValueError(f"{prefix}image contains NaN or Inf values")
     low, high = float(pixels.min(initial=0.0)), float(pixels.max(initial=0.0))
     if low < 0 or high > 65535:
-        raise ValueError(f"{name}: a floating-point image with values in [{low:g}, {high:g}]; expected [0, 1], "
+        raise ValueError(f"{prefix}a floating-point image with values in [{low:g}, {high:g}]; expected [0, 1], "
                          "0..255 or 0..65535: scale it to one of them first")
     scale = 255.0 if high <= 1.0 else 1.0 if high <= 255.0 else 1 / 257
     if scale != 1.0:
-        warnings.warn(f"{name}: a floating-point image with values in [0, {'1' if high <= 1 else '65535'}]; "
+        warnings.warn(f"{prefix}a floating-point image with values in [0, {'1' if high <= 1 else '65535'}]; "
                       "scaled to 0..255", UserWarning, stacklevel=2)
     return np.rint(pixels * np.float32(scale)).clip(0, 255).astype(np.uint8)
 
@@ -328,8 +330,7 @@ def _pil_to_array(image: PIL.Image.Image, do_convert_rgb: bool) -> np.ndarray:
         is_16_bit = array.size and array.max() > 255 and array.min() >= 0 and array.max() <= 65535
         return array.astype(np.uint16) if is_16_bit else array
     if mode == "F":
-        return float_pixels_to_8bit(np.asarray(image), image.filename if getattr(image, "filename", "") else
-                                    "a floating-point image")
+        return float_pixels_to_8bit(np.asarray(image), getattr(image, "filename", "") or "")
     if not do_convert_rgb:
         return np.array(image)  # values kept; _array_to_tensor scales or rejects them
     if mode in ("RGB", "L"):  # no conversion needed; L stays one channel and is broadcast later
