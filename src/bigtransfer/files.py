@@ -39,6 +39,7 @@ _UMASK = os.umask(0o022)  # reading the umask means setting it: restore it at on
 os.umask(_UMASK)
 _TEMPORARY_SUFFIX = ".tmp"
 _RANDOM_PART = re.compile(r"[a-z0-9_]+")  # the characters tempfile.mkstemp draws names from
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]  # in temporary names: whose they are
 MAX_JSON_BYTES = 32 << 20  # config.json with ImageNet-21k's 21,843 names is 1.3 MB; a JSON file past this is no config
 
 
@@ -104,7 +105,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Readers see the old file or the new one, never a partial write, even if the process is killed.
     """
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX, dir=path.parent)
+    _sweep_temporaries(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}_{os.getpid()}_", suffix=_TEMPORARY_SUFFIX,
+                                         dir=path.parent)
     os.close(handle)
     temporary = Path(temporary)
     try:
@@ -116,6 +119,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _sweep_temporaries(path: Path) -> None:
+    """Delete the temporaries of `path` that writers killed on this host left (their process is gone)."""
+    prefix = f".{path.name}.{_HOST}_"
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(path.parent) as entries:
+        leftovers = [entry.name for entry in entries if entry.name.startswith(prefix)
+                     and entry.name.endswith(_TEMPORARY_SUFFIX) and entry.is_file(follow_symlinks=False)]
+    for name in leftovers:
+        pid = name[len(prefix):].split("_", 1)[0]
+        if pid.isdigit() and not is_alive(int(pid)):
+            (path.parent / name).unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -190,7 +205,6 @@ def _fsync_directory(directory: Path) -> None:
 
 _STAGING_SUFFIX = ".staging"
 _COMMIT_NAME = ".commit.json"  # written once every staged file is complete: from then on the new version wins
-_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 _STAGING_NAME = re.compile(r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}")
 _HANDLED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
