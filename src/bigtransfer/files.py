@@ -406,12 +406,15 @@ def path_error(code: int, message: str, path: str | os.PathLike) -> OSError:
 
 
 def is_atomic_temporary(filename: str, name: str) -> bool:
-    """Whether `filename` is a temporary `atomic_path` or `atomic_directory` made for `name` (outlives only a
-    killed writer)."""
+    """Whether `filename` is a temporary `atomic_path` or a staging folder `staged_outputs` (`atomic_directory`)
+    made for `name` (outlives only a killed writer)."""
     prefix = f".{name}."
-    if not (filename.startswith(prefix) and filename.endswith(_TEMPORARY_SUFFIX)):
+    if not filename.startswith(prefix):
         return False
-    return _RANDOM_PART.fullmatch(filename[len(prefix):-len(_TEMPORARY_SUFFIX)]) is not None
+    middle = filename[len(prefix):]
+    if middle.endswith(_STAGING_SUFFIX):
+        return _STAGING_NAME.fullmatch(middle[: -len(_STAGING_SUFFIX)]) is not None
+    return middle.endswith(_TEMPORARY_SUFFIX) and _RANDOM_PART.fullmatch(middle[: -len(_TEMPORARY_SUFFIX)]) is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -56,8 +56,9 @@ class RunLockedError(RuntimeError):
 
 def is_run_directory(path: Path) -> bool:
     """Whether `path` is a directory a run wrote: its run.json describes a training run, or it holds nothing but
-    a run's lock (a run stopped before writing anything)."""
-    names = {entry.name for entry in path.iterdir()}
+    a run's lock and the temporaries of a run's files (a run killed before writing anything)."""
+    names = {entry.name for entry in path.iterdir()
+             if not any(is_atomic_temporary(entry.name, name) for name in RUN_FILES)}  # left by a killed run
     if names <= {LOCK_NAME}:
         return True
     try:
