@@ -3,11 +3,14 @@ command may write into without touching anything else of the user's.
 
 - Reading: `open_regular` opens only regular files (a FIFO would block forever, a device never end), and
   `read_bytes` / `read_json` check the size before reading.
-- Writing: `atomic_path` replaces one file in one rename; `atomic_directory` replaces a whole directory at once
-  (an atomic exchange where the file system has one), so a crash, a kill or a full disk leaves the old version or
-  the new one, never a mix. Renames replace symbolic links themselves: writes never follow one out of the output.
+- Writing: `atomic_path` replaces one file in one rename; `staged_outputs` puts every file a command writes (and
+  its intermediates) in a staging folder beside the output and commits them together; `atomic_directory` is its
+  one-folder case. A crash, a kill or a full disk leaves the old version or the new one, never a mix, and what a
+  killed writer left is swept (or completed) by the next write of the same name. Renames replace symbolic links
+  themselves: writes never follow one out of the output, nor does `folder_inside`.
 - Owning an output: `claim_output` refuses an output that is, holds or lies inside an input, or that holds files
-  which are not of the kind the command writes (unless the user says `--overwrite`).
+  which are not of the kind the command writes; `claim_files` refuses files beside a named output that the command
+  did not write (both unless the user says `--overwrite`).
 """
 
 from __future__ import annotations
@@ -213,8 +216,7 @@ class Staging:
     """Where a command writes its outputs before they are put in place (see `staged_outputs`)."""
 
     def __init__(self, directory: Path, primary: Path):
-        self.directory = directory
-        self.primary = primary
+        self.directory, self.primary = directory, primary
         self.targets: dict[str, Path] = {}
         self.obsolete: list[Path] = []
         self.committed = False  # the commit record is written: only rolling forward is left
@@ -269,7 +271,7 @@ def staged_outputs(primary: str | os.PathLike, keep_existing: bool = False) -> I
             shutil.rmtree(directory, ignore_errors=True)
         if isinstance(error, OSError) and error.filename is None:  # np.save, tar writers: no path
             reason = os.strerror(error.errno) if error.errno else f"{error} (is the disk full?)"
-            raise path_error(error.errno or errno.EIO, f"cannot write {primary}: {reason}", primary) from error
+            raise _path_error(error.errno or errno.EIO, f"cannot write {primary}: {reason}") from error
         raise  # a commit that failed half-way is left for the next sweep, which completes it
     shutil.rmtree(directory, ignore_errors=True)
 
@@ -344,7 +346,7 @@ def is_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
@@ -356,7 +358,7 @@ def _signals_raise() -> Iterator[None]:
     if threading.current_thread() is threading.main_thread():
         for signum in _HANDLED_SIGNALS[1:]:
             if signal.getsignal(signum) == signal.SIG_DFL:
-                previous[signum] = signal.signal(signum, _interrupt)
+                previous[signum] = signal.signal(signum, signal.default_int_handler)  # KeyboardInterrupt
     try:
         yield
     finally:
@@ -364,26 +366,21 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"{signal.Signals(signum).name} received: stopped; nothing was written")
-
-
 @contextlib.contextmanager
 def _signals_blocked() -> Iterator[None]:
     """The commit's renames are not interrupted by a signal (it is delivered once they are done)."""
-    blocked = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-    if blocked:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
     try:
         yield
     finally:
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _fsync_tree(path: Path) -> None:
-    files = [path] if path.is_file() else [file for file in sorted(path.rglob("*")) if file.is_file()]
-    for file in files:
+    for file in [path] if path.is_file() else [file for file in sorted(path.rglob("*")) if file.is_file()]:
         with open(file, "rb+") as written:
             os.fsync(written.fileno())
 
@@ -395,13 +392,12 @@ def _named(operation: Callable[..., Any], *paths: Path) -> Any:
     except OSError as error:
         if error.filename is not None or error.errno is None:
             raise
-        raise path_error(error.errno, f"cannot write {paths[-1]}: {os.strerror(error.errno)}", paths[-1]) from None
+        raise _path_error(error.errno, f"cannot write {paths[-1]}: {os.strerror(error.errno)}") from None
 
 
-def path_error(code: int, message: str, path: str | os.PathLike) -> OSError:
-    """An OSError whose text is `message` alone (one line naming the path once); the CLI prints it as it is."""
-    error = OSError(message)
-    error.errno = code  # str() stays the message while filename and strerror are unset
+def _path_error(code: int, message: str) -> OSError:
+    error = OSError(message)  # one line naming the path once: str() is the message while filename is unset
+    error.errno = code
     return error
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..checkpoints.writers import save_safetensors
 from ..data import spec_paths
-from ..files import atomic_path, claim_output, is_atomic_temporary, read_json, write_text_atomic
+from ..files import atomic_path, claim_output, is_alive, is_atomic_temporary, read_json, write_text_atomic
 from ..report import METRICS_NAME, PLOT_NAMES, REPORT_NAME, read_metrics
 
 logger = logging.getLogger("bigtransfer")
@@ -233,7 +233,7 @@ class RunLock:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner is not None and owner[1] == host and not _alive(owner[0]):
+                if owner is not None and owner[1] == host and not is_alive(owner[0]):
                     logger.warning("taking over the stale lock %s of dead process %d", self.path, owner[0])
                     self.path.unlink(missing_ok=True)
                     continue
@@ -259,17 +259,6 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         if self.owned and self._owner() == (os.getpid(), socket.gethostname()):
             self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_temporaries(directory: Path, names: Iterable[str]) -> list[Path]:
