@@ -1,6 +1,8 @@
-"""Kill-point sweeps: SIGKILL a real process at every file-system step of `convert`, `export` and a run's final
-save (and at points in time in between), then check that what is on disk is the old version or the new one,
-whole, never a mix and never an unverified export.
+"""Kill-point sweeps: SIGKILL a real process at every file-system step of `convert`, `export`, a run's final save,
+`features`, `shard` and `export --int8` (and at points in time in between), then check that what is on disk is the
+old version or the new one, whole, never a mix and never an unverified export, and that no staged file is left
+after the next run; `vtab1k` is killed at steps spread over its runs and must finish with the same results when
+the same command runs again.
 
 A server process imports the package once (one thread, so forking is safe) and forks one child per kill point.
 The child counts the file-system operations the writers make (renames, exchanges, fsyncs, unlinks, temporary
