@@ -1140,7 +1140,246 @@ def _out_of_memory_cli(tmp):
 
 
 
-CASES = _image_cases() + TENSOR_CASES + CONFIG_CASES + CHECKPOINT_CASES + DATA_CASES + CLI_CASES + HOSTILE_CASES
+
+# ------------------------------------------------------------------------------------------------ round three
+# Multi-file outputs, staged leftovers, links out of the output, bounds, the processor against the decoder.
+
+
+def _killed_writer(name: str):
+    """What a process writing `name` through `files.staged_outputs` leaves when SIGKILL stops it half-way."""
+    import subprocess
+    import sys
+
+    def build(tmp):
+        code = ("import os, signal\nfrom bigtransfer.files import staged_outputs\n"
+                f"with staged_outputs({str(tmp / name)!r}) as staging:\n"
+                f"    staging.path({str(tmp / name)!r}).write_bytes(b'half')\n"
+                "    os.kill(os.getpid(), signal.SIGKILL)\n")
+        subprocess.run([sys.executable, "-c", code], check=False, timeout=120)
+        assert _staged(tmp, name), "the killed writer left nothing to sweep"
+
+    return build
+
+
+def _staged(tmp: Path, name: str) -> list[str]:
+    return [entry.name for entry in tmp.iterdir() if entry.name.startswith(f".{name}.")]
+
+
+def _then(build, *argv):
+    """`build(tmp)` first, then the CLI with `argv`."""
+    command = _cli(*argv)
+    return lambda tmp: (build(tmp), command(tmp))[1]
+
+
+def _succeeds(*checks):
+    def check(result, tmp):
+        assert result.code == 0, result
+        for extra in checks:
+            extra(tmp)
+
+    return check
+
+
+def _users_labels(tmp):
+    (tmp / "x.labels.npy").write_bytes(b"the user's own labels")
+    return str(tmp / "x.npy")
+
+
+def _with_environment(variables: dict[str, str], call):
+    def run(tmp):
+        saved = {key: os.environ.get(key) for key in variables}
+        os.environ.update(variables)
+        try:
+            return call(tmp)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    return run
+
+
+def _linked_tensorboard(tmp):
+    (tmp / "elsewhere").mkdir()
+    (tmp / "run").mkdir()
+    (tmp / "run" / "tensorboard").symlink_to(tmp / "elsewhere")
+    return str(tmp / "run")
+
+
+def _tensorboard_file(tmp):
+    (tmp / "run").mkdir()
+    (tmp / "run" / "tensorboard").write_text("notes")
+    return str(tmp / "run")
+
+
+def _trainer_callback_into_a_link(tmp):
+    import types
+
+    from bigtransfer.integrations import trainer_callback
+
+    (tmp / "users").mkdir()
+    (tmp / "out").mkdir()
+    (tmp / "out" / "checkpoint-5").symlink_to(tmp / "users")
+    arguments = types.SimpleNamespace(output_dir=str(tmp / "out"))
+    state = types.SimpleNamespace(is_world_process_zero=True, global_step=5)
+    return trainer_callback().on_save(arguments, state, None, model=_model())
+
+
+def _ndarray_pickle(tmp):
+    """30 bytes calling numpy.ndarray((875000000,), float32) directly: a 3.5 GB array the file does not hold."""
+    import pickle
+
+    body = (pickle.PROTO + b"\x02" + pickle.GLOBAL + b"numpy\nndarray\n" + pickle.BININT + struct.pack("<i", 875_000_000)
+            + pickle.TUPLE1 + pickle.SHORT_BINBYTES + b"\x02f4" + pickle.TUPLE2 + pickle.REDUCE + pickle.STOP)
+    (tmp / "data_batch_1").write_bytes(body)
+    return tmp / "data_batch_1"
+
+
+def _float_tiff(name: str, scale: float, offset: float = 0.0):
+    def build(tmp):
+        ramp = np.linspace(0, 1, 48 * 40, dtype=np.float32).reshape(48, 40) * scale + offset
+        Image.fromarray(ramp, mode="F").save(tmp / name)
+        return tmp / name
+
+    return build
+
+
+def _sixteen_bit(name: str):
+    def build(tmp):
+        Image.fromarray((np.linspace(0, 1, 48 * 40).reshape(48, 40) * 65535).astype(np.uint16)).save(tmp / name)
+        return tmp / name
+
+    return build
+
+
+def _processor_against_decoder(build):
+    """(largest |processor - decoder| in grey levels, the decoder's middle pixel) over one file, the processor
+    given the path and the opened PIL image."""
+    def call(tmp):
+        path = build(tmp)
+        decoded = np.asarray(load_image(path), dtype=np.float32).transpose(2, 0, 1)
+        processor = BitImageProcessor(do_resize=False, do_center_crop=False, do_normalize=False)
+        with Image.open(path) as opened:
+            inputs = [path, opened]
+            outputs = [processor(item, return_tensors="np")["pixel_values"][0] * 255 for item in inputs]
+        return max(float(np.abs(output - decoded).max()) for output in outputs), int(decoded[0, 24, 20])
+
+    return call
+
+
+def _agrees(difference_and_middle, tmp):
+    difference, middle = difference_and_middle
+    assert difference <= 0.5, f"the processor and the decoder differ by {difference} grey levels"
+    assert 120 <= middle <= 135, f"the middle of a 0..max ramp reads {middle}, not mid-grey"
+
+
+def _damaged_run_checkpoint(tmp):
+    from safetensors import safe_open
+
+    from bigtransfer.train import CHECKPOINT_NAME, FinetuneConfig, finetune
+
+    data = _folder(tmp, {"a": 3, "b": 3})
+    settings = dict(model="tiny", data=str(data), output=tmp / "run", eval_data=str(data), batch_size=2, max_steps=2,
+                    resize=20, crop=16, progress=False, plots=False)
+    finetune(FinetuneConfig(**settings))
+    checkpoint = tmp / "run" / CHECKPOINT_NAME
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        tensors, metadata = {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+    tensors["rng/numpy"] = tensors["rng/numpy"][:100]  # "state vector is the wrong size", once
+    save_file(tensors, checkpoint, metadata)
+    return finetune(FinetuneConfig(**settings, resume=True))
+
+
+def _fewshot(*extra):
+    return _cli("fewshot", "--model", _model_dir, "--data", _data({"a": 4, "b": 4}), "--no-progress", *extra)
+
+
+HARDEN_CASES = [
+    Case("output: features beside a labels file of the user's", _cli(
+        "features", "--model", _model_dir, "--data", _data({"a": 2, "b": 2}), "--output", _users_labels),
+        check=_and(_fails(r"--output {tmp}/x\.npy would replace {tmp}/x\.labels\.npy, not written with it .*--overwrite"),
+                   lambda result, tmp: _equal((tmp / "x.labels.npy").read_bytes(), b"the user's own labels"),
+                   lambda result, tmp: _equal((tmp / "x.npy").exists(), False))),
+    Case("output: features --overwrite replaces them, all three together", _cli(
+        "features", "--model", _model_dir, "--data", _data({"a": 2, "b": 2}), "--output", _users_labels, "--overwrite"),
+        check=_succeeds(lambda tmp: _equal(np.load(tmp / "x.labels.npy").tolist(), [0, 0, 1, 1]),
+                        lambda tmp: _equal(len(json.loads((tmp / "x.index.json").read_text())["paths"]), 4))),
+    Case("output: features into folders that do not exist yet", _cli(
+        "features", "--model", _model_dir, "--data", _data({"a": 2, "b": 2}), "--output", lambda tmp: str(tmp / "a/b/x.npy")),
+        check=_succeeds(lambda tmp: _equal(sorted(p.name for p in (tmp / "a/b").iterdir()),
+                                           ["x.index.json", "x.labels.npy", "x.npy"]))),
+    Case("stale: a killed features run's staged files are swept by the next", _then(
+        _killed_writer("x.npy"), "features", "--model", _model_dir, "--data", _data({"a": 2, "b": 2}), "--output",
+        lambda tmp: str(tmp / "x.npy")),
+        check=_succeeds(lambda tmp: _equal(_staged(tmp, "x.npy"), []), lambda tmp: _equal(np.load(tmp / "x.npy").shape[0], 4))),
+    Case("stale: a killed shard run's staged folder is swept by the next", _then(
+        _killed_writer("shards"), "shard", "--data", _data({"a": 2, "b": 2}), "--output", lambda tmp: str(tmp / "shards"),
+        "--no-progress"),
+        check=_succeeds(lambda tmp: _equal(_staged(tmp, "shards"), []),
+                        lambda tmp: _equal(sorted(p.name for p in (tmp / "shards").iterdir())[-1], "shard-000000.tar"))),
+    Case("stray: RANK=1 without torchrun still writes the features", _with_environment({"RANK": "1"}, _cli(
+        "features", "--model", _model_dir, "--data", _data({"a": 2, "b": 2}), "--output", lambda tmp: str(tmp / "x.npy"))),
+        check=_succeeds(lambda tmp: _equal(np.load(tmp / "x.npy").shape[0], 4))),
+    Case("stray: RANK=1 without torchrun still prints the evaluation", _with_environment({"RANK": "1"}, _cli(
+        "evaluate", "--model", _model_dir, "--data", _data({"a": 2, "b": 2}), "--split", "all", "--json")),
+        check=lambda result, tmp: _equal(json.loads(result.out)["num_images"], 4)),
+    Case("link: RUN_DIR/tensorboard a symbolic link out of the run", _cli(
+        "finetune", "--model", "tiny", "--data", _data({"a": 3, "b": 3}), "--output", _linked_tensorboard, "--overwrite",
+        "--report-to", "tensorboard", "--max-steps", "1", *TRAIN),
+        check=_and(_fails(r"{tmp}/run/tensorboard is a symbolic link \(to {tmp}/elsewhere\); TensorBoard event files are "
+                          r"written only inside {tmp}/run"),
+                   lambda result, tmp: _equal(list((tmp / "elsewhere").iterdir()), []))),
+    Case("message: RUN_DIR/tensorboard is a file", _cli(
+        "finetune", "--model", "tiny", "--data", _data({"a": 3, "b": 3}), "--output", _tensorboard_file, "--overwrite",
+        "--report-to", "tensorboard", "--max-steps", "1", *TRAIN),
+        check=_fails(r"{tmp}/run/tensorboard is a file; TensorBoard event files go into a folder of that name")),
+    Case("link: the Trainer callback and a checkpoint-N that is a symbolic link", _trainer_callback_into_a_link,
+         ValueError, r"{tmp}/out/checkpoint-5 is a symbolic link; config\.json is written only inside {tmp}/out"),
+    Case("bounds: fewshot --seeds 1000000000", _fewshot("--seeds", "1000000000", "--shots", "1"),
+         check=_fails(r"seeds must be an integer from 1 to 1,000 .*got 1000000000")),
+    Case("bounds: fewshot --shots 50000", _fewshot("--shots", "1,50000"),
+         check=_fails(r"shots must be integers from 1 to 10,000 .*got \[1, 50000\]")),
+    Case("meaning: fewshot on one class", _cli("fewshot", "--model", _model_dir, "--data", _data({"only": 6}),
+                                               "--shots", "1", "--no-progress"),
+         check=_fails(r"few-shot classification needs at least 2 classes, but {tmp}/images has 1 \('only'\)")),
+    Case("output: fewshot --output into folders that do not exist yet", _fewshot("--shots", "1", "--seeds", "1",
+                                                                              "--output", lambda tmp: str(tmp / "a/b/c")),
+         check=_succeeds(lambda tmp: _equal((tmp / "a/b/c/fewshot.json").is_file(), True))),
+    Case("output: evaluate --output into folders that do not exist yet", _cli(
+        "evaluate", "--model", _model_dir, "--data", _data({"a": 2, "b": 2}), "--split", "all", "--output",
+        lambda tmp: str(tmp / "a/b/c")),
+        check=_succeeds(lambda tmp: _equal((tmp / "a/b/c/report.json").is_file(), True))),
+    Case("bomb: a 30-byte pickle calling numpy.ndarray for 3.5 GB", lambda tmp: _in_child(
+        "bigtransfer.data.safe_pickle.safe_load(path + '/data_batch_1')")(_ndarray_pickle(tmp).parent),
+        check=_refused_cheaply(r"UnsafePickleError {tmp}/data_batch_1: refusing to allocate an array of shape \(875000000,\)")),
+    Case("message: a run checkpoint damaged on disk", _damaged_run_checkpoint, ValueError,
+         r"cannot resume from {tmp}/run/checkpoint\.safetensors: it is damaged .*start the run again with --overwrite"),
+    Case("message: a full disk while writing features names the file", lambda tmp: _in_child(
+        "import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 12, resource.RLIM_INFINITY))\nimport numpy as np\n"
+        "from bigtransfer.inference import write_features\n"
+        "write_features(path + '/x.npy', np.zeros((100, 64), np.float32), np.zeros(100, np.int64))")(tmp),
+        check=_and(_refused_cheaply(r"OSError cannot write {tmp}/x\.npy: .*(File too large|is the disk full)"),
+                   lambda result, tmp: _equal(sorted(p.name for p in tmp.iterdir()), []))),
+    Case("message: vtab task classes: 5", lambda tmp: __import__("bigtransfer.vtab").vtab.read_tasks(
+        _written("tasks.json", b'{"tasks": [{"name": "t", "data": "digits", "classes": 5}]}')(tmp)), ValueError,
+        r'{tmp}/tasks\.json: task 1 \(t\): "classes" must be a non-empty list of class indices or names, or a string'),
+    Case("message: a float TIFF outside every range names the file", lambda tmp: load_image(_float_tiff("odd.tif", 1e6, -5)(tmp)),
+         BadImageError, r"cannot read image {tmp}/odd\.tif: ValueError: .*a floating-point image with values in \[-5, 999995\]; expected "
+         r"\[0, 1\], 0\.\.255 or 0\.\.65535"),
+    Case("agree: a float TIFF in [0, 1], processor and decoder", _processor_against_decoder(_float_tiff("unit.tif", 1.0)),
+         check=_agrees),
+    Case("agree: a float TIFF in 0..255, processor and decoder", _processor_against_decoder(_float_tiff("byte.tif", 255.0)),
+         check=_agrees),
+    Case("agree: a float TIFF in 0..65535, processor and decoder", _processor_against_decoder(_float_tiff("wide.tif", 65535.0)),
+         check=_agrees),
+    Case("agree: a 16-bit PNG, processor and decoder", _processor_against_decoder(_sixteen_bit("deep.png")), check=_agrees),
+    Case("agree: a 16-bit TIFF, processor and decoder", _processor_against_decoder(_sixteen_bit("deep.tif")), check=_agrees),
+]
+
+CASES = _image_cases() + TENSOR_CASES + CONFIG_CASES + CHECKPOINT_CASES + DATA_CASES + CLI_CASES + HOSTILE_CASES + HARDEN_CASES
 
 
 def test_the_table_is_large_enough():

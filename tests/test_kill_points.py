@@ -1,6 +1,8 @@
-"""Kill-point sweeps: SIGKILL a real process at every file-system step of `convert`, `export` and a run's final
-save (and at points in time in between), then check that what is on disk is the old version or the new one,
-whole, never a mix and never an unverified export.
+"""Kill-point sweeps: SIGKILL a real process at every file-system step of `convert`, `export`, a run's final save,
+`features`, `shard` and `export --int8` (and at points in time in between), then check that what is on disk is the
+old version or the new one, whole, never a mix and never an unverified export, and that no staged file is left
+after the next run; `vtab1k` is killed at steps spread over its runs and must finish with the same results when
+the same command runs again.
 
 A server process imports the package once (one thread, so forking is safe) and forks one child per kill point.
 The child counts the file-system operations the writers make (renames, exchanges, fsyncs, unlinks, temporary
@@ -62,9 +64,15 @@ SERVER = textwrap.dedent('''
             state["armed"] = state["armed"] or step == trainer.recipe.total_steps
 
     task = json.loads(sys.argv[1])
-    if task["kind"] == "export":  # import the exporters' machinery once, not in every child
+    if task["kind"] in ("export", "int8"):  # import the exporters' machinery once, not in every child
         import onnx, onnxruntime, onnxscript, torch.export, torch.onnx  # noqa: F401
+        import onnxruntime.quantization  # noqa: F401
         import torch._dynamo  # noqa: F401
+    from bigtransfer.cli import main
+    from bigtransfer.quantize import quantize
+    if task["kind"] == "cli":
+        import bigtransfer.commands.features, bigtransfer.commands.shard, bigtransfer.vtab  # noqa: F401
+        import webdataset  # noqa: F401
 
     def run():
         if task["kind"] == "convert":
@@ -74,6 +82,14 @@ SERVER = textwrap.dedent('''
             model = BitForImageClassification.from_pretrained(task["model"])
             state["armed"] = True
             export(model, task["output"], task["format"], image_size=64)
+        elif task["kind"] == "int8":
+            model = BitForImageClassification.from_pretrained(task["model"])
+            pixels = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+            state["armed"] = True
+            quantize(model, task["output"], pixels[:8], pixels[8:])
+        elif task["kind"] == "cli":
+            state["armed"] = True
+            main(task["argv"])
         else:
             finetune(FinetuneConfig(**task["settings"]), callbacks=(ArmAtTheEnd(),))
 
@@ -81,6 +97,7 @@ SERVER = textwrap.dedent('''
         point = json.loads(line)
         pid = os.fork()
         if pid == 0:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the server's stdout carries the protocol
             state["kill_at"] = point.get("op", 0)
             try:
                 run()
@@ -102,10 +119,12 @@ SERVER = textwrap.dedent('''
 class Server:
     """The forking server for one task; `kill(point)` runs the task in a child killed at `point`."""
 
-    def __init__(self, task: dict, tmp_path: Path):
+    def __init__(self, task: dict, tmp_path: Path, temporary: Path | None = None):
         self.count_file = tmp_path / "ops"
         task = dict(task, count_file=str(self.count_file))
         environment = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        if temporary is not None:  # the system's temporary folder, as the child sees it
+            environment["TMPDIR"] = str(temporary)
         self.process = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(task)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, env=environment)
 
@@ -126,16 +145,18 @@ class Server:
         self.process.wait(timeout=60)
 
 
-def _sweep(server: Server, reset, check, seconds: float, at_least: int = MIN_KILL_POINTS) -> int:
-    """Kill before every counted operation and at points in time (at least two, and enough for `at_least` points
-    in all); `reset()` restores the old version before each point and `check(killed)` inspects what is left.
-    Returns the number of kill points."""
+def _sweep(server: Server, reset, check, seconds: float, at_least: int = MIN_KILL_POINTS, most: int | None = None) -> int:
+    """Kill before every counted operation (or `most` of them, spread evenly over the run) and at points in time
+    (at least two, and enough for `at_least` points in all); `reset()` restores the old version before each point
+    and `check(killed)` inspects what is left. Returns the number of kill points."""
     reset()
     assert not server.run(), "the uninterrupted run failed"
     check(False)
     operations = server.operations()
-    points = [dict(op=op) for op in range(1, operations + 1)]
+    chosen = range(1, operations + 1) if most is None or operations <= most else np.linspace(1, operations, most)
+    points = [dict(op=op) for op in sorted({int(round(op)) for op in chosen})]
     times = max(2, at_least - len(points))
+    print(f"{len(points)} kill points at file-system steps (of {operations}), {times} at points in time")
     points += [dict(seconds=seconds * (index + 1) / (times + 1)) for index in range(times)]
     for point in points:
         reset()
@@ -265,3 +286,187 @@ def test_a_run_killed_in_its_final_save_leaves_the_old_model_or_the_new_one(tmp_
     server = Server(dict(kind="run", settings=settings), tmp_path)
     assert _sweep(server, reset, check, seconds=2.0) >= MIN_KILL_POINTS
     assert seen == {"old", "new"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands whose outputs are several files (features, shard), int8 export with its intermediates, and vtab1k.
+# After each kill, what the next run does first (`files.sweep_staged` of the output) leaves the previous output
+# or the new one whole, and no staged file anywhere (the output's folder, the system's temporary folder).
+
+
+def _photos(folder: Path, count: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        label = ("red", "green")[index % 2]
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 120, (20, 20, 3), dtype=np.uint8)
+        pixels[..., index % 2] += 120
+        Image.fromarray(pixels).save(folder / label / f"{index}.png")
+    return folder
+
+
+def _small_model(path: Path) -> Path:
+    _model(2, seed=3).save_pretrained(path)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(path)
+    return path
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob(".*"))
+
+
+def _versions(digest, old):
+    """A check against the old version and the new one (the first uninterrupted run's), after the next run's
+    sweep; returns it and the set of versions seen."""
+    seen, new = set(), []
+
+    def check(output: Path, primary: Path, folder: Path, temporary: Path | None = None):
+        from bigtransfer.files import sweep_staged
+
+        sweep_staged(primary)
+        now = digest(output)
+        if not new:
+            new.append(now)
+        assert now in (old, new[0]), "neither the previous output nor the new one, whole"
+        seen.add("old" if now == old else "new")
+        assert _hidden(folder) == [], f"staged files left: {_hidden(folder)}"
+        if temporary is not None:  # onnxruntime keeps one ".ses" file there (its session id, reused): not ours
+            left = [path.name for path in temporary.iterdir() if path.name != ".ses"]
+            assert left == [], f"left in the system's temporary folder: {left}"
+
+    return check, seen
+
+
+def _feature_files(output: Path):
+    return tuple(path.read_bytes() if path.exists() else None
+                 for path in (output, output.with_name("x.labels.npy"), output.with_name("x.index.json")))
+
+
+@pytest.mark.slow
+def test_features_killed_anywhere_leave_the_old_three_files_or_the_new_three(tmp_path):
+    model = _small_model(tmp_path / "model")
+    old_data, new_data = _photos(tmp_path / "old", 8, seed=1), _photos(tmp_path / "new", 24, seed=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    output = out / "x.npy"
+    from bigtransfer.cli import main
+
+    argv = ["features", "--model", str(model), "--output", str(output), "--no-progress", "--batch-size", "8"]
+    assert main([*argv, "--data", str(old_data)]) == 0
+    old = _feature_files(output)
+    check_version, seen = _versions(_feature_files, old)
+
+    def reset():
+        for path, data in zip((output, out / "x.labels.npy", out / "x.index.json"), old, strict=True):
+            path.write_bytes(data)
+
+    server = Server(dict(kind="cli", argv=[*argv, "--data", str(new_data)]), tmp_path)
+    points = _sweep(server, reset, lambda killed: check_version(output, output, out), seconds=1.5)
+    print(f"features: {points} kill points")
+    assert points >= MIN_KILL_POINTS and seen == {"old", "new"}
+    assert len(json.loads((out / "x.index.json").read_text())["paths"]) in (8, 24)
+
+
+def _shard_contents(folder: Path):
+    import tarfile
+
+    if not folder.is_dir():
+        return None
+    contents = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".tar":
+            with tarfile.open(path) as archive:  # member bytes: the tar headers carry the time of writing
+                contents.append((path.name, [(m.name, archive.extractfile(m).read()) for m in archive.getmembers()]))
+        else:
+            contents.append((path.name, path.read_bytes()))
+    return contents
+
+
+@pytest.mark.slow
+def test_shard_killed_anywhere_leaves_the_old_folder_or_the_new_one(tmp_path):
+    pytest.importorskip("webdataset")
+    old_data, new_data = _photos(tmp_path / "old", 4, seed=1), _photos(tmp_path / "new", 12, seed=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    output = out / "shards"
+    from bigtransfer.cli import main
+
+    assert main(["shard", "--data", str(old_data), "--output", str(tmp_path / "previous"), "--shard-size", "2",
+                 "--no-progress"]) == 0
+    old = _shard_contents(tmp_path / "previous")
+    check_version, seen = _versions(_shard_contents, old)
+
+    def reset():
+        shutil.rmtree(output, ignore_errors=True)
+        shutil.copytree(tmp_path / "previous", output)
+
+    server = Server(dict(kind="cli", argv=["shard", "--data", str(new_data), "--output", str(output), "--shard-size", "3",
+                                           "--no-progress", "--overwrite"]), tmp_path)
+    points = _sweep(server, reset, lambda killed: check_version(output, output, out), seconds=1.0)
+    print(f"shard: {points} kill points")
+    assert points >= MIN_KILL_POINTS and seen == {"old", "new"}
+
+
+@pytest.mark.slow
+def test_int8_export_killed_anywhere_leaves_the_old_file_and_no_intermediates(tmp_path):
+    pytest.importorskip("onnxruntime.quantization")
+    from bigtransfer.quantize import quantize
+
+    _model(5, seed=2).save_pretrained(tmp_path / "model")
+    out, temporary = tmp_path / "out", tmp_path / "system-temp"
+    out.mkdir()
+    temporary.mkdir()
+    output = out / "model-int8.onnx"
+    pixels = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    quantize(_model(3, seed=1), tmp_path / "previous.onnx", pixels[:8], pixels[8:])
+    old = (tmp_path / "previous.onnx").read_bytes()
+    check_version, seen = _versions(lambda path: path.read_bytes() if path.exists() else None, old)
+
+    def reset():
+        shutil.copyfile(tmp_path / "previous.onnx", output)
+
+    def check(killed):
+        check_version(output, output, out, temporary)
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(output))  # whichever it is, it runs
+        assert session.run(None, {session.get_inputs()[0].name: PIXELS.numpy()})[0].shape[1] in (3, 5)
+
+    server = Server(dict(kind="int8", model=str(tmp_path / "model"), output=str(output)), tmp_path, temporary)
+    points = _sweep(server, reset, check, seconds=8.0)
+    print(f"export --int8: {points} kill points")
+    assert points >= MIN_KILL_POINTS and seen == {"old", "new"}
+
+
+@pytest.mark.slow
+def test_vtab1k_killed_anywhere_finishes_with_the_same_results_when_run_again(tmp_path):
+    _small_model(tmp_path / "model")
+    output = tmp_path / "vtab"
+    argv = ["vtab1k", "--model", str(tmp_path / "model"), "--data", "digits", "--classes", "0,1", "--name", "d",
+            "--output", str(output), "--train-examples", "12", "--val-examples", "6", "--lrs", "0.01", "--steps",
+            "2,3", "--batch-size", "6", "--batch-split", "1", "--resize", "20", "--crop", "16", "--no-progress",
+            "--no-plots", "--workers", "0"]
+    from bigtransfer.cli import main
+
+    reference = []
+
+    def results():
+        summary = json.loads((output / "vtab1k.json").read_text())
+        assert summary["complete"] is True
+        return [{key: task[key] for key in ("sweep", "chosen", "test_top1", "train_images")} for task in summary["tasks"]]
+
+    def reset():
+        shutil.rmtree(output, ignore_errors=True)
+
+    def check(killed):
+        if killed:
+            assert main(argv) == 0, "running the same command again did not finish the protocol"
+        if not reference:
+            reference.append(results())
+        assert results() == reference[0]
+        assert _hidden(output) == [], f"staged files left: {_hidden(output)}"
+
+    server = Server(dict(kind="cli", argv=argv), tmp_path)
+    points = _sweep(server, reset, check, seconds=4.0, most=MIN_KILL_POINTS + 4)
+    print(f"vtab1k: {points} kill points")
+    assert points >= MIN_KILL_POINTS

@@ -84,5 +84,11 @@ def test_trackers_are_checked_before_training(folder, tmp_path, monkeypatch, cap
     monkeypatch.setitem(sys.modules, "mlflow", None)  # not installed
     assert main(["finetune", "--model", "tiny", "--data", str(folder), "--output", str(tmp_path / "run"),
                  "--report-to", "mlflow", "--max-steps", "1"]) == 1
-    assert "--report-to mlflow needs the mlflow package" in capsys.readouterr().err
+    assert "--report-to mlflow needs mlflow: pip install mlflow" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tracker_named_twice_logs_each_point_once(folder, tmp_path):
+    finetune(config(folder, tmp_path / "run", report_to=("tensorboard", "tensorboard")))
+    assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert [step for step, _ in scalars(tmp_path / "run")["train/loss"]] == list(range(1, 7))

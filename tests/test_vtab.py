@@ -118,3 +118,72 @@ def test_refused_before_training(workspace, tmp_path, capsys):
                  "--output", str(tmp_path / "o2")]) == 2
     assert "506 training examples are drawn (500 + 6) but digits has" in capsys.readouterr().err
     assert read_tasks(workspace / "tasks.json")[0].data == str(workspace / "photos" / "pool")  # relative to the file
+
+
+def test_a_stopped_protocol_resumes_by_running_the_same_command(workspace, tmp_path, capsys, caplog, monkeypatch):
+    import bigtransfer.vtab as vtab
+    from conftest import SigtermAfter
+
+    calls = []
+
+    def finetune_stopped_once(settings, callbacks=()):  # a real SIGTERM, in the first run of the sweep
+        calls.append(settings.output)
+        return vtab_finetune(settings, callbacks=(SigtermAfter(1),) if len(calls) == 1 else ())
+
+    vtab_finetune = vtab.finetune
+    monkeypatch.setattr(vtab, "finetune", finetune_stopped_once)
+    argv = ["vtab1k", "--model", str(workspace / "model"), "--data", "digits", "--classes", "0,1", "--name", "d",
+            "--output", str(tmp_path / "out"), *SMALL]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "run the same vtab1k command again (same --output) to continue" in err
+    assert "--resume" not in err + caplog.text and "run the same vtab1k command again to continue" in caplog.text
+    assert json.loads((tmp_path / "out" / "vtab1k.json").read_text())["complete"] is False
+    assert main(argv) == 0  # not "already holds files that are not a VTAB-1k run"
+    summary = json.loads((tmp_path / "out" / "vtab1k.json").read_text())
+    assert summary["complete"] is True and len(summary["tasks"][0]["sweep"]) == 4
+    assert read_report(calls[0] / "report.json").num_images == 6  # the stopped run was finished on resume
+
+
+@pytest.mark.parametrize(("classes", "message"), [
+    (5, r'task 1 \(a\): "classes" must be a non-empty list of class indices or names, or a string such as "0-4", got 5'),
+    ([0, 1.5], r'"classes" must be a non-empty list .* got \[0, 1.5\]'),
+])
+def test_task_classes_of_the_wrong_type_name_the_field(tmp_path, classes, message):
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": [{"name": "a", "data": "digits", "classes": classes}]}))
+    with pytest.raises(ValueError, match=message):
+        read_tasks(tmp_path / "tasks.json")
+
+
+def test_task_specs_are_read_as_data_accepts_them(tmp_path):
+    tasks = [{"name": "a", "data": "wds:shards/s-{000000..000001}.tar", "test": "hf:saved#image=img", "classes": "0-1"},
+             {"name": "b", "data": "cifar10:cifar", "test": "/abs/test.csv"},
+             {"name": "c", "data": "fashion-mnist", "test": "folder/test"}]
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": tasks}))
+    read = read_tasks(tmp_path / "tasks.json")
+    assert read[0].data == f"wds:{tmp_path}/shards/s-{{000000..000001}}.tar" and read[0].test == f"hf:{tmp_path}/saved#image=img"
+    assert read[0].classes == [0, 1]  # a range, not the characters "0", "-", "1"
+    assert (read[1].data, read[1].test) == (f"cifar10:{tmp_path}/cifar", "/abs/test.csv")
+    assert (read[2].data, read[2].test) == ("fashion-mnist", f"{tmp_path}/folder/test")
+
+
+def test_shards_named_in_a_task_file_are_trained_on(workspace, tmp_path):
+    pytest.importorskip("webdataset")
+    assert main(["shard", "--data", str(workspace / "photos" / "pool"), "--output", str(tmp_path / "shards"),
+                 "--shard-size", "8", "--no-progress"]) == 0
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": [
+        {"name": "s", "data": "wds:shards/shard-{000000..000002}.tar", "test": str(workspace / "photos" / "test")}]}))
+    assert main(["vtab1k", "--model", str(workspace / "model"), "--tasks", str(tmp_path / "tasks.json"),
+                 "--output", str(tmp_path / "out"), *SMALL, "--lrs", "0.01", "--steps", "1"]) == 0
+    assert json.loads((tmp_path / "out" / "vtab1k.json").read_text())["tasks"][0]["train_images"] == 18
+
+
+def test_test_data_that_is_the_training_data_is_refused(workspace, tmp_path, capsys):
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": [
+        {"name": "same", "data": str(workspace / "photos" / "pool"), "test": str(workspace / "photos" / "pool")}]}))
+    assert main(["vtab1k", "--model", str(workspace / "model"), "--tasks", str(tmp_path / "tasks.json"),
+                 "--output", str(tmp_path / "out"), *SMALL]) == 2
+    pool = workspace / "photos" / "pool"
+    assert (f"task same: 18 of the 20 test images of {pool} are also training images of {pool}"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out" / "same" / "sweep").exists()  # refused before any training

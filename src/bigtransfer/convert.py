@@ -16,8 +16,9 @@ from typing import Any
 from .checkpoints import loader
 from .checkpoints.formats import describe_variant, read_checkpoint
 from .checkpoints.writers import save_transformers
-from .files import atomic_directory, claim_output, read_json
+from .files import atomic_directory, read_json
 from .modeling import BitForImageClassification
+from .ownership import claim_output
 from .processing import IMAGE_PROCESSOR_CONFIG_NAME
 from .report import StageProgress
 

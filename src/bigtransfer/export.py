@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import secrets
 import statistics
 import time
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from .extras import require
+from .files import Staging, staged_outputs
 from .inference.speed import fold_weight_standardization
 
 FORMATS = ("onnx", "torchscript", "exported-program")
@@ -121,11 +123,10 @@ def export(
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"cannot export to {path}: it is a directory; give the file to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Batch 2, not 1: exporters specialise dimensions whose example size is 1.
     example = torch.randn(2, prepared.config.num_channels, image_size, image_size)
     report = ExportReport(str(path), format, wrapped.output_names)
-    with staged_output(path, onnx=format == "onnx") as staged:  # written and checked beside `path`, then put in its place; nothing if it fails
+    with staged_export(path, onnx=format == "onnx") as (_, staged):
         _write(format, wrapped, example, staged, opset, report)
         if check:
             training = reference.training
@@ -156,37 +157,31 @@ def _write(format: str, wrapped: ExportedOutputs, example: torch.Tensor, path: P
 
 
 @contextlib.contextmanager
-def staged_output(path: Path, onnx: bool) -> Iterator[Path]:
-    """A hidden name to write the export under, beside `path`; once the block succeeds it replaces `path` in one
-    rename (a kill or a failed check leaves the previous file as it was). Weights an ONNX file keeps in external
-    data (models over 2 GB) go to `NAME.TOKEN.data`, a name of their own, so the previous file's data is deleted
-    only after the file that refers to it is replaced."""
-    token = secrets.token_hex(4)
-    staged = path.with_name(f".{path.stem}.{token}{path.suffix}")  # the suffix kept: torch.export wants .pt2
-    previous = _external_data(path) if onnx else []
-    try:
-        yield staged
-        written = _move_external_data(staged, path, token) if onnx else []
-        for file in [staged, *written]:
-            with open(file, "rb+") as handle:
-                os.fsync(handle.fileno())
-        os.replace(staged, path)
-        for old in set(previous) - set(written):
-            old.unlink(missing_ok=True)
-    except BaseException:
-        for file in _external_data(staged) if onnx else []:
-            file.unlink(missing_ok=True)
-        staged.unlink(missing_ok=True)
-        raise
+def staged_export(path: Path, onnx: bool) -> Iterator[tuple[Staging, Path]]:
+    """(staging, the path to write the export to): written and checked in the staging folder beside `path`, then
+    put in its place (`files.staged_outputs`: a kill or a failed check leaves the previous file as it was, and the
+    next export sweeps what a kill left). Weights an ONNX file keeps in external data (models over 2 GB) go to
+    `NAME.TOKEN.N.data`, names of their own, moved in before the file that refers to them; the previous export's
+    data files (found by their names: the previous file is not read) are deleted once it is replaced."""
+    with staged_outputs(path) as staging:
+        staged = staging.path(path)  # the suffix kept: torch.export wants .pt2
+        yield staging, staged
+        if onnx:
+            _stage_external_data(staging, staged, path)
 
 
-def _move_external_data(staged: Path, path: Path, token: str) -> list[Path]:
+def _stage_external_data(staging: Staging, staged: Path, path: Path) -> None:
     """Give the staged file's external data files their final names, and the file the new locations."""
+    pattern = re.compile(re.escape(path.name) + r"\.[0-9a-f]{8}\.\d+\.data")
+    for previous in path.parent.iterdir():
+        if pattern.fullmatch(previous.name):
+            staging.remove_on_commit(previous)
     data = _external_data(staged)
     if not data:
-        return []
+        return
     import onnx  # there is external data only where onnx wrote it
 
+    token = secrets.token_hex(4)
     model = onnx.load(str(staged), load_external_data=False)
     names = {old.name: f"{path.name}.{token}.{index}.data" for index, old in enumerate(data)}
     for tensor in model.graph.initializer:
@@ -194,15 +189,12 @@ def _move_external_data(staged: Path, path: Path, token: str) -> list[Path]:
             if entry.key == "location" and entry.value in names:
                 entry.value = names[entry.value]
     for old in data:
-        os.replace(old, path.parent / names[old.name])
+        os.replace(old, staging.path(path.parent / names[old.name]))
     onnx.save(model, str(staged))
-    return [path.parent / name for name in names.values()]
 
 
 def _external_data(path: Path) -> list[Path]:
-    """The external data files an ONNX file refers to (none for other files or unreadable ones)."""
-    if not path.is_file():
-        return []
+    """The external data files a (new, staged) ONNX file refers to (none for other files or unreadable ones)."""
     try:
         import onnx  # the onnx extra; without it there is nothing to look up
 

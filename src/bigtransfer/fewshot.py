@@ -47,6 +47,8 @@ REPORT_NAME = "fewshot.json"
 PLOT_NAME = "fewshot.png"
 OUTPUT_FILES = (REPORT_NAME, PLOT_NAME)
 _TEST_CHUNK = 8192  # test rows scored per float64 block
+MAX_SEEDS = 1_000  # big_vision reports 3 to 5; each seed is one solve per shot count
+MAX_SHOTS = 10_000  # examples per class in one support set: past this, train a linear probe on the features
 
 
 @dataclasses.dataclass
@@ -154,15 +156,24 @@ def fewshot_accuracy(
 
 
 def check_arguments(shots: Sequence[int], seeds: int, l2: float) -> list[int]:
-    """The shot counts sorted without repeats; ValueError for counts below 1, seeds below 1 or a bad l2."""
+    """The shot counts sorted without repeats; ValueError for counts outside [1, MAX_SHOTS], seeds outside
+    [1, MAX_SEEDS] or a bad l2."""
     shots = sorted({int(k) for k in shots})
-    if not shots or shots[0] < 1:
-        raise ValueError(f"shots must be integers >= 1, got {list(shots)}")
-    if not (isinstance(seeds, int) and seeds >= 1):
-        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+    if not shots or shots[0] < 1 or shots[-1] > MAX_SHOTS:
+        raise ValueError(f"shots must be integers from 1 to {MAX_SHOTS:,} (examples per class), got {list(shots)}")
+    if not (isinstance(seeds, int) and not isinstance(seeds, bool) and 1 <= seeds <= MAX_SEEDS):
+        raise ValueError(f"seeds must be an integer from 1 to {MAX_SEEDS:,} (support sets drawn per shot count), "
+                         f"got {seeds!r}")
     if not (math.isfinite(l2) and l2 > 0):
         raise ValueError(f"l2 must be a finite number > 0, got {l2}")
     return shots
+
+
+def check_classes(classes: Sequence[str], what: str) -> None:
+    """ValueError for data of fewer than two classes: every prediction would be right, and the accuracy meaningless."""
+    if len(classes) < 2:
+        raise ValueError(f"few-shot classification needs at least 2 classes, but {what} has {len(classes)} "
+                         f"({', '.join(map(repr, classes[:1]))}): accuracy over one class is always 100 %")
 
 
 def evaluate_representation(
@@ -173,6 +184,7 @@ def evaluate_representation(
     """The FewShotReport of a `BitModel` (any rank count; every rank gets the result) on preprocessed training and
     test sets: what `fewshot` and the trainer's `--fewshot-every` run."""
     shots = check_arguments(shots, seeds, l2)  # the shot counts are checked on the extracted labels below
+    check_classes(train.classes, "the training data")
     started = time.perf_counter()
     train_x, train_y, _ = dataset_features(backbone, train, batch_size, context, progress, description="features (train)")
     test_x, test_y, _ = dataset_features(backbone, test, batch_size, context, progress, description="features (test)")
@@ -213,6 +225,7 @@ def fewshot(
     with distributed(device) as context:
         source, test_source, described = open_train_eval(selection.data, eval_data,
                                                          val_fraction=selection.val_fraction, classes=selection.classes)
+        check_classes(source.classes, str(selection.data))
         check_shots(source.labels, shots[-1], source.classes, str(selection.data))
         network, processor = load_for_inference(model, context.device)
         train_set, test_set = (processed_dataset(part, processor, selection.on_bad_image, selection.reduced_decode)

@@ -139,14 +139,12 @@ def load_image(path: str | os.PathLike | MemoryImage) -> PIL.Image.Image:
     """Open and fully decode an image file as 8-bit RGB; raises `BadImageError` naming the file.
 
     Conversion is the image processor's (`rgb_array`): 16-bit images are scaled rather than clipped,
-    transparency is composited onto white, and floating-point images (TIFFs) whose values all lie in [0, 1] are
-    scaled to 0..255 with a warning (read as 0..255 they would be black). Files over Pillow's
+    transparency is composited onto white, and floating-point images (TIFFs) are read by their range
+    (`float_pixels_to_8bit`). Files over Pillow's
     `MAX_IMAGE_PIXELS` (decompression bombs) are refused without being decoded.
     """
     try:
         with open_image(path) as image:
-            if image.mode == "F":
-                image = _unit_floats_to_8bit(image, path)
             return image if image.mode == "RGB" else PIL.Image.fromarray(rgb_array(image))
     except BadImageError:
         raise
@@ -154,13 +152,24 @@ def load_image(path: str | os.PathLike | MemoryImage) -> PIL.Image.Image:
         raise BadImageError(str(path), f"{type(error).__name__}: {error}") from error
 
 
-def _unit_floats_to_8bit(image: PIL.Image.Image, path: str | os.PathLike) -> PIL.Image.Image:
-    pixels = np.asarray(image, dtype=np.float32)
-    if not (np.isfinite(pixels).all() and pixels.min(initial=0.0) >= 0.0 and pixels.max(initial=0.0) <= 1.0):
-        return image  # on the 0..255 scale already, or refused by rgb_array (NaN / Inf)
-    warnings.warn(f"{os.fspath(path)}: a floating-point image with values in [0, 1]; scaled to 0..255", UserWarning,
-                  stacklevel=3)
-    return PIL.Image.fromarray(np.rint(pixels * 255).astype(np.uint8))
+def float_pixels_to_8bit(pixels: np.ndarray, name: str = "") -> np.ndarray:
+    """uint8 pixels of a floating-point image (a float TIFF, PIL mode "F"), read by its range: [0, 1] is scaled by
+    255, 0..255 kept, 0..65535 (16-bit data stored as floats) divided by 257 as 16-bit integers are; the decoder
+    and the processor both read such files this way. ValueError (naming the file `name`, if given) for NaN, Inf
+    or another range."""
+    pixels = np.asarray(pixels, dtype=np.float32)
+    prefix = f"{name}: " if name else ""
+    if not np.isfinite(pixels).all():
+        raise ValueError(f"{prefix}image contains NaN or Inf values")
+    low, high = float(pixels.min(initial=0.0)), float(pixels.max(initial=0.0))
+    if low < 0 or high > 65535:
+        raise ValueError(f"{prefix}a floating-point image with values in [{low:g}, {high:g}]; expected [0, 1], "
+                         "0..255 or 0..65535: scale it to one of them first")
+    scale = 255.0 if high <= 1.0 else 1.0 if high <= 255.0 else 1 / 257
+    if scale != 1.0:
+        warnings.warn(f"{prefix}a floating-point image with values in [0, {'1' if high <= 1 else '65535'}]; "
+                      "scaled to 0..255", UserWarning, stacklevel=2)
+    return np.rint(pixels * np.float32(scale)).clip(0, 255).astype(np.uint8)
 
 
 def decode_image(path: str | os.PathLike | MemoryImage, min_size: int | tuple[int, int] | None = None) -> PIL.Image.Image:
@@ -320,7 +329,9 @@ def _pil_to_array(image: PIL.Image.Image, do_convert_rgb: bool) -> np.ndarray:
         array = np.asarray(image)
         is_16_bit = array.size and array.max() > 255 and array.min() >= 0 and array.max() <= 65535
         return array.astype(np.uint16) if is_16_bit else array
-    if mode == "F" or not do_convert_rgb:
+    if mode == "F":
+        return float_pixels_to_8bit(np.asarray(image), getattr(image, "filename", "") or "")
+    if not do_convert_rgb:
         return np.array(image)  # values kept; _array_to_tensor scales or rejects them
     if mode in ("RGB", "L"):  # no conversion needed; L stays one channel and is broadcast later
         return np.array(image)

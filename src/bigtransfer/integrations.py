@@ -46,6 +46,9 @@ def trainer_callback(processor: Any = None):
         def on_save(self, args, state, control, model=None, **kwargs):
             if state.is_world_process_zero and model is not None:
                 directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if directory.is_symlink():  # writing would leave the output for wherever the link points
+                    raise ValueError(f"{directory} is a symbolic link; config.json is written only inside "
+                                     f"{args.output_dir}: remove the link")
                 save_config(getattr(model, "module", model), directory)
                 if processor is not None:
                     processor.save_pretrained(directory)

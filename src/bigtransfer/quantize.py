@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .export import export, onnx_operators, onnx_session, staged_output
+from .export import export, onnx_operators, onnx_session, staged_export
 from .extras import require
 
 QUANTIZED_OPERATORS = ("Conv", "Gemm", "MatMul")
@@ -78,6 +78,17 @@ def _quiet():
             logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _temporary_files_in(folder: Path):
+    """ONNX Runtime's tooling writes copies of the model into `tempfile`'s folder: put them in ours, so a kill leaves
+    them where the next run sweeps them, not in the system's temporary folder."""
+    previous, tempfile.tempdir = tempfile.tempdir, str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+
+
 def _pixels(values: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
     array = np.ascontiguousarray(np.asarray(values, dtype=np.float32))
     if array.ndim != 4 or len(array) == 0:
@@ -102,25 +113,25 @@ def quantize(
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"cannot quantize to {path}: it is a directory; give the .onnx file to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as directory:
-        floating, prepared = Path(directory) / "float.onnx", Path(directory) / "prepared.onnx"
-        with _quiet():
+    # The float graph and its prepared copy are staged with the output: removed with it on any exit, and swept by
+    # the next run after a kill (not left in the system's temporary folder).
+    with staged_export(path, onnx=True) as (staging, staged):
+        floating, prepared = staging.scratch / "float.onnx", staging.scratch / "prepared.onnx"
+        with _quiet(), _temporary_files_in(staging.scratch):
             export(model, floating, image_size=max(int(calibration.shape[-1]), 64))
             quantization.shape_inference.quant_pre_process(str(floating), str(prepared))
         session = onnx_session(floating)
         name = session.get_inputs()[0].name
         reference = _run(session, name, check)
-        with staged_output(path, onnx=True) as staged:
-            with _quiet():
-                quantization.quantize_static(
-                    str(prepared), str(staged), _Batches(name, calibration),
-                    quant_format=quantization.QuantFormat.QOperator, per_channel=per_channel,
-                    activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-                    op_types_to_quantize=list(QUANTIZED_OPERATORS),
-                )
-            quantized = _run(onnx_session(staged), name, check)
-            operators = onnx_operators(staged)
+        with _quiet(), _temporary_files_in(staging.scratch):
+            quantization.quantize_static(
+                str(prepared), str(staged), _Batches(name, calibration),
+                quant_format=quantization.QuantFormat.QOperator, per_channel=per_channel,
+                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+                op_types_to_quantize=list(QUANTIZED_OPERATORS),
+            )
+        quantized = _run(onnx_session(staged), name, check)
+        operators = onnx_operators(staged)
     agreement = None
     if reference.ndim == 2:  # logits
         agreement = float((reference.argmax(1) == quantized.argmax(1)).mean())

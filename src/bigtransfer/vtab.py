@@ -25,6 +25,7 @@ and `test` to image folders or CSV files and give them as `train800`, `val200` a
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -41,13 +42,14 @@ from . import hyperrule
 from .data import (
     ImageSource,
     Selection,
-    has_own_splits,
     open_source,
     open_train_eval,
     spec_paths,
     whole_split,
 )
-from .files import claim_output, read_json, write_text_atomic
+from .fields import parse_classes
+from .files import read_json, write_text_atomic
+from .ownership import claim_output
 from .report import printable
 from .train.run import finetune
 from .train.run_dir import CHECKPOINT_NAME
@@ -62,6 +64,20 @@ TASK_FIELDS = ("name", "group", "data", "train800", "val200", "test", "classes")
 # The sweep: the HyperRule's own learning rate and schedule for 1,000 examples, and a larger / longer one of each.
 DEFAULT_LEARNING_RATES = (hyperrule.DEFAULT_BASE_LR, 0.01)
 DEFAULT_SCHEDULES = (500, 2500)
+
+
+class Stopped(KeyboardInterrupt):
+    """A run of the protocol was stopped by SIGINT / SIGTERM (its checkpoint saved); running the same command again
+    continues it, keeping every finished run."""
+
+
+class _SameCommandResumes(logging.Filter):
+    """The trainer's stop message advises `--resume`, a flag of finetune: here the same command resumes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.endswith("; resume with --resume"):
+            record.msg = record.msg.replace("; resume with --resume", "; run the same vtab1k command again to continue")
+        return True
 
 
 @dataclasses.dataclass
@@ -114,7 +130,8 @@ def read_tasks(path: str | os.PathLike) -> list[VtabTask]:
             if entry.get(field) is not None and not isinstance(entry[field], str):
                 raise ValueError(f"{where} ({entry['name']}): \"{field}\" must be a string, got {entry[field]!r}")
         specs = {field: _relative_to(path.parent, entry.get(field)) for field in ("data", "train800", "val200", "test")}
-        result.append(VtabTask(name=entry["name"], group=entry.get("group"), classes=entry.get("classes"), **specs))
+        classes = _task_classes(entry.get("classes"), f"{where} ({entry['name']})")
+        result.append(VtabTask(name=entry["name"], group=entry.get("group"), classes=classes, **specs))
         _check_task(result[-1])
     names = [task.name for task in result]
     if len(set(names)) != len(names):
@@ -122,11 +139,36 @@ def read_tasks(path: str | os.PathLike) -> list[VtabTask]:
     return result
 
 
+_SCHEME = re.compile(r"(?P<scheme>(?:wds|hf|fashion-mnist|fashion_mnist|cifar10|cifar-10|cifar100|cifar-100):)(?P<path>.+)")
+_BUILT_IN = ("digits", "fashion-mnist", "fashion_mnist")
+
+
 def _relative_to(folder: Path, spec: str | None) -> str | None:
-    """A folder or CSV spec relative to the task file's folder; built-in names are kept."""
-    if spec is None or has_own_splits(spec) or spec.strip().lower() == "digits" or os.path.isabs(spec):
+    """A data spec with its local path taken relative to the task file's folder (`wds:shards/x-{0..3}.tar` ->
+    `wds:FOLDER/shards/x-{0..3}.tar`); built-in names, absolute paths and URLs are kept."""
+    if spec is None or spec.strip().lower() in _BUILT_IN:
         return spec
-    return str(folder / spec)
+    scheme = _SCHEME.fullmatch(spec.strip())
+    prefix, path = (scheme["scheme"], scheme["path"]) if scheme else ("", spec)
+    if os.path.isabs(path) or "://" in path:
+        return spec
+    return prefix + str(folder / path)
+
+
+def _task_classes(value: Any, where: str) -> list[int | str] | None:
+    """A task's "classes": a list of class indices or names, or a range string as --classes takes ("0-4,7")."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return parse_classes(value)
+        except (ValueError, argparse.ArgumentTypeError) as error:
+            raise ValueError(f"{where}: \"classes\": {error}") from None
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(item, str) or (isinstance(item, int) and not isinstance(item, bool)) for item in value)):
+        raise ValueError(f"{where}: \"classes\" must be a non-empty list of class indices or names, or a string such "
+                         f"as \"0-4\", got {json.dumps(value)[:80]}")
+    return value
 
 
 def _check_task(task: VtabTask) -> None:
@@ -170,8 +212,19 @@ def task_splits(task: VtabTask, config: Vtab1kConfig) -> tuple[Selection, Select
     if list(test_source.classes) != list(train.classes):
         raise ValueError(f"task {task.name}: test data classes {test_source.classes} differ from the training "
                          f"data's {train.classes}")
+    _refuse_overlap(task, [train, val], test_source)
     record["test"] = dict(data=task.test or task.data, images=len(test_source))
     return train, val, test_source, record
+
+
+def _refuse_overlap(task: VtabTask, training: list[Selection], test_source: ImageSource) -> None:
+    """Test images that are also training images would make the test score a training score: refused, naming both."""
+    seen = {os.path.normpath(part.path(index)) for part in training for index in range(len(part))}
+    shared = [path for path in (os.path.normpath(test_source.path(i)) for i in range(len(test_source))) if path in seen]
+    if shared:
+        trained_on = task.data or f"{task.train800} + {task.val200}"
+        raise ValueError(f"task {task.name}: {len(shared)} of the {len(test_source)} test images of {task.test or task.data} "
+                         f"are also training images of {trained_on} (e.g. {shared[0]}); give test data of its own")
 
 
 def _finetune(config: Vtab1kConfig, data: ImageSource, eval_data: ImageSource, lr: float, steps: int,
@@ -183,7 +236,7 @@ def _finetune(config: Vtab1kConfig, data: ImageSource, eval_data: ImageSource, l
                                    resume=(output / CHECKPOINT_NAME).is_file())
     result = finetune(settings)
     if result.interrupted is not None:
-        raise KeyboardInterrupt(f"stopped in {output}; run the same command again to continue")
+        raise Stopped(f"stopped in {output}; run the same vtab1k command again (same --output) to continue")
     return result.report.top1
 
 
@@ -232,14 +285,21 @@ def vtab1k(config: Vtab1kConfig) -> dict[str, Any]:
                               for path in spec_paths(spec))]
     output = claim_output(config.output, "VTAB-1k run", is_vtab_directory, inputs, config.overwrite)
     started, results = time.perf_counter(), []
-    summary: dict[str, Any] = {}
-    for task in config.tasks:
-        results.append(run_task(task, config, output / task.name))
-        summary = dict(model=str(config.model), seed=config.seed, train_examples=config.train_examples,
-                       val_examples=config.val_examples, learning_rates=list(config.learning_rates),
-                       schedules=list(config.schedules), tasks=results, **summarise(results),
-                       seconds=round(time.perf_counter() - started, 1))
+    summary: dict[str, Any] = dict(model=str(config.model), seed=config.seed, train_examples=config.train_examples,
+                                   val_examples=config.val_examples, learning_rates=list(config.learning_rates),
+                                   schedules=list(config.schedules), complete=False, tasks=results)
+    if not (output / RESULTS_NAME).exists():  # from the start, so that a stopped protocol is recognised as one
         write_text_atomic(output / RESULTS_NAME, json.dumps(summary, indent=2) + "\n")
+    advice = _SameCommandResumes()
+    logger.addFilter(advice)
+    try:
+        for task in config.tasks:
+            results.append(run_task(task, config, output / task.name))
+            summary.update(summarise(results), complete=len(results) == len(config.tasks),
+                           seconds=round(time.perf_counter() - started, 1))
+            write_text_atomic(output / RESULTS_NAME, json.dumps(summary, indent=2) + "\n")
+    finally:
+        logger.removeFilter(advice)
     return summary
 
 

@@ -6,8 +6,8 @@ import argparse
 
 from ..data import spec_paths
 from ..distributed import is_main_process
-from ..files import claim_output
 from ..inference import DataSelection, evaluate
+from ..ownership import claim_output
 from ..report import is_evaluation_directory, to_json, write_evaluation
 from .options import ModelOptions, OutputOptions, add_fields, from_args
 

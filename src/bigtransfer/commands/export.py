@@ -8,9 +8,9 @@ from ..checkpoints import loader
 from ..data import open_source, spec_paths, whole_split
 from ..export import DEFAULT_OPSET, export, time_against_pytorch
 from ..fields import DATA_HELP, non_negative_int, positive_int
-from ..files import check_outside_inputs
 from ..inference import load_for_inference
 from ..modeling import BitBackbone, BitForImageClassification, BitModel
+from ..ownership import check_outside_inputs
 from ..quantize import quantize
 
 

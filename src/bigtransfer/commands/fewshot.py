@@ -10,8 +10,8 @@ from ..data import spec_paths
 from ..distributed import is_main_process
 from ..fewshot import DEFAULT_L2, DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot, is_fewshot_directory, write_fewshot
 from ..fields import DATA_HELP, positive_float, positive_int, positive_int_list
-from ..files import claim_output
 from ..inference import DataSelection
+from ..ownership import claim_output
 from .options import ModelOptions, OutputOptions, add_fields, from_args
 
 

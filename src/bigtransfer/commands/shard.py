@@ -8,7 +8,7 @@ from ..data import open_source, spec_paths, whole_split
 from ..data.shard_writer import is_shard_output, write_shards
 from ..data.tar_index import INFO_NAME
 from ..fields import DATA_HELP, fraction, parse_classes, positive_int
-from ..files import claim_output
+from ..ownership import claim_output
 from ..report import progress_bar
 from .options import ModelOptions, add_fields
 

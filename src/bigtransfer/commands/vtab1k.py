@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..fields import DATA_HELP, positive_float_list, positive_int, positive_int_list
 from ..train.settings import FinetuneConfig
@@ -60,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         val_examples=args.val_examples, seed=args.seed, val_fraction=args.val_fraction, overwrite=args.overwrite,
         finetune=template, **sweep,
     )
-    summary = vtab.vtab1k(config)
+    try:
+        summary = vtab.vtab1k(config)
+    except vtab.Stopped as stopped:
+        print(f"bigtransfer vtab1k: {stopped}; finished runs are kept", file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=2) if args.json else vtab.table(summary))
     return 0

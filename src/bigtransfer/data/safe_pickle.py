@@ -44,7 +44,12 @@ def _reconstruct(subtype, shape, dtype):
     """numpy's array shell for unpickling: refused unless empty (its data must come from the file itself)."""
     if not isinstance(shape, tuple) or math.prod(int(size) for size in shape) != 0:
         raise UnsafePickleError(f"refusing to allocate an array of shape {str(shape)[:60]} that the file does not hold")
-    return _multiarray._reconstruct(subtype, shape, dtype)
+    return _multiarray._reconstruct(np.ndarray if subtype is _ndarray else subtype, shape, dtype)
+
+
+def _ndarray(shape, dtype=float, *args, **kwargs):
+    """`numpy.ndarray(shape, dtype)` called by the file: bounded as `_reconstruct` is (empty only)."""
+    return _reconstruct(np.ndarray, shape if isinstance(shape, tuple) else (shape,), _dtype(dtype))
 
 
 def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
@@ -54,7 +59,7 @@ def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
 
 
 _ALLOWED_GLOBALS = {
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _ndarray,
     ("numpy", "dtype"): _dtype,
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,

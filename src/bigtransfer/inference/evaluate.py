@@ -5,7 +5,6 @@ matrix) or pre-logits features, shared between torchrun processes. The trainer's
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -19,7 +18,8 @@ from torch import nn
 
 from ..data import ImageSource, TransformedDataset, collate_skip_bad
 from ..distributed import Context, all_gather, distributed, gather_rows
-from ..files import atomic_path
+from ..files import open_regular, staged_outputs
+from ..ownership import claim_files
 from ..precision import precision_autocast
 from ..processing import BitImageProcessor, ProcessorTransform
 from ..report import EvaluationReport, progress_bar
@@ -210,23 +210,47 @@ def label_map(data_classes: Sequence[str], model_classes: Sequence[str]) -> np.n
     return None
 
 
-def write_features(path: str | os.PathLike, features: np.ndarray, labels: np.ndarray,
-                   paths: Sequence[str] | None = None, classes: Sequence[str] | None = None) -> list[Path]:
-    """Save features to `path` (.npy), labels beside it (`<stem>.labels.npy`) and, given `paths` / `classes`,
-    `<stem>.index.json` ({"classes": [...], "paths": [...]}: row i is the image paths[i], label j the class
-    classes[j]). All are written before any replaces an old one."""
+FEATURES_FORMAT = "bigtransfer-features-1"  # the first key of every index.json this package writes
+
+
+def feature_paths(path: str | os.PathLike) -> list[Path]:
+    """[features .npy, labels `<stem>.labels.npy`, index `<stem>.index.json`] for a features output `path`."""
     path = Path(path)
     if path.suffix != ".npy":
         path = path.with_name(path.name + ".npy")
-    path.parent.mkdir(parents=True, exist_ok=True)
     stem = path.name[: -len(".npy")]
-    labels_path, index_path = path.with_name(stem + ".labels.npy"), path.with_name(stem + ".index.json")
-    written = [path, labels_path] + ([index_path] if paths is not None or classes is not None else [])
-    with contextlib.ExitStack() as renames:
-        for target, array in ((path, features), (labels_path, labels)):
-            with open(renames.enter_context(atomic_path(target)), "wb") as handle:
-                np.save(handle, array)
-        if len(written) == 3:
-            index = {"classes": list(classes or []), "paths": list(paths or [])}
-            renames.enter_context(atomic_path(index_path)).write_text(json.dumps(index) + "\n", encoding="utf-8")
+    return [path, path.with_name(stem + ".labels.npy"), path.with_name(stem + ".index.json")]
+
+
+def write_features(path: str | os.PathLike, features: np.ndarray, labels: np.ndarray,
+                   paths: Sequence[str] | None = None, classes: Sequence[str] | None = None,
+                   overwrite: bool = False) -> list[Path]:
+    """Save features to `path` (.npy), labels beside it (`<stem>.labels.npy`) and `<stem>.index.json`
+    ({"classes": [...], "paths": [...]}: row i is the image paths[i], label j the class classes[j]).
+
+    The three files appear together or not at all (`files.staged_outputs`). Files of those names that an earlier
+    `write_features` did not write are refused unless `overwrite`. Returns the three paths."""
+    written = claim_features(path, overwrite)
+    with staged_outputs(written[0]) as staging:
+        for target, array in zip(written[:2], (features, labels), strict=False):
+            with open(staging.path(target), "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+        index = {"format": FEATURES_FORMAT, "classes": list(classes or []), "paths": list(paths or [])}
+        staging.path(written[2]).write_text(json.dumps(index) + "\n", encoding="utf-8")
     return written
+
+
+def claim_features(path: str | os.PathLike, overwrite: bool = False) -> list[Path]:
+    """The three paths of a features output (`feature_paths`), refused (OutputInUseError) when files of those names
+    beside `path` were not written by `write_features`, unless `overwrite`."""
+    written = feature_paths(path)
+    return claim_files(written, lambda: _is_features_index(written[2]), overwrite)
+
+
+def _is_features_index(path: Path) -> bool:
+    """Whether `path` is an index.json `write_features` wrote (its first bytes say so; the rest is not read)."""
+    try:
+        with open_regular(path) as handle:
+            return handle.read(64).startswith(b'{"format": "' + FEATURES_FORMAT.encode() + b'"')
+    except OSError:
+        return False

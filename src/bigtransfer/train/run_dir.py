@@ -32,7 +32,8 @@ from torch import nn
 
 from ..checkpoints.writers import save_safetensors
 from ..data import spec_paths
-from ..files import atomic_path, claim_output, is_atomic_temporary, read_json, write_text_atomic
+from ..files import atomic_path, is_alive, is_atomic_temporary, read_json, write_text_atomic
+from ..ownership import claim_output
 from ..report import METRICS_NAME, PLOT_NAMES, REPORT_NAME, read_metrics
 
 logger = logging.getLogger("bigtransfer")
@@ -56,8 +57,9 @@ class RunLockedError(RuntimeError):
 
 def is_run_directory(path: Path) -> bool:
     """Whether `path` is a directory a run wrote: its run.json describes a training run, or it holds nothing but
-    a run's lock (a run stopped before writing anything)."""
-    names = {entry.name for entry in path.iterdir()}
+    a run's lock and the temporaries of a run's files (a run killed before writing anything)."""
+    names = {entry.name for entry in path.iterdir()
+             if not any(is_atomic_temporary(entry.name, name) for name in RUN_FILES)}  # left by a killed run
     if names <= {LOCK_NAME}:
         return True
     try:
@@ -117,23 +119,48 @@ def save_run_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.o
 
 
 def load_run_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, state) of a checkpoint written by `save_run_state`; ValueError for anything else."""
+    """(tensors, state) of a checkpoint written by `save_run_state`, checked whole before anything is restored;
+    ValueError naming the file and how to start again for anything else (truncated, tampered, another file)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"{path} is not a bigtransfer training checkpoint")
+                raise ValueError("not a bigtransfer training checkpoint")
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (OSError, RuntimeError) as error:
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
-    return tensors, json.loads(metadata["state"])
+        state = json.loads(metadata["state"])
+        _check_state(tensors, state)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:  # safetensors, JSON, shapes
+        detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise ValueError(f"cannot resume from {path}: it is damaged or not a training checkpoint ({detail[:200]}); "
+                         "start the run again with --overwrite, or choose another --output") from None
+    return tensors, state
+
+
+def _check_state(tensors: dict[str, torch.Tensor], state: Any) -> None:
+    """Every part `restore_run_state` and the loop read is there, of its type; the RNG states load."""
+    if not isinstance(state, dict):
+        raise TypeError("the state is not a JSON object")
+    for key, kind in (("step", int), ("seconds", (int, float)), ("signature", dict), ("skipped_images", list),
+                      ("optimizer", dict), ("rng", dict)):
+        if not isinstance(state.get(key), kind):
+            raise ValueError(f"state field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
+    torch.Generator().set_state(tensors["rng/torch"])
+    kind, position, has_gauss, gauss = state["rng"]["numpy"]
+    np.random.RandomState().set_state((kind, tensors["rng/numpy"].numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = state["rng"]["python"]
+    random.Random().setstate((version, tuple(internal), gauss_next))
 
 
 def restore_run_state(tensors: dict[str, torch.Tensor], state: dict[str, Any], model: nn.Module,
                        optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-    """Put what `load_run_state` returned back into the model, the optimizer, the global RNGs and the scaler."""
-    model.load_state_dict({key[len("model/"):]: value for key, value in tensors.items() if key.startswith("model/")})
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    """Put what `load_run_state` returned back into the model, the optimizer, the global RNGs and the scaler;
+    ValueError (saying how to start again) when the checkpoint does not fit them."""
+    try:
+        model.load_state_dict({key[len("model/"):]: value for key, value in tensors.items() if key.startswith("model/")})
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"the training checkpoint does not fit this run's model or optimizer ({str(error)[:200]}); "
+                         "start the run again with --overwrite, or choose another --output") from None
     _set_rng_state(tensors, state["rng"])
     if "scaler" in state:
         scaler.load_state_dict(state["scaler"])
@@ -207,7 +234,7 @@ class RunLock:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner is not None and owner[1] == host and not _alive(owner[0]):
+                if owner is not None and owner[1] == host and not is_alive(owner[0]):
                     logger.warning("taking over the stale lock %s of dead process %d", self.path, owner[0])
                     self.path.unlink(missing_ok=True)
                     continue
@@ -233,17 +260,6 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         if self.owned and self._owner() == (os.getpid(), socket.gethostname()):
             self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_temporaries(directory: Path, names: Iterable[str]) -> list[Path]:

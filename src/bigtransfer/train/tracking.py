@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..extras import require
+from ..ownership import folder_inside
 from ..report import progress_bar
 from .callbacks import Callback
 
@@ -69,7 +70,7 @@ class Trackers:
     def __init__(self, names: Sequence[str], directory: Path, settings: dict[str, Any], start_step: int):
         self._open: list[Any] = []
         try:
-            for name in names:
+            for name in dict.fromkeys(names):  # tensorboard,tensorboard is one tracker, not two writers
                 self._open.append(_OPENERS[name](directory, settings, start_step))
         except BaseException:
             self.close()
@@ -91,7 +92,8 @@ class _TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         # A resumed run logs from step start_step + 1 on: the killed run's events from there are dropped.
-        self.writer = SummaryWriter(log_dir=str(directory / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        folder = folder_inside(directory, "tensorboard", "TensorBoard event files")
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=start_step + 1 if start_step else None)
         self.writer.add_text("settings", "```\n" + json.dumps(settings, indent=2, default=str) + "\n```", start_step)
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -107,6 +109,7 @@ class _Wandb:
     def __init__(self, directory: Path, settings: dict[str, Any], start_step: int):
         self.wandb = importlib.import_module("wandb")
         run_id = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]  # one run per directory
+        folder_inside(directory, "wandb", "Weights & Biases files")  # wandb.init(dir=RUN_DIR) writes RUN_DIR/wandb
         self.run = self.wandb.init(dir=str(directory), mode=os.environ.get("WANDB_MODE", "offline"),
                                    project=os.environ.get("WANDB_PROJECT", "bigtransfer"), name=directory.name,
                                    id=run_id, resume="allow", config=json.loads(json.dumps(settings, default=str)))
@@ -121,7 +124,8 @@ class _Wandb:
 class _MLflow:
     def __init__(self, directory: Path, settings: dict[str, Any], start_step: int):
         self.mlflow = importlib.import_module("mlflow")
-        self.mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", (directory / "mlruns").resolve().as_uri()))
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or folder_inside(directory, "mlruns", "MLflow runs").resolve().as_uri()
+        self.mlflow.set_tracking_uri(uri)
         self.run = self.mlflow.start_run(run_name=directory.name)
         flat = {key: json.dumps(value, default=str)[:500] for key, value in settings.get("settings", settings).items()}
         self.mlflow.log_params(flat)
@@ -140,7 +144,7 @@ class TrackerCallback(Callback):
     """Sends every record of rank 0 to the trackers `names` (opened when training begins, at its resumed step)."""
 
     def __init__(self, names: Sequence[str]):
-        self.names, self.trackers = tuple(names), None
+        self.names, self.trackers = tuple(dict.fromkeys(names)), None
 
     def on_train_begin(self, trainer: Any) -> None:
         if trainer.context.is_main:
