@@ -337,12 +337,15 @@ def time_against_pytorch(model: nn.Module, path: str | os.PathLike, batch_size: 
             model(pixels)
 
     runners["pytorch"] = eager
-    for run in runners.values():
-        run()
+    for run in runners.values():  # the same warm-up for both (first calls allocate and pick kernels)
+        for _ in range(3):
+            run()
     times: dict[str, list[float]] = {key: [] for key in runners}
     for _ in range(rounds):
-        for key, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - start)
+        for key, run in runners.items():  # interleaved; each sample repeats calls for at least 0.3 s
+            calls, start = 0, time.perf_counter()
+            while not calls or time.perf_counter() - start < 0.3:
+                run()
+                calls += 1
+            times[key].append((time.perf_counter() - start) / calls)
     return {f"{key}_images_per_second": batch_size / statistics.median(values) for key, values in times.items()}

@@ -304,8 +304,8 @@ def vtab1k(config: Vtab1kConfig) -> dict[str, Any]:
 
 
 def table(summary: dict[str, Any]) -> str:
-    """Per task: group, chosen setting, best val200 and test top-1; then the group means and the mean."""
-    lines = [f"{'task':<24} {'group':<12} {'lr':>7} {'steps':>6} {'val200':>7} {'test':>7}"]
+    """Per task: group, chosen setting, best validation and test top-1; then the group means and the mean."""
+    lines = [f"{'task':<24} {'group':<12} {'lr':>7} {'steps':>6} {'val':>7} {'test':>7}"]
     for task in summary["tasks"]:
         best = max(entry["val_top1"] for entry in task["sweep"])
         lines.append(f"{printable(task['name']):<24} {printable(task['group'] or '-'):<12} {task['chosen']['lr']:>7g} "

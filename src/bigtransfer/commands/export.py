@@ -29,8 +29,10 @@ def register(subparsers) -> None:
     parser.add_argument("--no-fold", action="store_true", help="keep Weight Standardization as graph ops")
     parser.add_argument("--no-check", action="store_true", help="skip comparing outputs with PyTorch")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed relative output difference")
-    parser.add_argument("--time", type=non_negative_int, default=5, metavar="ROUNDS",
-                        help="ONNX only: time onnxruntime beside eager PyTorch for ROUNDS rounds (0: skip)")
+    parser.add_argument("--time", type=non_negative_int, default=0, metavar="ROUNDS",
+                        help="ONNX only: time onnxruntime beside the eager PyTorch model, interleaved, for ROUNDS "
+                        "rounds of at least 0.3 s each after the same warm-up (default 0: no timing; `bigtransfer "
+                        "bench` times every path properly)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size for --time")
     parser.add_argument("--int8", action="store_true",
                         help="ONNX only: statically quantized int8 (per-channel weights, activations calibrated on "
@@ -39,8 +41,9 @@ def register(subparsers) -> None:
                         help=f"with --int8: images to calibrate and check on (a seeded draw): {DATA_HELP}")
     parser.add_argument("--calibration-images", type=positive_int, default=64, metavar="N",
                         help="with --int8: images that calibrate the activation ranges (default 64)")
-    parser.add_argument("--check-images", type=positive_int, default=256, metavar="N",
-                        help="with --int8: further images on which int8 and float32 top-1 are compared (default 256)")
+    parser.add_argument("--check-images", type=positive_int, default=None, metavar="N",
+                        help="with --int8: further images on which int8 and float32 top-1 are compared (default: "
+                        "the rest of --calibration, up to 256)")
     parser.set_defaults(func=run)
 
 
@@ -52,10 +55,11 @@ def run_int8(args) -> int:
     model, processor = load_for_inference(args.model, "cpu")
     source = open_source(args.calibration, whole_split(args.calibration, "train"))
     order = np.random.default_rng(0).permutation(len(source))
-    wanted = args.calibration_images + args.check_images
-    if len(source) < wanted:
+    check = args.check_images or min(256, len(source) - args.calibration_images)
+    wanted = args.calibration_images + check
+    if check < 1 or len(source) < wanted:
         raise ValueError(f"--calibration {args.calibration} has {len(source)} images; --calibration-images "
-                         f"{args.calibration_images} + --check-images {args.check_images} need {wanted}")
+                         f"{args.calibration_images} + --check-images {check} need {wanted}")
 
     def pixels(indices) -> np.ndarray:
         return processor([source[int(index)][0] for index in indices], return_tensors="np")["pixel_values"]

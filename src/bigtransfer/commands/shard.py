@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..data import open_source, spec_paths, whole_split
 from ..data.shard_writer import is_shard_output, write_shards
@@ -54,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     shards = info["splits"]["train"]["filenames"]
     print(f"{len(source)} images of {len(source.classes)} classes -> {len(shards)} shard(s) in {args.output}; train "
-          f"from wds:{args.output}/shard-{{{0:06d}..{len(shards) - 1:06d}}}.tar")
+          f"from wds:{Path(args.output) / f'shard-{{{0:06d}..{len(shards) - 1:06d}}}.tar'}")
     return 0
