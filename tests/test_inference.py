@@ -119,3 +119,16 @@ def test_predict_takes_a_folder_as_its_images(capsys, photos, model_dir, tmp_pat
     (tmp_path / "empty").mkdir()
     assert main(["predict", "--model", str(model_dir), str(tmp_path / "empty")]) == 2
     assert "is a folder with no image files" in capsys.readouterr().err
+
+
+def test_a_jpeg_above_pils_pixel_limit_is_predicted_from_its_reduced_decode(capsys, model_dir, tmp_path, monkeypatch):
+    # PIL refuses more than MAX_IMAGE_PIXELS; a 1/8 decode needs far fewer. The limit is lowered here so the
+    # test stays small: a 1600x1200 JPEG over a 1,000,000-pixel limit, read at 1/4 for the model's 160 px.
+    photo = PIL.Image.fromarray(skimage_data.chelsea()).convert("RGB").resize((1600, 1200))
+    photo.save(tmp_path / "big.jpg", quality=90)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    assert main(["predict", "--model", str(model_dir), str(tmp_path / "big.jpg"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"]
+    # Asked to decode it in full, it is refused, naming the limit and how to raise it.
+    assert main(["predict", "--model", str(model_dir), str(tmp_path / "big.jpg"), "--full-decode"]) == 2
+    assert "MAX_IMAGE_PIXELS" in capsys.readouterr().err

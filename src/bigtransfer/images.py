@@ -179,33 +179,36 @@ def decode_image(path: str | os.PathLike | MemoryImage, min_size: int | tuple[in
     `min_size` says how large the image must stay: an int is the shortest edge (for shortest-edge resizing,
     aspect kept), a (height, width) pair is the least size of each side (for squash resizing). The largest
     reduction that keeps the image at least that large is used; other formats, or `min_size=None`, decode in
-    full (`load_image`). Pixels then differ from a full decode followed by the same resize by the decoder's
+    full (`load_image`). A JPEG above `PIL.Image.MAX_IMAGE_PIXELS` whose reduced decode fits under it is read
+    (up to Pillow's own hard stop at twice the limit, where `Image.open` refuses). Pixels then differ from a full decode followed by the same resize by the decoder's
     DCT-domain downscaling (a few grey levels on edges), the usual trade for fast JPEG pipelines.
     """
     if min_size is None:
         return load_image(path)
     try:
         handle, name = _open_handle(path)
-        with handle, PIL.Image.open(handle) as image:
-            width, height = image.size
-            limit = PIL.Image.MAX_IMAGE_PIXELS
-            if image.format != "JPEG" or (limit is not None and width * height > limit):
-                raise _FullDecode
-            _check_budget(image, handle, name)
-            turned = orientation(image) in (5, 6, 7, 8)  # stored on its side
-            if turned and not isinstance(min_size, int):
-                min_size = (min_size[1], min_size[0])  # the request is in stored orientation
-            if isinstance(min_size, int):
-                scale = min_size / max(min(width, height), 1)
-                request = (math.ceil(width * scale), math.ceil(height * scale))
-            else:
-                request = (int(min_size[1]), int(min_size[0]))
-            if request[0] >= width or request[1] >= height:
-                raise _FullDecode
-            image.draft("RGB" if image.mode in ("RGB", "YCbCr") else image.mode, request)
-            image.load()
-            image = upright(image)  # as `open_image` returns it
-            return image if image.mode == "RGB" else PIL.Image.fromarray(rgb_array(image))
+        with handle, warnings.catch_warnings():
+            # A JPEG above the pixel limit is fine when its reduced decode is not: checked after the draft.
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(handle) as image:
+                width, height = image.size
+                if image.format != "JPEG":
+                    raise _FullDecode
+                turned = orientation(image) in (5, 6, 7, 8)  # stored on its side
+                if turned and not isinstance(min_size, int):
+                    min_size = (min_size[1], min_size[0])  # the request is in stored orientation
+                if isinstance(min_size, int):
+                    scale = min_size / max(min(width, height), 1)
+                    request = (math.ceil(width * scale), math.ceil(height * scale))
+                else:
+                    request = (int(min_size[1]), int(min_size[0]))
+                if request[0] >= width or request[1] >= height:
+                    raise _FullDecode
+                image.draft("RGB" if image.mode in ("RGB", "YCbCr") else image.mode, request)
+                _check_budget(image, handle, name)  # the size to be decoded: a reduced one may fit where the full did not
+                image.load()
+                image = upright(image)  # as `open_image` returns it
+                return image if image.mode == "RGB" else PIL.Image.fromarray(rgb_array(image))
     except Exception:
         # Anything unusual (other formats, bombs, FIFOs, corrupt files) takes the full decode, which reports it.
         return load_image(path)
