@@ -210,3 +210,22 @@ def test_paired_margins_use_the_student_t_interval():
     assert demo.paired_margin([0.5], [0.4])["low"] is None
     with pytest.raises(ValueError, match="same seeds"):
         demo.paired_margin([0.5, 0.6], [0.4])
+
+
+def test_an_abbreviated_option_is_refused_not_guessed(folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["finetune", "--model", "tiny", "--data", str(folder), "--output", str(tmp_path / "run"), "--max-step", "2"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "unrecognized option --max-step" in error and "--max-steps" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_optional_package_is_named_with_its_extra(tmp_path, capsys, monkeypatch):
+    from bigtransfer import BitConfig, BitForImageClassification
+
+    BitForImageClassification(BitConfig.from_variant("tiny", num_labels=3)).save_pretrained(tmp_path / "model")
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed: importing it raises ImportError
+    assert main(["export", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "m.onnx")]) == 1
+    assert "ONNX export needs the onnxscript package: pip install 'bigtransfer[onnx]'" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
