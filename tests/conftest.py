@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -102,6 +103,18 @@ class SigtermAfter(Callback):
     def on_step_end(self, trainer, step, loss, lr, images_per_second):
         if step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def sigkill_when_logged(process: subprocess.Popen, run_dir, records: int = 5, timeout: float = 240) -> None:
+    """SIGKILL a training process once its metrics.jsonl holds `records` lines (mid-run, past a checkpoint)."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= records:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
 
 
 def torchrun_cli(commands: list[list[str]], script_dir) -> None:

@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,6 +21,7 @@ from bigtransfer.data import EvalTransform, TransformedDataset, open_source
 from bigtransfer.data import storage as storage_module
 from bigtransfer.data.shards import READ_AHEAD_PARTS
 from bigtransfer.train import CHECKPOINT_NAME, FinetuneConfig, finetune, load_run_state
+from conftest import sigkill_when_logged
 
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
@@ -187,14 +186,7 @@ def test_sigkill_then_resume_from_s3_is_bit_exact(local, through, tmp_path):
     straight = _cli(*run, "--data", f"wds:{local}/shards/{SHARDS}", "--output", str(tmp_path / "local"))
     remote = [*run, "--data", f"wds:s3://data/shards/{SHARDS}", "--output", str(tmp_path / "killed")]
     killed = _cli(*remote)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # kill once a checkpoint past step 2 exists, mid-run
-        metrics = tmp_path / "killed" / "metrics.jsonl"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    assert killed.wait(timeout=30) == -signal.SIGKILL
+    sigkill_when_logged(killed, tmp_path / "killed")  # once a checkpoint past step 2 exists, mid-run
     _, state = load_run_state(tmp_path / "killed" / CHECKPOINT_NAME)
     assert 2 <= state["step"] < 12
     resumed = _cli(*remote, "--resume")

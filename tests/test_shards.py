@@ -9,11 +9,9 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ from bigtransfer.cli import main
 from bigtransfer.data import open_source
 from bigtransfer.data.shard_writer import encoded
 from bigtransfer.train import CHECKPOINT_NAME, load_run_state
-from conftest import torchrun_cli
+from conftest import sigkill_when_logged, torchrun_cli
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("webdataset")
@@ -150,14 +148,7 @@ def test_sigkill_then_resume_is_bit_exact(sources, tmp_path, kind):
     run = ["finetune", *TRAIN, "--max-steps", "12", "--data", sources[kind], "--save-every", "2"]
     straight = _cli(*run, "--output", str(tmp_path / "straight"))
     killed = _cli(*run, "--output", str(tmp_path / "killed"))
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # kill once a checkpoint past step 2 exists, mid-run
-        metrics = tmp_path / "killed" / "metrics.jsonl"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    assert killed.wait(timeout=30) == -signal.SIGKILL
+    sigkill_when_logged(killed, tmp_path / "killed")  # once a checkpoint past step 2 exists, mid-run
     _, state = load_run_state(tmp_path / "killed" / CHECKPOINT_NAME)
     assert 2 <= state["step"] < 12
     resumed = _cli(*run, "--output", str(tmp_path / "killed"), "--resume")
