@@ -377,6 +377,14 @@ def _shard_contents(folder: Path):
         if path.suffix == ".tar":
             with tarfile.open(path) as archive:  # member bytes: the tar headers carry the time of writing
                 contents.append((path.name, [(m.name, archive.extractfile(m).read()) for m in archive.getmembers()]))
+        elif path.name == "_index.npz":  # offsets and labels; mtimes and digests change with every write (as the
+            with np.load(path) as index:    # tar headers carry the time of writing)
+                meta = json.loads(index["meta"].tobytes())
+                for shard in meta["shards"]:
+                    for volatile in ("mtime_ns", "digest", "md5"):
+                        shard.pop(volatile)
+                arrays = [(name, index[name].tobytes()) for name in sorted(index.files) if name != "meta"]
+            contents.append((path.name, [("meta", json.dumps(meta, sort_keys=True)), *arrays]))
         else:
             contents.append((path.name, path.read_bytes()))
     return contents
