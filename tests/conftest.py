@@ -3,12 +3,16 @@ torch's thread count back as it found it (commands run in-process set it from --
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,6 +145,52 @@ def torchrun_cli(commands: list[list[str]], script_dir) -> None:
         _, stderr = process.communicate()
         pytest.fail(f"torchrun did not finish in 300 s: {stderr[-3000:]}")
     assert process.returncode == 0, stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downloads without a network: a fake `hf_hub_download` serving local repositories, and a fake transport for
+# Google's storage.googleapis.com/bit_models files.
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.hf_hub_download: repositories are local folders; no network."""
+
+    def __init__(self, repos: dict[str, Path], network: bool = True):
+        self.repos, self.network, self.calls, self.revisions = repos, network, [], []
+
+    def __call__(self, repo_id, filename, revision=None, cache_dir=None, local_files_only=False, **kwargs):
+        from huggingface_hub import errors
+
+        self.calls.append((repo_id, filename, local_files_only))
+        self.revisions.append(revision)
+        if local_files_only or not self.network:
+            raise errors.LocalEntryNotFoundError(f"{filename} of {repo_id} is not cached")
+        path = self.repos[repo_id] / filename
+        if not path.is_file():
+            raise errors.EntryNotFoundError(f"{repo_id} has no {filename}")
+        return str(path)
+
+
+class FakeResponse(io.BytesIO):
+    def __init__(self, data: bytes, headers: dict):
+        super().__init__(data)
+        self.headers = headers
+
+
+class FakeTransport:
+    """Serves one local file for any URL, counting requests; can truncate or lie about the MD5."""
+
+    def __init__(self, path: Path, truncate: int = 0, wrong_md5: bool = False):
+        self.data, self.truncate, self.wrong_md5, self.urls = path.read_bytes(), truncate, wrong_md5, []
+
+    def __call__(self, url, timeout=None):
+        self.urls.append(url)
+        digest = hashlib.md5(b"other" if self.wrong_md5 else self.data).digest()
+        headers = {
+            "Content-Length": str(len(self.data)),
+            "x-goog-hash": f"crc32c=AAAAAA==,md5={base64.b64encode(digest).decode()}",
+        }
+        return FakeResponse(self.data[: len(self.data) - self.truncate], headers)
 
 
 # Differences the parity tests measured, printed at the end of the run: the README's parity figures come from here.

@@ -3,9 +3,7 @@ local files, and offline behaviour runs the real huggingface_hub against a cache
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import logging
 import urllib.error
@@ -26,6 +24,7 @@ from bigtransfer import (
 )
 from bigtransfer.checkpoints import save_npz, save_timm
 from bigtransfer.cli import main
+from conftest import FakeHub, FakeTransport
 
 PIXELS = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -64,25 +63,6 @@ def one_sentence(message: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hugging Face Hub: a fake `hf_hub_download` serving local repositories.
-
-
-class FakeHub:
-    """Stands in for huggingface_hub.hf_hub_download: repositories are local folders; no network."""
-
-    def __init__(self, repos: dict[str, Path], network: bool = True):
-        self.repos, self.network, self.calls, self.revisions = repos, network, [], []
-
-    def __call__(self, repo_id, filename, revision=None, cache_dir=None, local_files_only=False, **kwargs):
-        from huggingface_hub import errors
-
-        self.calls.append((repo_id, filename, local_files_only))
-        self.revisions.append(revision)
-        if local_files_only or not self.network:
-            raise errors.LocalEntryNotFoundError(f"{filename} of {repo_id} is not cached")
-        path = self.repos[repo_id] / filename
-        if not path.is_file():
-            raise errors.EntryNotFoundError(f"{repo_id} has no {filename}")
-        return str(path)
 
 
 @pytest.fixture
@@ -217,28 +197,6 @@ def test_repository_without_weights(tmp_path, fake_hub):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Google's storage.googleapis.com/bit_models files, through a fake transport.
-
-
-class FakeResponse(io.BytesIO):
-    def __init__(self, data: bytes, headers: dict):
-        super().__init__(data)
-        self.headers = headers
-
-
-class FakeTransport:
-    """Serves one local file for any URL, counting requests; can truncate or lie about the MD5."""
-
-    def __init__(self, path: Path, truncate: int = 0, wrong_md5: bool = False):
-        self.data, self.truncate, self.wrong_md5, self.urls = path.read_bytes(), truncate, wrong_md5, []
-
-    def __call__(self, url, timeout=None):
-        self.urls.append(url)
-        digest = hashlib.md5(b"other" if self.wrong_md5 else self.data).digest()
-        headers = {
-            "Content-Length": str(len(self.data)),
-            "x-goog-hash": f"crc32c=AAAAAA==,md5={base64.b64encode(digest).decode()}",
-        }
-        return FakeResponse(self.data[: len(self.data) - self.truncate], headers)
 
 
 @pytest.fixture

@@ -20,8 +20,7 @@ from bigtransfer import (
     hub,
 )
 from bigtransfer.checkpoints import keymaps, save_big_transfer, save_npz, save_timm
-from conftest import relative_error
-from test_hub import FakeHub, FakeTransport
+from conftest import FakeHub, FakeTransport, relative_error
 
 CLASSES = (BitForImageClassification, BitModel, BitBackbone)
 PIXELS = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))

@@ -21,7 +21,7 @@ from bigtransfer.data import EvalTransform, TransformedDataset, open_source
 from bigtransfer.data import storage as storage_module
 from bigtransfer.data.shards import READ_AHEAD_PARTS
 from bigtransfer.train import CHECKPOINT_NAME, FinetuneConfig, finetune, load_run_state
-from conftest import sigkill_when_logged
+from conftest import sigkill_when_logged, torchrun_cli
 
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
@@ -199,13 +199,12 @@ def test_sigkill_then_resume_from_s3_is_bit_exact(local, through, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_with_two_workers_each_read_s3_in_equal_steps(local, through, tmp_path):
-    from test_distributed import _torchrun_cli
 
     through(reset=0.02)
     run = ["pretrain", *TRAIN, "--max-steps", "6"]
     assert main([*run, "--workers", "0", "--data", f"wds:{local}/shards/{SHARDS}", "--output",
                  str(tmp_path / "one")]) == 0
-    _torchrun_cli([[*run, "--data", f"wds:s3://data/shards/{SHARDS}", "--output", str(tmp_path / "two")]], tmp_path)
+    torchrun_cli([[*run, "--data", f"wds:s3://data/shards/{SHARDS}", "--output", str(tmp_path / "two")]], tmp_path)
     _, state = load_run_state(tmp_path / "two" / CHECKPOINT_NAME)
     assert state["step"] == 6 and json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")

@@ -153,3 +153,14 @@ def test_the_command_line_starts_without_transformers_timm_or_inductor():
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     for heavy in ("transformers", "timm", "torch._inductor", "torch._dynamo", "onnx", "onnxruntime", "matplotlib"):
         assert f"'{heavy}'" not in loaded, heavy
+
+
+def test_no_test_module_imports_another():
+    """Shared fixtures and helpers live in conftest.py; a test module importing another runs its module code twice."""
+    importing = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            importing += [f"{path.name} imports {name}" for name in names if name.startswith("test_")]
+    assert importing == []

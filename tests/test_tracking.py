@@ -84,7 +84,7 @@ def test_trackers_are_checked_before_training(folder, tmp_path, monkeypatch, cap
     monkeypatch.setitem(sys.modules, "mlflow", None)  # not installed
     assert main(["finetune", "--model", "tiny", "--data", str(folder), "--output", str(tmp_path / "run"),
                  "--report-to", "mlflow", "--max-steps", "1"]) == 1
-    assert "--report-to mlflow needs mlflow: pip install mlflow" in capsys.readouterr().err
+    assert "--report-to mlflow needs the mlflow package: pip install mlflow" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
