@@ -488,6 +488,12 @@ class ProcessorTransform:
 
     def __init__(self, processor: BitImageProcessor):
         self.processor = processor
+        # Resolved once: data sets call this per image, where resolving the settings each time cost as much as a
+        # small image's resize.
+        names = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+                 "do_normalize", "image_mean", "image_std", "do_convert_rgb", "data_format", "input_data_format",
+                 "device", "default_to_square")
+        self.options = processor._call_options(**dict.fromkeys(names), return_tensors="pt")
 
     def __call__(self, image: PIL.Image.Image, generator: Any = None) -> torch.Tensor:
-        return self.processor(image, return_tensors="pt")["pixel_values"][0]
+        return _normalized([_resize_and_crop_one(image, self.options)], self.options)[0]
