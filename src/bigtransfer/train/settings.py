@@ -78,7 +78,7 @@ class RunSettings:
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory")
     compile: bool = option(False, "compile the training step with TorchInductor (the first step and the first "
                            "evaluation compile for a minute or more; see the README's speed section for when it pays)")
-    progress: bool = option(True, "no progress bar (it is shown only on a terminal anyway)")
+    progress: bool = option(True, "no progress: no bar on a terminal, no progress lines in a log")
     plots: bool = option(True, "write no PNG plots")
     log_every: int = 1  # steps between metrics.jsonl records
     overwrite: bool = option(False, "start the run in --output again (its previous files are replaced), or write "
