@@ -479,16 +479,9 @@ def _tampered_download(tmp):
     np.savez(cached, weights=np.zeros(4, np.float32))
     record = {"url": hub.GOOGLE_BASE_URL + "BiT-M-R50x1.npz", "size": cached.stat().st_size, "sha256": "0" * 64}
     cached.with_name(cached.name + ".json").write_text(json.dumps(record))
-    saved = {name: os.environ.get(name) for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE")}
-    os.environ.update(HF_HUB_CACHE=str(tmp), HF_HUB_OFFLINE="1")
-    try:
-        return hub.download_google("BiT-M-R50x1", progress=False)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    download = _with_environment({"HF_HUB_CACHE": str(tmp), "HF_HUB_OFFLINE": "1"},
+                                 lambda _: hub.download_google("BiT-M-R50x1", progress=False))
+    return download(tmp)
 
 
 def _head_mismatch(tmp):
