@@ -318,6 +318,7 @@ def test_auto_micro_batches_follow_the_l2_cache_when_compiled(monkeypatch):
         compiled = optimize(model, compile=True)  # compiles on its first call only: not here
         assert compiled.micro_batch_size(batch) == images, l2
     assert compiled.micro_batch_size(large) == 2  # the same pixels per chunk: fewer larger images
+    assert optimize(model, compile=True, dtype="bf16").micro_batch_size(batch) is None  # bf16: the whole batch
 
 
 def test_optimize_rejects_bad_arguments():
@@ -350,6 +351,7 @@ def test_compiled_optimize_matches_eager():
     assert len(fast.state_dict()) == len(model.state_dict())  # the compiled wrapper adds no second copy
     chunked = optimize(model, compile=True, micro_batch=3, dtype="bf16")
     assert relative_error(chunked(pixels).logits, expected) < 5e-2
+    assert not any(type(m).__name__ == "OpaqueGroupNormAct" for m in chunked.model.modules())  # bf16: generated
 
 
 # ---------------------------------------------------------------------------------------------------------------
