@@ -245,7 +245,8 @@ def format_report(report: dict[str, Any]) -> str:
                  + ", ".join(f"{r['contender']} {r['frozen_constants']}" for r in rows if r["frozen"] and not r["error"])
                  + "); quiet: rounds in which other processes used < 10 % of the CPUs (medians use those)")
     for group in {(row["workload"], row["precision"]) for row in rows if "profile" in row}:
-        timed = [r for r in rows if (r["workload"], r["precision"]) == group and "profile" in r and not r["error"]]
+        # Runtimes torch.profiler cannot see (ONNX Runtime) have an empty profile: the best of the others is shown.
+        timed = [r for r in rows if (r["workload"], r["precision"]) == group and r.get("profile") and not r["error"]]
         for side in (True, False):
             best = max((r for r in timed if r["ours"] == side), key=lambda r: r["images_per_second"], default=None)
             if best:

@@ -4,6 +4,7 @@ way PyTorch's documentation says (`torch._inductor.config.freezing = True`), com
     python benchmarks/standalone_frozen_timm.py --variant BiT-S-R50x1 --batch 1
     python benchmarks/bench_models.py --workloads infer-b1 --contenders "timm channels_last compiled+frozen" \\
         --no-onnx --no-pipeline          # the same row from the harness: the two should agree within 10 %
+    python benchmarks/standalone_frozen_timm.py --batch 16 --bf16       # under bf16 autocast, as timm users run it
 
 Prints the median images/s of `--samples` samples of about half a second each (after two warm-up calls).
 """
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--bf16", action="store_true", help="run under torch.autocast('cpu', torch.bfloat16)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -32,7 +34,7 @@ def main() -> None:
     model = peer_model("timm", args.variant).to(memory_format=torch.channels_last)
     compiled = torch.compile(model)
     x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):
         compiled(x), compiled(x)  # compiles and freezes
         start = time.perf_counter()
         compiled(x)
@@ -43,7 +45,8 @@ def main() -> None:
             for _ in range(repeats):
                 compiled(x)
             speeds.append(args.batch * repeats / (time.perf_counter() - start))
-    print(f"timm channels_last, torch._inductor.config.freezing = True, {args.variant}, batch {args.batch}, "
+    print(f"timm channels_last{' bf16 autocast' * args.bf16}, torch._inductor.config.freezing = True, "
+          f"{args.variant}, batch {args.batch}, "
           f"{torch.get_num_threads()} threads: {statistics.median(speeds):.2f} img/s (samples "
           + ", ".join(f"{speed:.2f}" for speed in speeds) + ")")
 

