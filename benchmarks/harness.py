@@ -241,9 +241,10 @@ def format_report(report: dict[str, Any]) -> str:
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
         lines.append(f"{head} {row['images_per_second']:>7.2f} {memory:>8} {row.get('gflops', 0):>8.1f} "
                      f"{fraction:>6} {ratio:>12} {row['clean_rounds']:>3}/{len(row['rounds'])}")
-    lines.append("frozen rows: verified frozen by their workers (parameters made constants: "
-                 + ", ".join(f"{r['contender']} {r['frozen_constants']}" for r in rows if r["frozen"] and not r["error"])
-                 + "); quiet: rounds in which other processes used < 10 % of the CPUs (medians use those)")
+    frozen = [f"{r['contender']} {r['frozen_constants']}" for r in rows if r["frozen"] and not r["error"]]
+    if frozen:
+        lines.append(f"frozen rows: verified frozen by their workers (parameters made constants: {', '.join(frozen)})")
+    lines.append("quiet: rounds in which other processes used < 10 % of the CPUs (medians use those)")
     for group in {(row["workload"], row["precision"]) for row in rows if "profile" in row}:
         # Runtimes torch.profiler cannot see (ONNX Runtime) have an empty profile: the best of the others is shown.
         timed = [r for r in rows if (r["workload"], r["precision"]) == group and r.get("profile") and not r["error"]]
