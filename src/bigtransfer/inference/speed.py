@@ -45,8 +45,9 @@ logger = logging.getLogger("bigtransfer")
 # Xeon with 2 MiB of L2 (benchmarks/micro_batches.py): compiled, chunks of 4-8 ran 13-18 % faster than chunks
 # of 2; eager, 4 was best again.
 # So compiled chunks hold 2 images of 224x224 per MiB of L2 (up to 4 MiB), eager ones 4 images.
-# Under bf16 autocast the whole batch ran fastest (Xeon, compiled: chunks of 4, 8 and the whole 16 ran 78.7,
-# 82.5 and 89.3 images/s): reduced-precision batches are not chunked.
+# Under bf16 autocast chunks stop paying (Xeon, compiled, benchmarks/micro_batches.py --dtype bf16: chunks of 4,
+# 8 and the whole 16 ran 81.4, 89.8 and 84.5 images/s; 78.7, 82.5 and 89.3 in separate processes): reduced-
+# precision batches are not chunked.
 MICRO_BATCH_PIXELS = {"compiled": 2 * 224 * 224, "eager": 4 * 224 * 224}
 _L2_SCALE_MAX = 4
 
