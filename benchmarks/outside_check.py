@@ -4,6 +4,7 @@ fresh process, alternating A B A B A B.
 
     python benchmarks/outside_check.py --dtype fp32 --batch 1      # and --batch 16, --dtype bf16
     python benchmarks/outside_check.py --dtype fp32 --batch 16 --timm-chunks 4   # timm in optimize()'s chunks
+    python benchmarks/outside_check.py --int8 --batch 1     # ONNX Runtime int8 (bigtransfer.quantize) vs optimize()
 
 Each process builds its model with random weights (R50x1, 1,000 classes), calls it once to compile, three times
 to warm up, then prints the median images/s of five one-second samples; the parent prints each contender's
@@ -46,6 +47,22 @@ def child(contender: str, dtype: str, batch: int, timm_chunks: int | None) -> di
         def step():
             with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
                 return torch.cat([compiled(part) for part in x.split(timm_chunks or batch)])
+    elif contender == "int8":
+        import tempfile
+
+        import onnxruntime
+
+        from bigtransfer import BitConfig, BitForImageClassification, quantize
+
+        path = f"{tempfile.mkdtemp()}/model-int8.onnx"
+        quantize(BitForImageClassification(BitConfig.from_variant("BiT-S-R50x1")).eval(), path, torch.randn(8, 3, 224, 224))
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.contiguous().numpy()}
+
+        def step():
+            return session.run(None, feed)
     else:
         from bigtransfer import BitConfig, BitForImageClassification, optimize
 
@@ -73,12 +90,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--processes", type=int, default=3, help="processes per contender")
     parser.add_argument("--timm-chunks", type=int, default=None, help="run timm's batch in chunks of this size")
-    parser.add_argument("--child", choices=("timm", "bigtransfer"), help=argparse.SUPPRESS)
+    parser.add_argument("--int8", action="store_true", help="ONNX Runtime int8 against optimize() instead of timm")
+    parser.add_argument("--child", choices=("timm", "bigtransfer", "int8"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.dtype, args.batch, args.timm_chunks)))
         return
-    medians: dict[str, list[float]] = {"timm": [], "bigtransfer": []}
+    medians: dict[str, list[float]] = {"int8" if args.int8 else "timm": [], "bigtransfer": []}
     print(f"{args.dtype}, batch {args.batch}; load average before {os.getloadavg()}")
     for _ in range(args.processes):
         for contender in medians:
@@ -87,9 +105,9 @@ def main() -> None:
             result = json.loads(done.stdout.strip().splitlines()[-1])
             medians[contender].append(result["median"])
             print(f"  {contender}: {result}", flush=True)
-    timm, ours = statistics.median(medians["timm"]), statistics.median(medians["bigtransfer"])
-    print(f"timm {timm:.2f}, bigtransfer optimize() {ours:.2f} img/s: {ours / timm:.2f}x; load average after "
-          f"{os.getloadavg()}")
+    other, ours = (statistics.median(values) for values in medians.values())
+    print(f"{next(iter(medians))} {other:.2f}, bigtransfer optimize() {ours:.2f} img/s: optimize() at "
+          f"{ours / other:.2f}x; load average after {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def main() -> None:
           f"{convolution_flops / convolution_ms / 1e6:.0f} GFLOP/s = {100 * convolution_flops / convolution_ms / 1e6 / peak_gflops:.0f} % "
           f"of the measured peak, {peak_gflops:.0f} GFLOP/s ({peak.kernel})")
     print(f"ceiling with everything else free: {1 / share:.2f}x")
+    others = sorted((e for e in events if e.key not in CONVOLUTION_OPS), key=lambda e: -e.self_cpu_time_total)
+    print("the rest, by self time per step: " + ", ".join(
+        f"{e.key} {e.self_cpu_time_total / args.steps / 1e3:.0f} ms" for e in others[:8]))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
   splits are used as published splits).
 - A Parquet file or a folder of them, on this machine or in object storage (`hf:s3://bucket/data/`), is read with
   pyarrow directly: the label column alone when opened, an image by streaming its row group's image column in
-  slices of SLICE_ROWS rows (never a whole row group, never a copy into a cache).
+  slices of SLICE_ROWS rows (never a whole row group, never a copy into a cache; what is held is the slice and the
+  decompressed data page it lies in, whose size the file's writer chose).
 
 Random access into Parquet decodes a row group's pages up to the row wanted; `hf:PATH#cache=DIR` converts the
 files once into memory-mapped Arrow in DIR, a folder the user names (the datasets cache is never written).
