@@ -4,9 +4,9 @@ TorchInductor decomposes GroupNorm into reductions and pointwise code. On CPU, A
 kernel ran 2.5 to 9 times faster in inference than the kernel Inductor generates (R50x1 shapes, 2-core AVX-512
 CPU). Registered as a custom operator, ATen's kernel stays opaque to the compiler; `optimize()` swaps it in.
 
-Under bf16 autocast it is not used either: ATen's kernel on bf16 activations with float32 affine parameters
-ran slower than the generated one (R50x1 compiled, batch 16: 63.2 against 89.3 images/s on a 2-core Xeon with
-AMX; batch 1 at parity, 50.7 against 51.8).
+`optimize()` swaps it in for float32 only: under bf16 autocast ATen's kernel, on bf16 activations with float32
+affine parameters, ran slower than the generated one (`benchmarks/micro_batches.py --dtype bf16`, R50x1 compiled,
+batch 16 whole: 64.5 against 84.5 images/s on a 2-core Xeon with AMX).
 
 Training does not use it: inside a compiled R50x1 training step (batch 16 at 128 px, 2-core Xeon) the generated
 GroupNorm forward and backward ran faster than ATen's given a backward formula, 24.3 against 19.2 images/s for

@@ -219,8 +219,8 @@ def optimize(
             the last batch) for the compiled graph to be reused (after 8 shapes torch.compile runs eager).
         micro_batch: run large batches as chunks of this many images, outputs concatenated ("auto": on CPU
             in float32, when compiled 2 images of 224x224 per MiB of the core's L2 cache, up to 8, and 4 when
-            eager, fewer for larger images or wider models; None: never). Results are the same; activation memory is
-            smaller. A compiled model compiles once per chunk shape.
+            eager, fewer for larger images or wider models; None: never). Results are the same; activation
+            memory is smaller. A compiled model compiles once per chunk shape.
         inplace: modify `model` itself instead of a copy (saves the memory of a second set of weights).
 
     Returns:
