@@ -46,8 +46,8 @@ logger = logging.getLogger("bigtransfer")
 # of 2; eager, 4 was best again.
 # So compiled chunks hold 2 images of 224x224 per MiB of L2 (up to 4 MiB), eager ones 4 images.
 # Under bf16 autocast chunks stop paying (Xeon, compiled, benchmarks/micro_batches.py --dtype bf16: chunks of 4,
-# 8 and the whole 16 ran 81.4, 89.8 and 84.5 images/s; 78.7, 82.5 and 89.3 in separate processes): reduced-
-# precision batches are not chunked.
+# 8 and the whole 16 ran 81.4, 89.8 and 84.5 images/s, 8 and 16 within noise of each other, the other way round
+# in a timing in separate processes): reduced-precision batches are not chunked.
 MICRO_BATCH_PIXELS = {"compiled": 2 * 224 * 224, "eager": 4 * 224 * 224}
 _L2_SCALE_MAX = 4
 
