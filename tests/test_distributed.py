@@ -28,8 +28,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(folder, tmp_
     features = ["features", "--model", str(tmp_path / "one" / "model"), "--data", str(folder), "--device", "cpu"]
     assert main([*FINETUNE, "--data", str(folder), "--output", str(tmp_path / "one")]) == 0
     assert main([*features, "--output", str(tmp_path / "f1.npy")]) == 0
+    # Each process also splits its half of the batch in two micro-batches (weights standardized once per step,
+    # their gradients reduced by DDP with the last one's).
     torchrun_cli(
-        [[*FINETUNE, "--data", str(folder), "--output", str(tmp_path / "two")], [*features, "--output", str(tmp_path / "f2.npy")]],
+        [[*FINETUNE, "--data", str(folder), "--output", str(tmp_path / "two"), "--batch-split", "2"],
+         [*features, "--output", str(tmp_path / "f2.npy")]],
         tmp_path,
     )
     one, _ = load_run_state(tmp_path / "one" / CHECKPOINT_NAME)

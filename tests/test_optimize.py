@@ -23,7 +23,13 @@ from bigtransfer.inference import (
 )
 from bigtransfer.inference.predict import processor_min_size
 from bigtransfer.inference.speed import FoldedConv2d
-from bigtransfer.layers import GroupNormAct, StdConv2d, standardize_weight, standardize_weight_for_training
+from bigtransfer.layers import (
+    GroupNormAct,
+    SharedStandardization,
+    StdConv2d,
+    standardize_weight,
+    standardize_weight_for_training,
+)
 from conftest import TESTER, relative_error
 
 
@@ -238,6 +244,47 @@ def test_gradient_checkpointing_with_in_place_ops_gives_the_same_gradients(pixel
     model(pixel_values).logits.square().sum().backward()
     for a, b in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(a.grad, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_standardizing_once_per_step_gives_the_per_pass_gradients(checkpointing):
+    # The micro-batches of one step: per-pass standardization against SharedStandardization, whose weight gradients
+    # appear only with the last pass's backward (where DDP reduces them), equal up to rounding.
+    model = build().train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    passes = torch.randn(3, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).unbind()
+    for images in passes:
+        model(images).logits.square().mean().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    shared = SharedStandardization(model)
+    convolution_weights = {id(module.weight) for module in shared.convolutions}
+    assert len(convolution_weights) == sum(isinstance(m, StdConv2d) for m in model.modules())
+    with shared.step():
+        for index, images in enumerate(passes):
+            carried = shared.last_pass() if index == len(passes) - 1 else 0.0
+            (model(images).logits.square().mean() + carried).backward()
+            if index < len(passes) - 1:
+                assert all(p.grad is None for p in model.parameters() if id(p) in convolution_weights)
+    assert all(module._shared is None for module in shared.convolutions)
+    for actual, wanted in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(actual.grad, wanted, rtol=1e-5, atol=1e-6)
+
+
+def test_standardizing_once_carries_the_gradients_when_the_last_pass_is_empty():
+    # Every image of the last micro-batch unreadable: the gathered gradients still reach the weights.
+    model = build().train()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    model(images).logits.square().mean().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    shared = SharedStandardization(model)
+    with shared.step():
+        model(images).logits.square().mean().backward()
+        shared.last_pass().backward()
+    for actual, wanted in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(actual.grad, wanted, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------

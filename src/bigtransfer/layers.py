@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import weakref
@@ -182,8 +183,11 @@ class StdConv2d(nn.Conv2d):
         self.pad = DynamicPad2d(kernel_size, stride, dilation) if dynamic else None
         self.eps = eps
         self._cache: tuple[weakref.ref, tuple, torch.Tensor] | None = None
+        self._shared: torch.Tensor | None = None  # set by SharedStandardization for the passes of one step
 
     def standardized_weight(self) -> torch.Tensor:
+        if self._shared is not None:
+            return self._shared
         weight = self.weight
         if _traced():
             return standardize_weight(weight, self.eps)  # plain ops: compilers fuse them, exporters see reductions
@@ -224,8 +228,48 @@ class StdConv2d(nn.Conv2d):
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["_cache"] = None
+        state["_cache"] = state["_shared"] = None
         return state
+
+
+class SharedStandardization:
+    """Weight Standardization once per optimizer step for all its micro-batches, instead of once per pass.
+
+    Standardizing costs the same per pass whatever the batch (R50x1: 32 ms, forward and backward, of a 655 ms
+    batch-16 training step on a 2-core Xeon), so with small micro-batches it is a large share of each. Inside
+    `step()` every StdConv2d of the model whose weight trains convolves with one detached copy of its standardized
+    weight, a leaf that gathers the gradients of the passes; `last_pass()` switches them back to the standardized
+    weight itself (its graph attached) and returns a term to add to the last pass's loss, whose backward carries
+    the gathered gradients through the standardization once, with the last pass's own. Weight gradients therefore
+    appear in one backward, as DDP expects; they equal per-pass standardization's up to rounding. For eager
+    training (compiled steps fuse the standardization already).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.convolutions = [m for m in model.modules() if isinstance(m, StdConv2d) and m.weight.requires_grad]
+        self._standardized: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def step(self):
+        self._standardized = [standardize_weight_for_training(m.weight, m.eps) for m in self.convolutions]
+        for module, standardized in zip(self.convolutions, self._standardized, strict=True):
+            module._shared = standardized.detach().requires_grad_()
+        try:
+            yield self
+        finally:
+            for module in self.convolutions:
+                module._shared = None
+            self._standardized = []
+
+    def last_pass(self) -> torch.Tensor | float:
+        """Switch to the attached standardized weights; returns the gathered-gradient term for the loss."""
+        carried: torch.Tensor | float = 0.0
+        for module, standardized in zip(self.convolutions, self._standardized, strict=True):
+            gathered = module._shared.grad
+            module._shared = standardized
+            if gathered is not None:
+                carried = carried + (standardized * gathered).sum()
+        return carried
 
 
 class GroupNormAct(nn.GroupNorm):

@@ -30,6 +30,7 @@ from ..distributed import Context, all_gather, all_sum, barrier, cuda_devices, g
 from ..errors import OutOfMemoryError
 from ..files import atomic_directory, write_text_atomic
 from ..inference.speed import prepare_for_training
+from ..layers import SharedStandardization
 from ..precision import grad_scaler, precision_autocast
 from ..processing import BitImageProcessor
 from ..report import METRICS_NAME, REPORT_NAME, EvaluationReport, plot_run, write_report
@@ -162,6 +163,9 @@ class Trainer:
             )
         self.plan = BatchPlan(len(self.recipe.indices), settings.batch_size, settings.seed, context.world_size,
                               context.rank, self.batch_split)
+        # Several micro-batches in eager mode: standardize the weights once per step, not once per micro-batch.
+        self.shared_standardization = (SharedStandardization(model) if self.batch_split > 1 and not settings.compile
+                                       else None)
         self.signature = dict(settings.signature(), data_fingerprint=self.source.fingerprint())
 
     def _choose_batch_split(self) -> int:
@@ -325,27 +329,32 @@ class Trainer:
         loss_sum, good, skipped = 0.0, 0, []
         # Scale so that DDP's average over ranks of the per-rank sums is the mean over the whole global batch.
         scale = context.world_size / self.settings.batch_size
-        for index in range(plan.batch_split):
-            images, labels, bad = next(self._batches)
-            skipped.extend(sample.path for sample in bad)
-            last = index == plan.batch_split - 1
-            with contextlib.nullcontext() if last or context.world_size == 1 else self.network.no_sync():
-                if len(labels) == 0:
-                    if context.world_size > 1 and last:
-                        # DDP must still all-reduce on the last micro-batch: contribute zero gradients.
-                        sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad).backward()
-                    continue
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                mix = None
-                if lam is not None:
-                    partners = mixup_partners(self.settings.seed, step, plan.micro_batch_offset(index), len(labels))
-                    mix = Mix(lam, partners.to(device))
-                loss = self.recipe.micro_batch_loss(self.network, images, labels, mix, self.autocast)
-                scaled = loss * scale
-                (self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled).backward()
-                loss_sum += float(loss.detach())
-                good += len(labels)
+        shared = self.shared_standardization
+        with shared.step() if shared else contextlib.nullcontext():
+            for index in range(plan.batch_split):
+                images, labels, bad = next(self._batches)
+                skipped.extend(sample.path for sample in bad)
+                last = index == plan.batch_split - 1
+                # The gradients the earlier micro-batches gathered, carried through the standardization by this one.
+                carried = shared.last_pass() if shared and last else 0.0
+                with contextlib.nullcontext() if last or context.world_size == 1 else self.network.no_sync():
+                    if len(labels) == 0:
+                        if last and (context.world_size > 1 or isinstance(carried, torch.Tensor)):
+                            # DDP must still all-reduce on the last micro-batch: zero gradients of its own.
+                            zero = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+                            (zero + carried).backward()
+                        continue
+                    images = images.to(device, non_blocking=True)
+                    labels = labels.to(device, non_blocking=True)
+                    mix = None
+                    if lam is not None:
+                        partners = mixup_partners(self.settings.seed, step, plan.micro_batch_offset(index), len(labels))
+                        mix = Mix(lam, partners.to(device))
+                    loss = self.recipe.micro_batch_loss(self.network, images, labels, mix, self.autocast)
+                    scaled = loss * scale
+                    ((self.scaler.scale(scaled) if self.scaler.is_enabled() else scaled) + carried).backward()
+                    loss_sum += float(loss.detach())
+                    good += len(labels)
         return loss_sum, good, skipped
 
     def _after_step(self, done: int, mean_loss: float, lr: float, images_per_second: float,
