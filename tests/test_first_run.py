@@ -108,6 +108,10 @@ def test_the_batch_split_is_the_fewest_micro_batches_that_fit():
     assert machine.fit_batch_split(6, need, 450) == 3  # only divisors of the batch: 2 images (300 <= 360), not 3
     with pytest.raises(MemoryError, match=r"needs about .* even with one image per micro-batch"):
         machine.fit_batch_split(512, need, 100)
+    # A split batch also holds the standardized weights' gathered gradients: 2 images no longer fit in 360.
+    split_costs = machine.StepMemory(fixed=100, per_image=100, split_fixed=100)
+    assert split_costs.for_micro_batch(6, split=1) == 700 and split_costs.for_micro_batch(3, split=2) == 500
+    assert machine.fit_batch_split(6, split_costs, 450) == 6
 
 
 @pytest.mark.slow

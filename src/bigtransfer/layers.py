@@ -261,6 +261,10 @@ class SharedStandardization:
                 module._shared = None
             self._standardized = []
 
+    def gathered_bytes(self) -> int:
+        """Memory the gathered gradients take during a step (one more copy of the standardized weights)."""
+        return sum(m.weight.numel() * m.weight.element_size() for m in self.convolutions)
+
     def last_pass(self) -> torch.Tensor | float:
         """Switch to the attached standardized weights; returns the gathered-gradient term for the loss."""
         carried: torch.Tensor | float = 0.0

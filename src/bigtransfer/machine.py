@@ -177,9 +177,10 @@ class StepMemory:
     fixed: int
     per_image: int
     seconds_per_image: float = 0.0  # the probe's forward pass, scaled to `crop` pixels
+    split_fixed: int = 0  # more when the batch is split (the gradients gathered for the standardized weights)
 
-    def for_micro_batch(self, images: int) -> int:
-        return self.fixed + images * self.per_image
+    def for_micro_batch(self, images: int, split: int = 1) -> int:
+        return self.fixed + images * self.per_image + (self.split_fixed if split > 1 else 0)
 
     def step_seconds(self, images: int) -> float:
         """A rough training-step time for `images` images: forward and backward about 3 forwards."""
@@ -225,10 +226,11 @@ def fit_batch_split(batch_per_process: int, need: StepMemory, available: int | N
         return 1
     budget = available * MEMORY_HEADROOM
     for split in (n for n in range(1, batch_per_process + 1) if batch_per_process % n == 0):
-        if need.for_micro_batch(batch_per_process // split) <= budget:
+        if need.for_micro_batch(batch_per_process // split, split) <= budget:
             return split
     raise OutOfMemoryError(
-        f"a training step needs about {human_size(need.for_micro_batch(1))} even with one image per micro-batch, and "
+        f"a training step needs about {human_size(need.for_micro_batch(1, batch_per_process))} even with one image per "
+        f"micro-batch, and "
         f"{human_size(available)} is available: lower --crop, pass --gradient-checkpointing or use a smaller model"
     )
 

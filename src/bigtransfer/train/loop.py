@@ -176,6 +176,8 @@ class Trainer:
             return settings.batch_split
         per_process = settings.batch_size // context.world_size
         need = machine.step_memory(self.model, self.recipe.crop, context.device, self.autocast)
+        if not settings.compile:
+            need = dataclasses.replace(need, split_fixed=SharedStandardization(self.model).gathered_bytes())
         available = machine.available_memory(context.device)
         split = max(all_gather(context, machine.fit_batch_split(per_process, need, available)))
         if context.is_main:
@@ -183,7 +185,7 @@ class Trainer:
             logger.info(
                 "batch %d %s (a step needs about %s; %s available%s); --batch-split N sets it", settings.batch_size,
                 "in one pass" if split == 1 else f"as {split} micro-batches of {per_process // split}",
-                machine.human_size(need.for_micro_batch(per_process // split)),
+                machine.human_size(need.for_micro_batch(per_process // split, split)),
                 "?" if available is None else machine.human_size(available),
                 f", per process of {context.world_size}" if context.world_size > 1 else "",
             )
