@@ -229,9 +229,9 @@ def fit_batch_split(batch_per_process: int, need: StepMemory, available: int | N
         if need.for_micro_batch(batch_per_process // split, split) <= budget:
             return split
     raise OutOfMemoryError(
-        f"a training step needs about {human_size(need.for_micro_batch(1, batch_per_process))} even with one image per "
-        f"micro-batch, and "
-        f"{human_size(available)} is available: lower --crop, pass --gradient-checkpointing or use a smaller model"
+        f"a training step needs about {human_size(need.for_micro_batch(1, batch_per_process))} even with one image "
+        f"per micro-batch, and {human_size(available)} is available: lower --crop, pass --gradient-checkpointing or "
+        "use a smaller model"
     )
 
 

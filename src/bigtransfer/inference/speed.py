@@ -150,9 +150,8 @@ class OptimizedModel(nn.Module):
         """Images per forward pass for this input (None: the whole batch at once)."""
         if self.micro_batch != "auto":
             return self.micro_batch
-        if self.device.type != "cpu" or not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
-            return None
-        if self.autocast_dtype is not None:
+        if (self.device.type != "cpu" or self.autocast_dtype is not None  # reduced precision: the whole batch
+                or not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4):
             return None
         width = getattr(self.config, "width_factor", 1) or 1
         budget = MICRO_BATCH_PIXELS["compiled" if self._compiled is not None else "eager"]

@@ -153,7 +153,10 @@ class Trainer:
         self.optimizer = self.recipe.optimizer()
         self.scaler = grad_scaler(context.device, settings.precision)
         self.autocast = precision_autocast(context.device, settings.precision)
-        self.batch_split = self._choose_batch_split()
+        # Eager steps split into micro-batches standardize the weights once per step, not once per micro-batch.
+        shared = None if settings.compile else SharedStandardization(model)
+        self.batch_split = self._choose_batch_split(shared)
+        self.shared_standardization = shared if self.batch_split > 1 else None
         if settings.compile:  # after the memory probe, which would otherwise compile for its own shape; before DDP
             prepare_for_training(model, compile=True)
         self.network = model
@@ -163,21 +166,19 @@ class Trainer:
             )
         self.plan = BatchPlan(len(self.recipe.indices), settings.batch_size, settings.seed, context.world_size,
                               context.rank, self.batch_split)
-        # Several micro-batches in eager mode: standardize the weights once per step, not once per micro-batch.
-        self.shared_standardization = (SharedStandardization(model) if self.batch_split > 1 and not settings.compile
-                                       else None)
         self.signature = dict(settings.signature(), data_fingerprint=self.source.fingerprint())
 
-    def _choose_batch_split(self) -> int:
+    def _choose_batch_split(self, shared: SharedStandardization | None) -> int:
         """`batch_split`, or for "auto" the fewest micro-batches whose step fits this process's memory (the largest
-        over the processes, so that every rank runs the same plan); says what it chose."""
+        over the processes, so that every rank runs the same plan; a split step also holds `shared`'s gathered
+        gradients); says what it chose."""
         settings, context = self.settings, self.context
         if settings.batch_split != "auto":
             return settings.batch_split
         per_process = settings.batch_size // context.world_size
         need = machine.step_memory(self.model, self.recipe.crop, context.device, self.autocast)
-        if not settings.compile:
-            need = dataclasses.replace(need, split_fixed=SharedStandardization(self.model).gathered_bytes())
+        if shared is not None:
+            need = dataclasses.replace(need, split_fixed=shared.gathered_bytes())
         available = machine.available_memory(context.device)
         split = max(all_gather(context, machine.fit_batch_split(per_process, need, available)))
         if context.is_main:
@@ -342,7 +343,8 @@ class Trainer:
                 with contextlib.nullcontext() if last or context.world_size == 1 else self.network.no_sync():
                     if len(labels) == 0:
                         if last and (context.world_size > 1 or isinstance(carried, torch.Tensor)):
-                            # DDP must still all-reduce on the last micro-batch: zero gradients of its own.
+                            # DDP must still all-reduce on the last micro-batch (zero gradients of its own), and
+                            # the gathered gradients must still reach the weights.
                             zero = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
                             (zero + carried).backward()
                         continue
